@@ -1,0 +1,1 @@
+"""bclip: backdoor poisoning and its mitigation in CLIP-style vision-language models."""

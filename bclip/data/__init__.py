@@ -1,0 +1,1 @@
+"""Input side: sources, triggers, poisoning, augmentations, tokenizer and Grain pipelines."""

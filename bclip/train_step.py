@@ -1,0 +1,157 @@
+"""Training state and the pure, sharded train step.
+
+State is a plain dict of pytrees: {"params", "batch_stats", "opt", "step"}. `batch_stats` is empty
+for ViT towers and holds BatchNorm statistics for ResNets (computed over the global batch, since the
+step sees global arrays). The train step is a pure function `(state, batch, rng) -> (state,
+metrics)`, jitted with explicit shardings and the state donated.
+"""
+
+import functools
+import math
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from bclip import objectives, optim, sharding
+
+# CLIP clamps the learned temperature multiplier so it never exceeds 100.
+LOGIT_SCALE_MAX = math.log(100.0)
+
+
+def init_variables(model: nn.Module, rng: jax.Array, image_size: int, context_length: int) -> dict:
+    """Model variables {"params", "batch_stats"} for one example's shapes."""
+    images = jnp.zeros((1, image_size, image_size, 3), jnp.uint8)
+    tokens = jnp.zeros((1, context_length), jnp.int32)
+    variables = dict(model.init(rng, images, tokens))
+    return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+
+def init_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array, image_size: int, context_length: int) -> dict:
+    """A fresh training state; pure, so it can be traced by `jax.eval_shape` and sharded `jit`."""
+    variables = init_variables(model, rng, image_size, context_length)
+    return {
+        "params": variables["params"],
+        "batch_stats": variables["batch_stats"],
+        "opt": tx.init(variables["params"]),
+        "step": jnp.zeros((), jnp.int32),
+    }
+
+
+def clamp_logit_scale(params: dict) -> dict:
+    """Keep exp(logit_scale) within [1, 100], as CLIP does after every update."""
+    params = dict(params)
+    params["logit_scale"] = jnp.clip(params["logit_scale"], 0.0, LOGIT_SCALE_MAX)
+    return params
+
+
+def encode_pair(model: nn.Module, params, batch_stats, images, tokens, train: bool):
+    """Image and text embeddings [N, D] and the updated BatchNorm statistics."""
+    variables = {"params": params}
+    if batch_stats:
+        variables["batch_stats"] = batch_stats
+    if train and batch_stats:
+        (image_emb, text_emb), updates = model.apply(
+            variables, images, tokens, train=True, mutable=["batch_stats"]
+        )
+        return image_emb, text_emb, updates["batch_stats"]
+    image_emb, text_emb = model.apply(variables, images, tokens, train=train)
+    return image_emb, text_emb, batch_stats
+
+
+def compute_embeddings(model, params, batch_stats, batch, with_views: bool, train: bool = True):
+    """Embeddings of a batch; augmented views go through the towers in the same forward pass.
+
+    Args:
+      batch: "image" uint8 [B, H, W, 3], "text" int32 [B, L]; with views also "aug_image",
+        "aug_text" of the same shapes.
+
+    Returns:
+      ({"image", "text"[, "aug_image", "aug_text"]: [B, D]}, new batch_stats)
+    """
+    images, tokens = batch["image"], batch["text"]
+    if with_views:
+        images = jnp.concatenate([images, batch["aug_image"]], axis=0)
+        tokens = jnp.concatenate([tokens, batch["aug_text"]], axis=0)
+    image_emb, text_emb, batch_stats = encode_pair(model, params, batch_stats, images, tokens, train)
+    if not with_views:
+        return {"image": image_emb, "text": text_emb}, batch_stats
+    n = batch["image"].shape[0]
+    embeddings = {
+        "image": image_emb[:n],
+        "aug_image": image_emb[n:],
+        "text": text_emb[:n],
+        "aug_text": text_emb[n:],
+    }
+    return embeddings, batch_stats
+
+
+def make_train_step(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    objective: ml_collections.ConfigDict,
+) -> Callable:
+    """The pure train step `(state, batch, rng) -> (state, metrics)` for one objective.
+
+    Metrics: "loss", each term ("mmcl", "ssl", "siglip"), "temperature" (exp(logit_scale)),
+    "grad_norm", "learning_rate".
+    """
+    with_views = objectives.needs_augmented_views(objective)
+
+    def loss_fn(params, batch_stats, batch):
+        embeddings, new_batch_stats = compute_embeddings(model, params, batch_stats, batch, with_views)
+        total, terms = objectives.combined_loss(
+            embeddings, params["logit_scale"], params.get("logit_bias"), objective
+        )
+        return total, (terms, new_batch_stats)
+
+    def train_step(state, batch, rng):
+        del rng  # No stochastic layers yet; the argument keeps the signature stable.
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, (terms, batch_stats)), grads = grad_fn(state["params"], state["batch_stats"], batch)
+        updates, opt_state = tx.update(grads, state["opt"], state["params"])
+        params = clamp_logit_scale(optax.apply_updates(state["params"], updates))
+        new_state = {"params": params, "batch_stats": batch_stats, "opt": opt_state, "step": state["step"] + 1}
+        metrics = {
+            "loss": loss,
+            **terms,
+            "temperature": jnp.exp(params["logit_scale"]),
+            "grad_norm": optax.global_norm(grads),
+            "learning_rate": optim.current_learning_rate(opt_state),
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def shard_and_jit_train_step(train_step: Callable, state_shardings, mesh: Mesh) -> Callable:
+    """`jit` the step with explicit shardings: state as given, batch split over the mesh, state donated."""
+    return jax.jit(
+        train_step,
+        in_shardings=(state_shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+
+def create_sharded_state(model, tx, rng, mesh: Mesh, model_config, sharding_config):
+    """Initialise the state directly into its shardings (no full copy on one device first).
+
+    Returns:
+      (state, state_shardings)
+    """
+    init = functools.partial(
+        init_state,
+        model,
+        tx,
+        image_size=model_config.image.size,
+        context_length=model_config.text.context_length,
+    )
+    abstract = jax.eval_shape(init, rng)
+    shardings = sharding.state_shardings(abstract, mesh, sharding_config)
+    state = jax.jit(init, out_shardings=shardings)(rng)
+    return state, shardings
