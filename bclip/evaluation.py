@@ -1,0 +1,106 @@
+"""Zero-shot classification accuracy and backdoor attack success rate (ASR).
+
+Class embeddings are the normalised mean of each class's prompt-template text embeddings. Every
+device encodes its share of each eval batch; per-batch counts are reduced on device, so every
+process ends with the same totals and no process waits on another to finish evaluating.
+"""
+
+from typing import Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def normalise(x: jax.Array, axis: int = -1) -> jax.Array:
+    return x / jnp.linalg.norm(x, axis=axis, keepdims=True)
+
+
+def class_embeddings(
+    encode_text: Callable[[np.ndarray], jax.Array],
+    tokenize: Callable[[list[str]], np.ndarray],
+    classnames: Sequence[str],
+    templates: Sequence[str],
+) -> jax.Array:
+    """Zero-shot classifier weights [C, D].
+
+    Args:
+      encode_text: int32 tokens [N, L] -> normalised text embeddings [N, D].
+      tokenize: list of N strings -> int32 tokens [N, L].
+      classnames: C class names, in label order.
+      templates: prompt templates, each with one "{}" for the class name.
+    """
+    per_class = []
+    for name in classnames:
+        tokens = tokenize([template.format(name) for template in templates])
+        per_class.append(jnp.mean(normalise(encode_text(tokens)), axis=0))
+    return normalise(jnp.stack(per_class))
+
+
+def eval_counts(
+    image_emb: jax.Array,
+    triggered_emb: jax.Array,
+    labels: jax.Array,
+    valid: jax.Array,
+    class_emb: jax.Array,
+    target_class: int | jax.Array,
+) -> dict[str, jax.Array]:
+    """Counts for top-1/top-5 accuracy and ASR in one batch.
+
+    Args:
+      image_emb: [B, D] embeddings of clean images.
+      triggered_emb: [B, D] embeddings of the same images with the trigger applied.
+      labels: int [B] true classes.
+      valid: bool [B], False for padding rows.
+      class_emb: [C, D] zero-shot classifier.
+      target_class: the backdoor's target class id.
+
+    Returns:
+      "count", "top1", "top5": clean images seen / right at top-1 / in top-5;
+      "asr_count", "asr_hits": triggered images whose true class is not the target / of those,
+      how many are classified as the target.
+    """
+    logits = image_emb.astype(jnp.float32) @ class_emb.astype(jnp.float32).T
+    k = min(5, class_emb.shape[0])
+    top_k = jax.lax.top_k(logits, k)[1]
+    top1 = (top_k[:, 0] == labels) & valid
+    top5 = jnp.any(top_k == labels[:, None], axis=1) & valid
+    triggered_pred = jnp.argmax(triggered_emb.astype(jnp.float32) @ class_emb.astype(jnp.float32).T, axis=1)
+    attacked = valid & (labels != target_class)
+    hits = attacked & (triggered_pred == target_class)
+    as_int = lambda x: jnp.sum(x.astype(jnp.int32))
+    return {
+        "count": as_int(valid),
+        "top1": as_int(top1),
+        "top5": as_int(top5),
+        "asr_count": as_int(attacked),
+        "asr_hits": as_int(hits),
+    }
+
+
+def summarise_counts(batches: Iterable[dict]) -> dict[str, float]:
+    """Sum per-batch counts into accuracy and ASR (fractions in [0, 1])."""
+    totals = {"count": 0, "top1": 0, "top5": 0, "asr_count": 0, "asr_hits": 0}
+    for counts in batches:
+        for key in totals:
+            totals[key] += int(counts[key])
+    if totals["count"] == 0:
+        raise ValueError("the eval set produced no images")
+    return {
+        "top1": totals["top1"] / totals["count"],
+        "top5": totals["top5"] / totals["count"],
+        "asr": totals["asr_hits"] / totals["asr_count"] if totals["asr_count"] else float("nan"),
+        "num_images": totals["count"],
+        "num_attacked": totals["asr_count"],
+    }
+
+
+def target_class_id(classnames: Sequence[str], target_label: str) -> int:
+    """The id of the backdoor target among the eval classes; a clear error when it is not one."""
+    lowered = [name.lower() for name in classnames]
+    if target_label.lower() not in lowered:
+        raise ValueError(
+            f"the backdoor target {target_label!r} is not among the {len(classnames)} eval classes "
+            f"(first few: {list(classnames[:5])}); ASR needs it"
+        )
+    return lowered.index(target_label.lower())

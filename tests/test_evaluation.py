@@ -1,0 +1,92 @@
+"""Zero-shot accuracy and ASR on stub embeddings whose right answers are known in advance."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bclip import evaluation
+
+
+def _one_hot(ids, dim):
+    return jnp.asarray(np.eye(dim, dtype=np.float32)[ids])
+
+
+def test_counts_on_known_embeddings():
+    # 4 classes, class k's embedding is e_k. Target class 3.
+    class_emb = _one_hot([0, 1, 2, 3], 4)
+    labels = jnp.array([0, 1, 2, 3, 1, 0])
+    predicted = [0, 2, 2, 3, 1, 1]  # 4 of the 5 valid rows right (row 5 is padding)
+    triggered = [3, 3, 2, 3, 3, 3]  # of rows 0-4, rows 0,1,4 are not class 3 and go to 3; row 2 doesn't
+    valid = jnp.array([True, True, True, True, True, False])
+    counts = evaluation.eval_counts(_one_hot(predicted, 4), _one_hot(triggered, 4), labels, valid, class_emb, 3)
+    counts = {k: int(v) for k, v in counts.items()}
+    assert counts == {"count": 5, "top1": 4, "top5": 5, "asr_count": 4, "asr_hits": 3}
+    summary = evaluation.summarise_counts([counts, counts])
+    assert summary["top1"] == pytest.approx(0.8)
+    assert summary["asr"] == pytest.approx(0.75)
+    assert summary["num_attacked"] == 8
+
+
+def test_asr_excludes_target_class_images():
+    class_emb = _one_hot([0, 1, 2], 3)
+    labels = jnp.array([2, 2, 2, 0])
+    # Every triggered image is predicted as the target (2); only the one non-target image counts.
+    counts = evaluation.eval_counts(
+        _one_hot([2, 2, 2, 0], 3), _one_hot([2, 2, 2, 2], 3), labels, jnp.ones(4, bool), class_emb, 2
+    )
+    assert int(counts["asr_count"]) == 1 and int(counts["asr_hits"]) == 1
+
+
+def test_top5_counts_rank_within_five():
+    class_emb = jnp.eye(8, dtype=jnp.float32)
+    # Image scores decrease with class id: classes 0..4 are the top 5.
+    image = jnp.asarray([[8.0, 7, 6, 5, 4, 3, 2, 1]] * 2) / 10
+    counts = evaluation.eval_counts(image, image, jnp.array([4, 5]), jnp.ones(2, bool), class_emb, 7)
+    assert int(counts["top1"]) == 0 and int(counts["top5"]) == 1
+
+
+def test_class_embeddings_average_templates_per_class():
+    # Stub text encoder: the embedding of a prompt is a one-hot on its class id, plus a
+    # template-specific offset that averages out.
+    classnames = ["apple", "banana", "cherry"]
+    templates = ["a {}.", "the {}!"]
+    words = {name: i for i, name in enumerate(classnames)}
+
+    def tokenize(texts):
+        rows = []
+        for text in texts:
+            name = text.split()[1].strip(".!")
+            rows.append([words[name], 0 if text.startswith("a ") else 1])
+        return np.asarray(rows, np.int32)
+
+    def encode_text(tokens):
+        base = jnp.eye(4)[tokens[:, 0]]
+        offset = jnp.where(tokens[:, 1:2] == 0, 0.1, -0.1) * jnp.eye(4)[3]
+        return evaluation.normalise(base + offset)
+
+    emb = evaluation.class_embeddings(encode_text, tokenize, classnames, templates)
+    np.testing.assert_allclose(np.asarray(emb), np.eye(4)[:3], atol=1e-6)
+
+
+def test_target_must_be_an_eval_class():
+    assert evaluation.target_class_id(["Apple", "Banana"], "banana") == 1
+    with pytest.raises(ValueError, match="not among the 2 eval classes"):
+        evaluation.target_class_id(["apple", "cherry"], "banana")
+
+
+def test_counts_sharded_over_eight_devices_match():
+    from bclip import sharding
+
+    mesh = sharding.make_mesh()
+    rng = np.random.default_rng(0)
+    emb = evaluation.normalise(jnp.asarray(rng.normal(size=(32, 6)), jnp.float32))
+    trig = evaluation.normalise(jnp.asarray(rng.normal(size=(32, 6)), jnp.float32))
+    labels = jnp.asarray(rng.integers(0, 5, 32))
+    valid = jnp.asarray(rng.random(32) < 0.9)
+    class_emb = evaluation.normalise(jnp.asarray(rng.normal(size=(5, 6)), jnp.float32))
+    fn = jax.jit(evaluation.eval_counts, static_argnums=5)
+    single = fn(emb, trig, labels, valid, class_emb, 2)
+    split = sharding.batch_sharding(mesh)
+    sharded = fn(*(jax.device_put(x, split) for x in (emb, trig, labels, valid)), class_emb, 2)
+    assert {k: int(v) for k, v in single.items()} == {k: int(v) for k, v in sharded.items()}
