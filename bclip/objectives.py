@@ -75,14 +75,34 @@ def siglip_loss(
     return -jnp.sum(jax.nn.log_sigmoid(labels * logits)) / logits.shape[0]
 
 
-def objective_config(mmcl: float = 1.0, ssl: float = 0.0, siglip: float = 0.0) -> ml_collections.ConfigDict:
+def cluster_loss(cluster_logits: jax.Array, cluster_ids: jax.Array) -> jax.Array:
+    """Deep-clustering term: cross-entropy of a linear head's logits on k-means cluster ids.
+
+    Args:
+      cluster_logits: [B, K] head outputs on the image embeddings.
+      cluster_ids: int [B] cluster of each image; rows with -1 (no cluster) are left out.
+    """
+    valid = cluster_ids >= 0
+    log_probs = jax.nn.log_softmax(cluster_logits.astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(log_probs, jnp.maximum(cluster_ids, 0)[:, None], axis=1)[:, 0]
+    return -jnp.sum(jnp.where(valid, picked, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+
+
+def objective_config(
+    mmcl: float = 1.0, ssl: float = 0.0, siglip: float = 0.0, cluster: float = 0.0
+) -> ml_collections.ConfigDict:
     """The objective section of a config: one weight per loss term.
 
-    MMCL pretraining is (1, 0, 0); MMCL+SSL and CleanCLIP are (1, 1, 0); SSL-only cleaning is
-    (0, 1, 0); SigLIP replaces MMCL with (0, 0, 1).
+    MMCL pretraining is mmcl=1; MMCL+SSL and CleanCLIP are mmcl=1, ssl=1; SSL-only cleaning is
+    mmcl=0, ssl=1; SigLIP replaces MMCL with mmcl=0, siglip=1; deep clustering adds cluster=5.
     """
     return ml_collections.ConfigDict(
-        {"mmcl_weight": float(mmcl), "ssl_weight": float(ssl), "siglip_weight": float(siglip)}
+        {
+            "mmcl_weight": float(mmcl),
+            "ssl_weight": float(ssl),
+            "siglip_weight": float(siglip),
+            "cluster_weight": float(cluster),
+        }
     )
 
 
@@ -100,11 +120,12 @@ def combined_loss(
     """The weighted sum of the configured loss terms.
 
     Args:
-      embeddings: "image", "text" [B, D]; plus "aug_image", "aug_text" [B, D] when SSL is on.
+      embeddings: "image", "text" [B, D]; plus "aug_image", "aug_text" [B, D] when SSL is on, and
+        "cluster_logits" [B, K] with "cluster_ids" [B] when deep clustering is on.
       logit_scale: scalar log temperature multiplier.
       logit_bias: scalar SigLIP bias, or None when the model has none.
-      objective: weights `mmcl_weight`, `ssl_weight`, `siglip_weight`; terms with weight 0 are
-        not computed.
+      objective: weights `mmcl_weight`, `ssl_weight`, `siglip_weight`, `cluster_weight`; terms
+        with weight 0 are not computed.
 
     Returns:
       (total loss, {term name: unweighted term value}).
@@ -124,8 +145,15 @@ def combined_loss(
         if logit_bias is None:
             raise ValueError("siglip_weight > 0 needs a model built with model.siglip_bias=True")
         terms["siglip"] = siglip_loss(embeddings["image"], embeddings["text"], logit_scale, logit_bias)
+    if objective.cluster_weight:
+        terms["cluster"] = cluster_loss(embeddings["cluster_logits"], embeddings["cluster_ids"])
     if not terms:
         raise ValueError(f"every objective weight is zero: {objective}")
-    weights = {"mmcl": objective.mmcl_weight, "ssl": objective.ssl_weight, "siglip": objective.siglip_weight}
+    weights = {
+        "mmcl": objective.mmcl_weight,
+        "ssl": objective.ssl_weight,
+        "siglip": objective.siglip_weight,
+        "cluster": objective.cluster_weight,
+    }
     total = sum(weights[name] * value for name, value in terms.items())
     return total, terms

@@ -64,7 +64,8 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.
 
 def current_learning_rate(opt_state) -> jax.Array:
     """The learning rate the last update used, read from the injected hyperparameters."""
-    for state in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, optax.InjectHyperparamsState)):
-        if isinstance(state, optax.InjectHyperparamsState):
+    has_hyperparams = lambda s: hasattr(s, "hyperparams") and "learning_rate" in s.hyperparams
+    for state in jax.tree.leaves(opt_state, is_leaf=has_hyperparams):
+        if has_hyperparams(state):
             return state.hyperparams["learning_rate"]
     raise ValueError("optimizer state holds no injected learning rate")

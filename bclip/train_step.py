@@ -18,16 +18,15 @@ import optax
 from jax.sharding import Mesh
 
 from bclip import objectives, optim, sharding
+from bclip.models import clip
 
 # CLIP clamps the learned temperature multiplier so it never exceeds 100.
 LOGIT_SCALE_MAX = math.log(100.0)
 
 
 def init_variables(model: nn.Module, rng: jax.Array, image_size: int, context_length: int) -> dict:
-    """Model variables {"params", "batch_stats"} for one example's shapes."""
-    images = jnp.zeros((1, image_size, image_size, 3), jnp.uint8)
-    tokens = jnp.zeros((1, context_length), jnp.int32)
-    variables = dict(model.init(rng, images, tokens))
+    """Model variables {"params", "batch_stats"} ({} batch_stats for ViT towers)."""
+    variables = clip.init_variables(model, rng, image_size, context_length)
     return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
 
@@ -50,17 +49,10 @@ def clamp_logit_scale(params: dict) -> dict:
 
 
 def encode_pair(model: nn.Module, params, batch_stats, images, tokens, train: bool):
-    """Image and text embeddings [N, D] and the updated BatchNorm statistics."""
-    variables = {"params": params}
-    if batch_stats:
-        variables["batch_stats"] = batch_stats
-    if train and batch_stats:
-        (image_emb, text_emb), updates = model.apply(
-            variables, images, tokens, train=True, mutable=["batch_stats"]
-        )
-        return image_emb, text_emb, updates["batch_stats"]
-    image_emb, text_emb = model.apply(variables, images, tokens, train=train)
-    return image_emb, text_emb, batch_stats
+    """Image and text embeddings [N, D] and the (updated, when training) BatchNorm statistics."""
+    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+    (image_emb, text_emb), model_state = clip.apply_model(model, variables, images, tokens, train=train)
+    return image_emb, text_emb, model_state.get("batch_stats", {})
 
 
 def compute_embeddings(model, params, batch_stats, batch, with_views: bool, train: bool = True):
@@ -97,13 +89,19 @@ def make_train_step(
 ) -> Callable:
     """The pure train step `(state, batch, rng) -> (state, metrics)` for one objective.
 
-    Metrics: "loss", each term ("mmcl", "ssl", "siglip"), "temperature" (exp(logit_scale)),
-    "grad_norm", "learning_rate".
+    Metrics: "loss", each term ("mmcl", "ssl", "siglip", "cluster"), "temperature"
+    (exp(logit_scale)), "grad_norm", "learning_rate". With deep clustering, `params` also holds
+    "cluster_head" and batches carry "cluster" ids.
     """
     with_views = objectives.needs_augmented_views(objective)
 
     def loss_fn(params, batch_stats, batch):
-        embeddings, new_batch_stats = compute_embeddings(model, params, batch_stats, batch, with_views)
+        model_params = {k: v for k, v in params.items() if k != "cluster_head"}
+        embeddings, new_batch_stats = compute_embeddings(model, model_params, batch_stats, batch, with_views)
+        if objective.cluster_weight:
+            head = params["cluster_head"]
+            embeddings["cluster_logits"] = embeddings["image"] @ head["kernel"] + head["bias"]
+            embeddings["cluster_ids"] = batch["cluster"]
         total, terms = objectives.combined_loss(
             embeddings, params["logit_scale"], params.get("logit_bias"), objective
         )
@@ -120,7 +118,7 @@ def make_train_step(
             "loss": loss,
             **terms,
             "temperature": jnp.exp(params["logit_scale"]),
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "learning_rate": optim.current_learning_rate(opt_state),
         }
         return new_state, metrics

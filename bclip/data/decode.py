@@ -1,0 +1,130 @@
+"""Image decoding with CLIP's evaluation preprocessing (resize shorter side, centre crop).
+
+The same function serves training and evaluation, so a trigger pasted after it lands on
+identically prepared pixels in poisoned training images and triggered test images.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, ImageFile
+
+# A truncated file must fail loudly instead of decoding to a half-grey image that would
+# silently enter training or evaluation.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class BadRecordError(Exception):
+    """An example whose image is missing, truncated or undecodable.
+
+    Attributes:
+      reason: why the record is bad.
+      path: the file (or record location) it came from, when known.
+      index: the example index in its source, when known.
+    """
+
+    def __init__(self, reason: str, *, path: str | None = None, index: int | None = None):
+        self.reason = reason
+        self.path = path
+        self.index = index
+        where = ", ".join(
+            part
+            for part in (
+                f"index {index}" if index is not None else "",
+                f"path {path}" if path is not None else "",
+            )
+            if part
+        )
+        super().__init__(f"bad record ({where or 'unknown origin'}): {reason}")
+
+
+def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
+    """(height, width) after scaling the shorter side to `size`, keeping the aspect ratio.
+
+    The longer side is truncated, not rounded, as torchvision's Resize (which CLIP uses) does.
+    """
+    if width <= height:
+        return int(size * height / width), size
+    return size, int(size * width / height)
+
+
+def centre_crop_offsets(height: int, width: int, size: int) -> tuple[int, int]:
+    """(top, left) of a centred `size` x `size` crop, rounded as torchvision's CenterCrop."""
+    return int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+
+
+def _resize_and_centre_crop(image: Image.Image, size: int) -> np.ndarray:
+    width, height = image.size
+    new_height, new_width = resized_shape(height, width, size)
+    if (new_width, new_height) != (width, height):
+        image = image.resize((new_width, new_height), Image.Resampling.BICUBIC)
+    top, left = centre_crop_offsets(new_height, new_width, size)
+    image = image.crop((left, top, left + size, top + size))
+    return np.array(image, dtype=np.uint8)
+
+
+def resize_array(image: np.ndarray, size: int) -> np.ndarray:
+    """CLIP's resize-then-centre-crop of an already decoded image, as in `decode_and_resize`.
+
+    Args:
+      image: uint8 [H, W, 3], [H, W, 1] or [H, W] (grey levels are repeated over RGB).
+      size: output side length.
+
+    Returns:
+      uint8 [size, size, 3].
+    """
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image, got {image.dtype}")
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[-1] == 3)):
+        raise ValueError(f"expected an image of shape [H, W, 3], [H, W, 1] or [H, W], got {image.shape}")
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {size}")
+    return _resize_and_centre_crop(Image.fromarray(image).convert("RGB"), size)
+
+
+def decode_and_resize(
+    image_bytes: bytes,
+    size: int,
+    *,
+    path: str | None = None,
+    index: int | None = None,
+) -> np.ndarray:
+    """Decodes an encoded image and applies CLIP's resize-then-centre-crop.
+
+    Args:
+      image_bytes: an encoded image file (JPEG, PNG, ...), as stored on disk.
+      size: output side length (224 for the study's models).
+      path, index: where the bytes came from; only used to make errors traceable.
+
+    Returns:
+      uint8 [size, size, 3] RGB array (a fresh, writable copy).
+
+    Raises:
+      BadRecordError: the bytes are empty, truncated, or not a decodable image.
+    """
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {size}")
+    if not image_bytes:
+        raise BadRecordError("empty image bytes", path=path, index=index)
+    try:
+        image = Image.open(io.BytesIO(image_bytes))
+        if image.format == "JPEG":
+            # Let libjpeg decode at 1/2, 1/4 or 1/8 scale while the shorter side stays
+            # >= size: decoding a large photo this way is several times faster.
+            image.draft("RGB", (size, size))
+        image.load()
+        pixels = _resize_and_centre_crop(image.convert("RGB"), size)
+    except Exception as error:  # Pillow signals bad data with many exception types.
+        raise BadRecordError(
+            f"cannot decode image: {type(error).__name__}: {error}", path=path, index=index
+        ) from error
+    if pixels.shape != (size, size, 3):
+        raise BadRecordError(
+            f"decoded to shape {pixels.shape}, expected {(size, size, 3)}", path=path, index=index
+        )
+    return pixels
