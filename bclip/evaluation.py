@@ -21,20 +21,30 @@ def class_embeddings(
     tokenize: Callable[[list[str]], np.ndarray],
     classnames: Sequence[str],
     templates: Sequence[str],
+    chunk_size: int = 1024,
 ) -> jax.Array:
-    """Zero-shot classifier weights [C, D].
+    """Zero-shot classifier weights [C, D]: per class, the normalised mean of its prompts' embeddings.
 
     Args:
-      encode_text: int32 tokens [N, L] -> normalised text embeddings [N, D].
+      encode_text: int32 tokens [N, L] -> text embeddings [N, D]; called with N = chunk_size
+        (the last chunk is padded) so a jitted encoder compiles once.
       tokenize: list of N strings -> int32 tokens [N, L].
       classnames: C class names, in label order.
-      templates: prompt templates, each with one "{}" for the class name.
+      templates: T prompt templates, each with one "{}" for the class name.
     """
-    per_class = []
-    for name in classnames:
-        tokens = tokenize([template.format(name) for template in templates])
-        per_class.append(jnp.mean(normalise(encode_text(tokens)), axis=0))
-    return normalise(jnp.stack(per_class))
+    prompts = [template.format(name) for name in classnames for template in templates]
+    tokens = np.asarray(tokenize(prompts))
+    chunk_size = min(chunk_size, len(prompts))
+    pieces = []
+    for start in range(0, len(prompts), chunk_size):
+        chunk = tokens[start : start + chunk_size]
+        n = len(chunk)
+        if n < chunk_size:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], chunk_size - n, axis=0)])
+        pieces.append(np.asarray(encode_text(chunk))[:n])
+    per_prompt = normalise(jnp.asarray(np.concatenate(pieces)))
+    per_class = per_prompt.reshape(len(classnames), len(templates), -1).mean(axis=1)
+    return normalise(per_class)
 
 
 def eval_counts(

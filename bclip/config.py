@@ -1,0 +1,74 @@
+"""The run config: every section's defaults in one place. Config files start from `run_config`.
+
+A run is one pretraining or cleaning job; what it does comes from the sections: `model`,
+`objective`, `optim`, `sharding`, `data`, `poison`, `cleaning`, `train`, `eval`.
+The returned ConfigDict is locked: a typo in a key is an error, not a silently ignored setting.
+"""
+
+import ml_collections
+
+from bclip import cleaning, objectives, optim, sharding
+from bclip.data import pipeline
+from bclip.models import clip
+
+
+def eval_set_config(kind: str = "folder", path: str = "", **overrides) -> ml_collections.ConfigDict:
+    """One zero-shot eval set: an image folder with labels.csv or a TFDS dataset."""
+    config = ml_collections.ConfigDict(
+        {
+            "kind": kind,  # "folder" | "tfds"
+            "path": path,  # folder path, or TFDS dataset name
+            "split": "validation",  # TFDS only
+            "data_dir": "",  # TFDS only
+            "manual_dir": "",  # TFDS only (imagenet2012)
+            # Class names / templates files override the set's own (required for TFDS ImageNet).
+            "classnames_file": "",
+            "templates_file": "",
+        }
+    )
+    config.update(overrides)
+    return config
+
+
+def run_config(model_name: str = "micro-vit", **model_overrides) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.model = clip.model_config(model_name, **model_overrides)
+    config.objective = objectives.objective_config()
+    config.optim = optim.optim_config()
+    config.sharding = sharding.sharding_config()
+    config.data = pipeline.data_config()
+    config.poison = pipeline.poison_config()
+    config.cleaning = cleaning.cleaning_config()
+    config.train = ml_collections.ConfigDict(
+        {
+            "num_epochs": 1,
+            # A finished checkpoint (a run's workdir, its checkpoints dir or a step dir) whose params
+            # start this run; the optimiser and schedule always start fresh.
+            "init_from": "",
+            # For cleaning: a JSON list of indices (a pretraining run's poison_indices.json) that the
+            # training set must not contain; the run fails if any is present.
+            "exclude_indices_file": "",
+            # Use only the first N examples of the training source (after exclusion); 0 = all.
+            "subset_size": 0,
+            "log_every_steps": 20,
+            "checkpoint_every_steps": 500,
+            "keep_checkpoints": 2,
+            # Profile a few steps with jax.profiler (traces go to workdir/plugins/profile).
+            "profile_steps": 0,
+        }
+    )
+    config.eval = ml_collections.ConfigDict(
+        {
+            "sets": {"test": eval_set_config()},
+            # The set used to choose a cleaning run's epoch (never the test set).
+            "selection_set": "",
+            "at_start": True,
+            "every_epochs": 1,
+            "batch_size": 256,
+            "seed": 0,
+            "num_workers": 0,
+        }
+    )
+    config.lock()
+    return config
