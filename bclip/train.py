@@ -1,0 +1,429 @@
+"""The trainer: one loop for poisoned pretraining and for cleaning; the config decides which.
+
+Stages: setup → data → model and state (restored, or initialised from a pretrained checkpoint, or
+fresh) → evaluators → loop (train step, logging, evaluation, checkpoints). Side effects live here;
+everything jitted is pure and comes from `train_step`, `objectives`, `evaluation` and `cleaning`.
+"""
+
+import functools
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import metric_writers, periodic_actions
+
+from bclip import checkpointing, cleaning, evaluation, objectives, optim, sharding, train_step
+from bclip.data import pipeline, poisoning, sources, text_augment
+from bclip.data import tokenizer as tokenizer_lib
+from bclip.models import clip
+
+DONE_FILE = "done.json"
+EVALS_FILE = "evals.jsonl"
+METRICS_FILE = "metrics.jsonl"
+POISON_FILE = "poison_indices.json"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the run stops without saving the broken state."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------
+
+
+def make_tokenizer(config: ml_collections.ConfigDict):
+    """The caption tokenizer, with ids laid out for the model's vocabulary (end-of-text last)."""
+    tokenizer_config = ml_collections.ConfigDict(config.data.tokenizer.to_dict())
+    if tokenizer_config.kind == "word":
+        tokenizer_config.vocab_size = config.model.text.vocab_size
+    tokenizer = tokenizer_lib.build_tokenizer(tokenizer_config)
+    if tokenizer.vocab_size != config.model.text.vocab_size:
+        raise ValueError(
+            f"tokenizer vocabulary ({tokenizer.vocab_size}) != model.text.vocab_size "
+            f"({config.model.text.vocab_size}): the end-of-text id would not match"
+        )
+    return tokenizer
+
+
+def make_synonyms(data: ml_collections.ConfigDict):
+    """The synonym source for caption augmentation: WordNet or a JSON lexicon file."""
+    if data.synonyms == "wordnet":
+        return text_augment.wordnet_synonyms()
+    with open(data.synonyms) as f:
+        return text_augment.lexicon_synonyms(json.load(f))
+
+
+class IndexSubset:
+    """The examples of `source` at `indices`, in that order; records keep their original index."""
+
+    def __init__(self, source, indices: np.ndarray):
+        self.source = source
+        self.indices = np.asarray(indices, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.source[int(self.indices[i])]
+
+    @property
+    def captions(self):
+        captions = self.source.captions
+        return [captions[int(i)] for i in self.indices]
+
+
+def clean_training_source(source, train: ml_collections.ConfigDict):
+    """The training source less excluded indices (e.g. a pretraining run's poisons), optionally cut
+    to its first `subset_size` examples. Fails if an excluded index would still be read."""
+    indices = np.arange(len(source), dtype=np.int64)
+    if train.exclude_indices_file:
+        excluded = poisoning.PoisonPlan.read(train.exclude_indices_file).indices
+        indices = np.setdiff1d(indices, excluded)
+    if train.subset_size:
+        if train.subset_size > len(indices):
+            raise ValueError(f"train.subset_size={train.subset_size} but only {len(indices)} examples remain")
+        indices = indices[: train.subset_size]
+    if train.exclude_indices_file and np.intersect1d(indices, excluded).size:
+        raise AssertionError("clean training set still holds excluded indices")
+    if len(indices) == len(source):
+        return source
+    return IndexSubset(source, indices)
+
+
+class Evaluator:
+    """Zero-shot top-1/top-5 and ASR on one eval set; every device encodes its share."""
+
+    def __init__(self, name, source, *, model, tokenizer, config, mesh, process_index, process_count):
+        self.name = name
+        self.source = source
+        self.classnames = _read_override(config.eval.sets[name].classnames_file) or source.classnames
+        self.templates = _read_override(config.eval.sets[name].templates_file) or source.templates
+        self.target = evaluation.target_class_id(self.classnames, config.poison.target_label)
+        self.config = config
+        self.mesh = mesh
+        self.process_index, self.process_count = process_index, process_count
+        self.tokenizer = tokenizer
+        context_length = config.model.text.context_length
+        self.tokenize = lambda texts: tokenizer.encode_batch(texts, context_length)
+        apply = functools.partial(model.apply, method=clip.CLIP.encode_text)
+        self.encode_text = jax.jit(lambda variables, tokens: apply(variables, tokens))
+        encode_image = functools.partial(model.apply, method=clip.CLIP.encode_image)
+
+        def counts(variables, batch, class_emb, target):
+            n = batch["image"].shape[0]
+            emb = encode_image(variables, jnp.concatenate([batch["image"], batch["triggered"]]))
+            return evaluation.eval_counts(emb[:n], emb[n:], batch["label"], batch["valid"], class_emb, target)
+
+        self.counts = jax.jit(counts)
+
+    def __call__(self, variables) -> dict[str, float]:
+        class_emb = evaluation.class_embeddings(
+            lambda tokens: self.encode_text(variables, tokens), self.tokenize, self.classnames, self.templates
+        )
+        batches = pipeline.eval_batches(
+            self.source,
+            image_size=self.config.model.image.size,
+            batch_size=self.config.eval.batch_size,
+            trigger=self.config.poison.trigger,
+            seed=self.config.eval.seed,
+            process_index=self.process_index,
+            process_count=self.process_count,
+            num_workers=self.config.eval.num_workers,
+        )
+        keys = ("image", "triggered", "label", "valid")
+        per_batch = []
+        for batch in batches:
+            global_batch = sharding.global_batch_from_local({k: batch[k] for k in keys}, self.mesh)
+            per_batch.append(self.counts(variables, global_batch, class_emb, self.target))
+        return evaluation.summarise_counts(jax.device_get(per_batch))
+
+
+def _read_override(path: str) -> list[str] | None:
+    if not path:
+        return None
+    with open(path) as f:
+        return [line.rstrip("\n") for line in f if line.strip()]
+
+
+def make_eval_source(set_config: ml_collections.ConfigDict):
+    if set_config.kind == "folder":
+        return sources.ImageFolderEvalSource(set_config.path)
+    if set_config.kind == "tfds":
+        templates = _read_override(set_config.templates_file)
+        if not templates:
+            raise ValueError(f"TFDS eval set {set_config.path} needs eval templates_file")
+        return sources.TfdsEvalSource(
+            set_config.path,
+            set_config.split,
+            templates,
+            classnames=_read_override(set_config.classnames_file),
+            data_dir=set_config.data_dir or None,
+            manual_dir=set_config.manual_dir or None,
+        )
+    raise ValueError(f"eval set kind must be 'folder' or 'tfds', got {set_config.kind!r}")
+
+
+class JsonLines:
+    """Append-only JSON-lines file, written only by process 0."""
+
+    def __init__(self, path: str, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _variables(state) -> dict:
+    params = {k: v for k, v in state["params"].items() if k != "cluster_head"}
+    return {"params": params, **({"batch_stats": state["batch_stats"]} if state["batch_stats"] else {})}
+
+
+# ---------------------------------------------------------------------------------------------
+# Deep clustering
+# ---------------------------------------------------------------------------------------------
+
+
+class _ClusteringView:
+    """Training records seen as unlabelled eval records, for embedding the whole cleaning set."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        record = self.source[i]
+        return {**record, "label": -1}
+
+
+def cluster_assignments(model, variables, source, config, mesh, num_clusters, rng) -> np.ndarray:
+    """k-means cluster id per source example index (int32 [max index + 1], -1 where none)."""
+    encode_image = jax.jit(functools.partial(model.apply, method=clip.CLIP.encode_image))
+    embeddings, indices, valid = [], [], []
+    for batch in pipeline.eval_batches(
+        _ClusteringView(source),
+        image_size=config.model.image.size,
+        batch_size=config.eval.batch_size,
+        trigger=None,
+        seed=config.eval.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        num_workers=config.eval.num_workers,
+    ):
+        global_batch = sharding.global_batch_from_local(
+            {"image": batch["image"], "index": batch["index"], "valid": batch["valid"]}, mesh
+        )
+        embeddings.append(encode_image(variables, global_batch["image"]))
+        indices.append(global_batch["index"])
+        valid.append(global_batch["valid"])
+    embeddings, indices, valid = (jnp.concatenate(x) for x in (embeddings, indices, valid))
+    kmeans = jax.jit(cleaning.spherical_kmeans, static_argnums=(2, 3))
+    assign, _ = kmeans(embeddings, valid, num_clusters, config.cleaning.kmeans_iterations, rng)
+    from jax.experimental import multihost_utils
+
+    assign, indices, valid = (np.asarray(multihost_utils.process_allgather(x, tiled=True)) for x in (assign, indices, valid))
+    max_index = int(indices[valid].max()) + 1 if valid.any() else 0
+    return cleaning.assignment_table(np.where(valid, indices, -1), assign, max_index)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Train (pretraining or cleaning) as configured; returns the last evaluation's results."""
+    # ---- Setup ---------------------------------------------------------------------------------
+    os.makedirs(workdir, exist_ok=True)
+    process_index, process_count = jax.process_index(), jax.process_count()
+    is_chief = process_index == 0
+    writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+    metrics_log = JsonLines(os.path.join(workdir, METRICS_FILE), is_chief)
+    evals_log = JsonLines(os.path.join(workdir, EVALS_FILE), is_chief)
+    if is_chief:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    mesh = sharding.make_mesh()
+    rng = jax.random.key(config.seed)
+
+    # ---- Data ----------------------------------------------------------------------------------
+    tokenizer = make_tokenizer(config)
+    with_views = objectives.needs_augmented_views(config.objective)
+    synonyms = make_synonyms(config.data) if with_views else None
+    source = clean_training_source(pipeline.training_source(config.data), config.train)
+    plan = pipeline.make_poison_plan(source, config.poison)
+    if plan is not None and is_chief:
+        plan.write(os.path.join(workdir, POISON_FILE))
+    data = pipeline.make_train_pipeline(
+        source,
+        image_size=config.model.image.size,
+        context_length=config.model.text.context_length,
+        tokenizer=tokenizer,
+        data=config.data,
+        poison=config.poison,
+        with_views=with_views,
+        synonyms=synonyms,
+        process_index=process_index,
+        process_count=process_count,
+        run_dir=workdir if is_chief else None,
+        plan=plan,
+    )
+    steps_per_epoch = len(source) // config.data.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(source)} training examples cannot fill one batch of {config.data.batch_size}")
+    total_steps = config.train.num_epochs * steps_per_epoch
+
+    # ---- Model and state -----------------------------------------------------------------------
+    model = clip.build_model(config.model)
+    tx = optim.make_optimizer(config.optim, total_steps)
+    deep_clustering = bool(config.objective.cluster_weight)
+    num_clusters = min(config.cleaning.num_clusters, len(source))
+
+    def init(rng):
+        state = train_step.init_state(model, tx, rng, config.model.image.size, config.model.text.context_length)
+        if deep_clustering:
+            state = _with_cluster_head(state, tx, rng, config.model.embed_dim, num_clusters)
+        return state
+
+    abstract = jax.eval_shape(init, rng)
+    shardings = sharding.state_shardings(abstract, mesh, config.sharding)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
+    # An init_from checkpoint is read before any compute so a bad path fails at once.
+    init_from = None
+    if config.train.init_from and manager.latest_step() is None:
+        variables_abstract = {"params": {k: v for k, v in abstract["params"].items() if k != "cluster_head"}, "batch_stats": abstract["batch_stats"]}
+        init_from, where = checkpointing.load_model_variables(config.train.init_from, variables_abstract)
+        logging.info("Initialising from %s", where)
+    state, start_step = checkpointing.restore_latest(manager, abstract, data.iterator)
+    if state is not None:
+        logging.info("Resumed from step %d", start_step)
+    else:
+        start_step = 0
+        state = jax.jit(init, out_shardings=shardings)(rng)
+        if init_from is not None:
+            params = {**state["params"], **init_from["params"]}
+            if config.cleaning.shrink != 1.0 or config.cleaning.perturb != 0.0:
+                fresh = {k: v for k, v in state["params"].items() if k != "cluster_head"}
+                params = {**params, **cleaning.shrink_and_perturb(init_from["params"], fresh, config.cleaning.shrink, config.cleaning.perturb)}
+            state = {**state, "params": params, "batch_stats": init_from["batch_stats"]}
+    step_fn = train_step.shard_and_jit_train_step(train_step.make_train_step(model, tx, config.objective), shardings, mesh)
+
+    # ---- Evaluators ----------------------------------------------------------------------------
+    evaluators = {
+        name: Evaluator(
+            name,
+            make_eval_source(set_config),
+            model=model,
+            tokenizer=tokenizer,
+            config=config,
+            mesh=mesh,
+            process_index=process_index,
+            process_count=process_count,
+        )
+        for name, set_config in config.eval.sets.items()
+    }
+
+    def run_evals(step: int) -> dict[str, float]:
+        results = {}
+        for name, evaluator in evaluators.items():
+            for key, value in evaluator(_variables(state)).items():
+                results[f"{name}/{key}"] = value
+        epoch = step // steps_per_epoch
+        evals_log.write({"step": step, "epoch": epoch, **results})
+        writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
+        logging.info("eval at step %d (epoch %d): %s", step, epoch, results)
+        return results
+
+    # ---- Loop ----------------------------------------------------------------------------------
+    results = {}
+    if start_step == 0 and config.eval.at_start:
+        results = run_evals(0)
+    hooks = []
+    if is_chief:
+        hooks.append(periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer, every_steps=config.train.log_every_steps))
+        if config.train.profile_steps:
+            hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.train.profile_steps))
+    cluster_table = None
+    pending = None  # (step, metrics) of the previous step, read one step late to keep dispatch async
+    last_log_time, last_log_step = time.perf_counter(), start_step
+    for step in range(start_step, total_steps):
+        epoch, step_in_epoch = divmod(step, steps_per_epoch)
+        if deep_clustering and (cluster_table is None or step_in_epoch == 0):
+            rng_epoch = jax.random.fold_in(rng, epoch)
+            cluster_table = cluster_assignments(model, _variables(state), source, config, mesh, num_clusters, rng_epoch)
+            state = cleaning.reset_cluster_head(state, rng_epoch, config.model.embed_dim, num_clusters)
+            state = jax.device_put(state, shardings)
+        batch = next(data)
+        model_batch = {key: batch[key] for key in ("image", "text", "aug_image", "aug_text") if key in batch}
+        if deep_clustering:
+            ids = np.asarray(batch["index"])
+            model_batch["cluster"] = np.where(ids < len(cluster_table), cluster_table[np.minimum(ids, len(cluster_table) - 1)], -1)
+        global_batch = sharding.global_batch_from_local(model_batch, mesh)
+        state, metrics = step_fn(state, global_batch, jax.random.fold_in(rng, step))
+        if pending is not None:
+            _check_finite(*pending, manager, workdir)
+        pending = (step, metrics, int(np.sum(batch["is_poisoned"])))
+        for hook in hooks:
+            hook(step + 1)
+        if (step + 1) % config.train.log_every_steps == 0 or step + 1 == total_steps:
+            scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            _check_finite(step, metrics, 0, manager, workdir)
+            now = time.perf_counter()
+            scalars["pairs_per_s"] = (step + 1 - last_log_step) * config.data.batch_size / (now - last_log_time)
+            scalars["bad_records"] = data.bad_records.num_bad
+            last_log_time, last_log_step = now, step + 1
+            writer.write_scalars(step + 1, scalars)
+            metrics_log.write({"step": step + 1, "epoch": epoch, **scalars})
+        end_of_epoch = (step + 1) % steps_per_epoch == 0
+        if end_of_epoch and ((epoch + 1) % config.eval.every_epochs == 0 or step + 1 == total_steps):
+            results = run_evals(step + 1)
+        if end_of_epoch or (step + 1) % config.train.checkpoint_every_steps == 0:
+            checkpointing.save(manager, step + 1, state, data.iterator)
+    if pending is not None:
+        _check_finite(*pending, manager, workdir)
+    if not results:  # Resumed after the last evaluation: report what it found.
+        results = _last_eval(os.path.join(workdir, EVALS_FILE)) or run_evals(total_steps)
+    manager.wait_until_finished()
+    manager.close()
+    writer.flush()
+    if is_chief:
+        with open(os.path.join(workdir, DONE_FILE), "w") as f:
+            json.dump({"steps": total_steps, "results": results}, f, indent=2)
+    return results
+
+
+def _with_cluster_head(state, tx, rng, embed_dim, num_clusters):
+    """Add the deep-clustering head to the params and rebuild the optimiser state to cover it."""
+    params = {**state["params"], "cluster_head": cleaning.init_cluster_head(rng, embed_dim, num_clusters)}
+    return {**state, "params": params, "opt": tx.init(params)}
+
+
+def _last_eval(path: str) -> dict | None:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        lines = [json.loads(line) for line in f if line.strip()]
+    if not lines:
+        return None
+    return {k: v for k, v in lines[-1].items() if k not in ("step", "epoch")}
+
+
+def _check_finite(step, metrics, _num_poisoned, manager, workdir):
+    loss = float(metrics["loss"])
+    if not math.isfinite(loss):
+        manager.wait_until_finished()
+        last = manager.latest_step()
+        where = os.path.join(workdir, "checkpoints", str(last)) if last is not None else "none (no checkpoint saved yet)"
+        raise NonFiniteLossError(f"loss is {loss} at step {step + 1}; last good checkpoint: {where}")
