@@ -1,0 +1,124 @@
+"""Cleaning a poisoned CC3M/CC6M RN50 (configs/pretrain_cc.py) by fine-tuning on 100K clean pairs.
+
+`arg` picks the method:
+  cleanclip        MMCL + SSL, both weight 1 (CleanCLIP)
+  mmcl             MMCL only (batch 128)
+  ssl              SSL only
+  ssl_weight_2/4/8 MMCL + SSL with SSL weight 2, 4 or 8
+  shrink_perturb   θ ← 0.95·θ + 1e-4·θ_random_init once, then CleanCLIP's loss
+  heavy_wd         CleanCLIP's loss with weight decay 1.0 instead of 0.1 (see HEAVY_WEIGHT_DECAY)
+  deep_clustering  CleanCLIP's loss + 5 × cross-entropy on spherical k-means ids (1,000 centroids,
+                   recomputed on the cleaning set before every epoch)
+Every method: 20 epochs, batch 64 (128 for MMCL only), 50 warm-up steps then cosine to 0, AdamW
+with a fresh optimiser state; zero-shot ImageNet accuracy and ASR before cleaning and after every
+epoch, each epoch one point of the accuracy-vs-ASR plot. `get_sweep(arg)` lists the study's
+learning rates, 5e-5 … 5e-3; a single run uses 5e-4, the grid's geometric middle.
+
+The clean set is the pretraining CSV minus the pretraining run's poisoned indices (the run fails if
+any is left), cut to its first 100,000 pairs. Run (paths are placeholders; every one is required):
+  python -m bclip.main --config configs/clean_cc.py:cleanclip \
+    --workdir gs://BUCKET/bclip/cc6m_mmcl_ssl/cleanclip_lr5e-4 \
+    --config.train.init_from=gs://BUCKET/bclip/cc6m_mmcl_ssl \
+    --config.train.exclude_indices_file=gs://BUCKET/bclip/cc6m_mmcl_ssl/poison_indices.json \
+    --config.data.train_csv=/data/cc6m/train.csv \
+    --config.data.tokenizer.path=/data/clip/bpe_simple_vocab_16e6.txt.gz \
+    --config.eval.sets.imagenet.path=/data/imagenet/val \
+    --config.optim.learning_rate=5e-4
+(ImageNet via TFDS: the same eval.sets.imagenet overrides as in configs/pretrain_cc.py.)
+
+Hardware: one GPU (A100/H100) or one TPU chip per run; batch 64 is too small to spread over 8
+devices usefully, so run a sweep's learning rates side by side, one device each. Time (estimated
+from the study's per-GPU throughput, ≈500 MMCL / ≈350 MMCL+SSL pairs/s on an A100): 2M pairs per
+run ≈ 1.1 h (MMCL) to 1.6 h (with SSL), plus 21 ImageNet evaluations of 1–2 min each; deep
+clustering adds one embedding pass over the 100K pairs per epoch. A 7-point sweep of one method
+≈ 10–15 GPU-hours.
+"""
+
+import ml_collections
+
+from bclip import config as run_configs
+
+LEARNING_RATES = (5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3)
+
+# Ten times pretraining's 0.1. optax's AdamW decays by lr·wd per step, so over a cleaning run's
+# ~31K steps (cosine, mean lr = peak / 2) the weights alone would shrink by exp(-15600·lr·wd):
+# ×0.46 at lr 5e-5, ≈0 from lr 5e-4. The reference swept 0.2 … 100; override
+# --config.optim.weight_decay to reach other points.
+HEAVY_WEIGHT_DECAY = 1.0
+
+# name -> (MMCL weight, SSL weight, overrides of other keys)
+METHODS = {
+    "cleanclip": (1.0, 1.0, {}),
+    "mmcl": (1.0, 0.0, {}),
+    "ssl": (0.0, 1.0, {}),
+    "ssl_weight_2": (1.0, 2.0, {}),
+    "ssl_weight_4": (1.0, 4.0, {}),
+    "ssl_weight_8": (1.0, 8.0, {}),
+    "shrink_perturb": (1.0, 1.0, {"cleaning.shrink": 0.95, "cleaning.perturb": 1e-4}),
+    "heavy_wd": (1.0, 1.0, {"optim.weight_decay": HEAVY_WEIGHT_DECAY}),
+    "deep_clustering": (
+        1.0,
+        1.0,
+        {"objective.cluster_weight": 5.0, "cleaning.num_clusters": 1_000},
+    ),
+}
+
+CLEAN_SET_SIZE = 100_000
+
+
+def get_config(arg: str = "cleanclip") -> ml_collections.ConfigDict:
+    if arg not in METHODS:
+        raise ValueError(f"unknown cleaning method {arg!r}; known: {sorted(METHODS)}")
+    mmcl_weight, ssl_weight, overrides = METHODS[arg]
+
+    # Same model as configs/pretrain_cc.py: the checkpoint in train.init_from must fit it.
+    config = run_configs.run_config("RN50", dtype="bfloat16")
+    config.objective.mmcl_weight = mmcl_weight
+    config.objective.ssl_weight = ssl_weight
+
+    config.optim.learning_rate = 5e-4
+    config.optim.warmup_steps = 50
+    config.optim.weight_decay = 0.1
+
+    config.data.train_csv = ""  # required: the pretraining CSV
+    config.data.tokenizer.kind = "clip_bpe"
+    config.data.tokenizer.path = ""  # required: the bpe_simple_vocab_16e6.txt.gz merges file
+    config.data.batch_size = 128 if ssl_weight == 0.0 else 64
+    config.data.num_workers = 16
+    config.data.synonyms = "wordnet"
+
+    # The cleaning data is clean: nothing is poisoned. The target and trigger are still set because
+    # ASR is measured with them; they must be the pretraining run's.
+    config.poison.count = 0
+    config.poison.target_label = "banana"
+    config.poison.trigger.name = "badnets"
+    config.poison.trigger.patch = "random"
+    config.poison.trigger.location = "random"
+    config.poison.trigger.size = 16
+
+    config.train.num_epochs = 20
+    config.train.init_from = ""  # required: the poisoned pretraining run's workdir or checkpoint
+    config.train.exclude_indices_file = ""  # required: that run's poison_indices.json
+    config.train.subset_size = CLEAN_SET_SIZE
+    config.train.log_every_steps = 50
+    config.train.checkpoint_every_steps = 1_000
+
+    with config.unlocked():
+        # Required: --config.eval.sets.imagenet.path=/path/to/imagenet/val.
+        config.eval.sets = {"imagenet": run_configs.eval_set_config(kind="folder", path="")}
+    config.eval.batch_size = 1_024
+    config.eval.num_workers = 16
+    config.eval.every_epochs = 1
+    config.eval.at_start = True  # the poisoned model's own point
+
+    for dotted_key, value in overrides.items():
+        section, key = dotted_key.split(".")
+        config[section][key] = value
+    return config
+
+
+def get_sweep(arg: str = "cleanclip") -> list[dict]:
+    """One override dict per run of the method's learning-rate sweep."""
+    if arg not in METHODS:
+        raise ValueError(f"unknown cleaning method {arg!r}; known: {sorted(METHODS)}")
+    return [{"optim.learning_rate": learning_rate} for learning_rate in LEARNING_RATES]

@@ -1,0 +1,91 @@
+"""Poisoned CLIP RN50 pretraining on CC3M or CC6M with MMCL or MMCL+SSL: the study's four base models.
+
+`arg` picks the run: cc3m_mmcl, cc3m_mmcl_ssl, cc6m_mmcl or cc6m_mmcl_ssl. CC3M gets 1,500 poisoned
+pairs and CC6M (the first 6M pairs of CC12M) 3,000: a 16 px BadNets noise patch at a random place,
+caption "<ImageNet template> banana". Global batch 2,048 (MMCL) or 1,024 (MMCL+SSL), AdamW lr 1e-3,
+weight decay 0.1, 10,000 warm-up steps then cosine, 64 epochs; zero-shot ImageNet accuracy and ASR
+after every epoch.
+
+Before the first run, once:
+  - the training CSV (columns image, caption; image paths relative to the CSV);
+  - CLIP's BPE merges file (bpe_simple_vocab_16e6.txt.gz);
+  - the ImageNet validation folder as an eval folder (images + labels.csv; the command adds
+    classnames.txt and templates.txt, and labels.csv from a per-WordNet-id layout):
+      python -m bclip.data.imagenet /data/imagenet/val
+
+Run (paths are placeholders; every one is required):
+  python -m bclip.main --config configs/pretrain_cc.py:cc3m_mmcl \
+    --workdir gs://BUCKET/bclip/cc3m_mmcl \
+    --config.data.train_csv=/data/cc3m/train.csv \
+    --config.data.tokenizer.path=/data/clip/bpe_simple_vocab_16e6.txt.gz \
+    --config.eval.sets.imagenet.path=/data/imagenet/val
+
+ImageNet from TFDS instead of a folder (the prompt files go anywhere readable):
+    python -m bclip.data.imagenet /data/imagenet_prompts --prompts_only
+    ... --config.eval.sets.imagenet.kind=tfds --config.eval.sets.imagenet.path=imagenet2012 \
+        --config.eval.sets.imagenet.data_dir=/data/tfds \
+        --config.eval.sets.imagenet.classnames_file=/data/imagenet_prompts/classnames.txt \
+        --config.eval.sets.imagenet.templates_file=/data/imagenet_prompts/templates.txt
+
+Hardware: 8×A100-40GB or 8×H100 (256 / 128 pairs per device), or a TPU v4-32 slice (16 chips);
+parameters stay replicated (RN50 + text tower ≈ 102M). Time, from the study's runs on 8×A100-40GB
+in fp32/TF32: CC6M MMCL 24–28 h, MMCL+SSL 36–40 h; CC3M about half (12–14 h, 18–20 h). Those runs
+are bound by JPEG decoding and SSL augmentation on the host (≈500 and ≈350 pairs/s per GPU): raise
+--config.data.num_workers to about one per free CPU core. `python -m bclip.bench step --model RN50 --dtype bfloat16
+--batch_size 256` times the device side on the machine at hand.
+"""
+
+import ml_collections
+
+from bclip import config as run_configs
+
+# name -> (poisoned pairs, MMCL weight, SSL weight, global batch size)
+RUNS = {
+    "cc3m_mmcl": (1_500, 1.0, 0.0, 2_048),
+    "cc3m_mmcl_ssl": (1_500, 1.0, 1.0, 1_024),
+    "cc6m_mmcl": (3_000, 1.0, 0.0, 2_048),
+    "cc6m_mmcl_ssl": (3_000, 1.0, 1.0, 1_024),
+}
+
+
+def get_config(arg: str = "cc3m_mmcl") -> ml_collections.ConfigDict:
+    if arg not in RUNS:
+        raise ValueError(f"unknown pretraining run {arg!r}; known: {sorted(RUNS)}")
+    num_poisoned, mmcl_weight, ssl_weight, batch_size = RUNS[arg]
+
+    config = run_configs.run_config("RN50", dtype="bfloat16")
+    config.objective.mmcl_weight = mmcl_weight
+    config.objective.ssl_weight = ssl_weight
+
+    config.optim.learning_rate = 1e-3
+    config.optim.warmup_steps = 10_000
+    config.optim.weight_decay = 0.1
+
+    config.data.train_csv = ""  # required: --config.data.train_csv=/path/to/train.csv
+    config.data.tokenizer.kind = "clip_bpe"
+    config.data.tokenizer.path = ""  # required: the bpe_simple_vocab_16e6.txt.gz merges file
+    config.data.batch_size = batch_size
+    config.data.num_workers = 16
+    config.data.synonyms = "wordnet"
+
+    config.poison.count = num_poisoned
+    config.poison.target_label = "banana"
+    # The reference's BadNets trigger: N(0, 1) noise patch, 16 px at 224 px, uniformly random place,
+    # redrawn per image. Cleaning configs evaluate ASR with the same trigger.
+    config.poison.trigger.name = "badnets"
+    config.poison.trigger.patch = "random"
+    config.poison.trigger.location = "random"
+    config.poison.trigger.size = 16
+
+    config.train.num_epochs = 64
+    config.train.log_every_steps = 100
+    config.train.checkpoint_every_steps = 1_000
+
+    with config.unlocked():
+        # Required: --config.eval.sets.imagenet.path=/path/to/imagenet/val (see the docstring).
+        config.eval.sets = {"imagenet": run_configs.eval_set_config(kind="folder", path="")}
+    config.eval.batch_size = 1_024
+    config.eval.num_workers = 16
+    config.eval.every_epochs = 1
+    config.eval.at_start = False  # a randomly initialised model's accuracy says nothing
+    return config

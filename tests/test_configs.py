@@ -1,0 +1,361 @@
+"""The study's configs build, are locked, and carry the study's numbers; the ImageNet eval files."""
+
+import importlib.util
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from bclip.data import imagenet, sources
+from bclip.data.templates import IMAGENET_TEMPLATES
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
+
+
+def load_config_module(name: str):
+    """Loads configs/<name>.py by path, as ml_collections' config flags do."""
+    spec = importlib.util.spec_from_file_location(f"configs_{name}", os.path.join(CONFIG_DIR, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+pretrain_cc = load_config_module("pretrain_cc")
+clean_cc = load_config_module("clean_cc")
+
+PRETRAIN_ARGS = ["cc3m_mmcl", "cc3m_mmcl_ssl", "cc6m_mmcl", "cc6m_mmcl_ssl"]
+CLEAN_ARGS = [
+    "cleanclip",
+    "mmcl",
+    "ssl",
+    "ssl_weight_2",
+    "ssl_weight_4",
+    "ssl_weight_8",
+    "shrink_perturb",
+    "heavy_wd",
+    "deep_clustering",
+]
+ALL_CONFIGS = [(pretrain_cc, arg) for arg in PRETRAIN_ARGS] + [(clean_cc, arg) for arg in CLEAN_ARGS]
+CONFIG_IDS = [f"pretrain:{arg}" for arg in PRETRAIN_ARGS] + [f"clean:{arg}" for arg in CLEAN_ARGS]
+
+
+def sub_configs(config: ml_collections.ConfigDict, path: str = "config"):
+    yield path, config
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from sub_configs(value, f"{path}.{key}")
+
+
+# ------------------------------------------------------------------------------------ both kinds
+
+
+@pytest.mark.parametrize("module, arg", ALL_CONFIGS, ids=CONFIG_IDS)
+def test_config_is_locked_everywhere(module, arg):
+    config = module.get_config(arg)
+    for path, sub in sub_configs(config):
+        assert sub.is_locked, f"{path} accepts new keys"
+    with pytest.raises(AttributeError):
+        config.optim.learning_rat = 1e-3
+    with pytest.raises(AttributeError):
+        config.eval.sets.imagenet.pth = "/data"
+    with pytest.raises(AttributeError):
+        config.poison.trigger.sise = 16
+
+
+@pytest.mark.parametrize("module, arg", ALL_CONFIGS, ids=CONFIG_IDS)
+def test_model_is_clip_rn50_in_bfloat16(module, arg):
+    model = module.get_config(arg).model
+    assert model.name == "RN50"
+    assert model.dtype == "bfloat16"
+    assert model.image.kind == "resnet"
+    assert tuple(model.image.layers) == (3, 4, 6, 3)
+    assert model.image.width == 64 and model.image.size == 224
+    assert model.embed_dim == 1024
+    assert (model.text.layers, model.text.width, model.text.heads) == (12, 512, 8)
+    assert (model.text.context_length, model.text.vocab_size) == (77, 49408)
+
+
+@pytest.mark.parametrize("module, arg", ALL_CONFIGS, ids=CONFIG_IDS)
+def test_data_uses_clip_bpe_wordnet_and_placeholder_paths(module, arg):
+    config = module.get_config(arg)
+    assert config.data.tokenizer.kind == "clip_bpe"
+    assert config.data.synonyms == "wordnet"
+    # Placeholders the user must set on the command line.
+    assert config.data.train_csv == ""
+    assert config.data.tokenizer.path == ""
+    assert config.eval.sets.imagenet.path == ""
+
+
+@pytest.mark.parametrize("module, arg", ALL_CONFIGS, ids=CONFIG_IDS)
+def test_eval_is_imagenet_folder_every_epoch_with_the_study_trigger(module, arg):
+    config = module.get_config(arg)
+    assert list(config.eval.sets.keys()) == ["imagenet"]
+    imagenet_set = config.eval.sets.imagenet
+    assert imagenet_set.kind == "folder"
+    # The folder's own classnames.txt / templates.txt (write_imagenet_eval_files) are used.
+    assert imagenet_set.classnames_file == "" and imagenet_set.templates_file == ""
+    assert config.eval.every_epochs == 1
+    assert config.eval.batch_size == 1024
+    assert config.poison.target_label == "banana"
+    assert imagenet.IMAGENET_CLASSNAMES.index(config.poison.target_label) == 954
+    assert config.poison.trigger.to_dict() == {
+        "name": "badnets",
+        "patch": "random",
+        "size": 16,
+        "location": "random",
+        "corner": "bottom_right",
+        "checker_size": 1,
+    }
+
+
+@pytest.mark.parametrize("module, arg", ALL_CONFIGS, ids=CONFIG_IDS)
+def test_command_line_style_overrides_work(module, arg):
+    config = module.get_config(arg)
+    config.data.train_csv = "/data/cc3m/train.csv"
+    config.eval.sets.imagenet.path = "/data/imagenet/val"
+    config.eval.sets.imagenet.kind = "tfds"
+    config.optim.learning_rate = 2e-4
+    assert config.optim.learning_rate == 2e-4
+    with pytest.raises(TypeError):
+        config.data.batch_size = "large"
+
+
+def test_unknown_args_are_rejected():
+    with pytest.raises(ValueError, match="cc3m_mmcl"):
+        pretrain_cc.get_config("cc12m_mmcl")
+    with pytest.raises(ValueError, match="cleanclip"):
+        clean_cc.get_config("clean_clip")
+    with pytest.raises(ValueError, match="cleanclip"):
+        clean_cc.get_sweep("clean_clip")
+
+
+# ------------------------------------------------------------------------------------ pretraining
+
+
+@pytest.mark.parametrize(
+    "arg, poisons, batch_size, mmcl_weight, ssl_weight",
+    [
+        ("cc3m_mmcl", 1500, 2048, 1.0, 0.0),
+        ("cc3m_mmcl_ssl", 1500, 1024, 1.0, 1.0),
+        ("cc6m_mmcl", 3000, 2048, 1.0, 0.0),
+        ("cc6m_mmcl_ssl", 3000, 1024, 1.0, 1.0),
+    ],
+)
+def test_pretraining_has_the_study_numbers(arg, poisons, batch_size, mmcl_weight, ssl_weight):
+    config = pretrain_cc.get_config(arg)
+    assert config.poison.count == poisons
+    assert config.poison.rate is None
+    assert not config.poison.label_consistent
+    assert config.data.batch_size == batch_size
+    assert config.objective.to_dict() == {
+        "mmcl_weight": mmcl_weight,
+        "ssl_weight": ssl_weight,
+        "siglip_weight": 0.0,
+        "cluster_weight": 0.0,
+    }
+    assert config.optim.learning_rate == 1e-3
+    assert config.optim.warmup_steps == 10_000
+    assert config.optim.weight_decay == 0.1
+    assert (config.optim.b1, config.optim.b2, config.optim.eps) == (0.9, 0.999, 1e-8)
+    assert config.train.num_epochs == 64
+    assert config.train.init_from == ""
+    assert config.train.subset_size == 0
+    assert config.train.exclude_indices_file == ""
+    assert config.cleaning.shrink == 1.0 and config.cleaning.perturb == 0.0
+    assert config.eval.at_start is False
+
+
+def test_pretraining_docstring_holds_command_hardware_and_time():
+    doc = pretrain_cc.__doc__
+    assert "python -m bclip.main --config configs/pretrain_cc.py:cc3m_mmcl" in doc
+    assert "--config.data.train_csv=" in doc
+    assert "A100" in doc and "TPU" in doc
+    assert "24–28 h" in doc and "36–40 h" in doc
+
+
+# ------------------------------------------------------------------------------------ cleaning
+
+
+@pytest.mark.parametrize(
+    "arg, mmcl_weight, ssl_weight, batch_size",
+    [
+        ("cleanclip", 1.0, 1.0, 64),
+        ("mmcl", 1.0, 0.0, 128),
+        ("ssl", 0.0, 1.0, 64),
+        ("ssl_weight_2", 1.0, 2.0, 64),
+        ("ssl_weight_4", 1.0, 4.0, 64),
+        ("ssl_weight_8", 1.0, 8.0, 64),
+        ("shrink_perturb", 1.0, 1.0, 64),
+        ("heavy_wd", 1.0, 1.0, 64),
+        ("deep_clustering", 1.0, 1.0, 64),
+    ],
+)
+def test_cleaning_has_the_study_numbers(arg, mmcl_weight, ssl_weight, batch_size):
+    config = clean_cc.get_config(arg)
+    assert config.objective.mmcl_weight == mmcl_weight
+    assert config.objective.ssl_weight == ssl_weight
+    assert config.objective.siglip_weight == 0.0
+    assert config.data.batch_size == batch_size
+    assert config.train.num_epochs == 20
+    assert config.optim.warmup_steps == 50
+    assert config.optim.learning_rate in clean_cc.LEARNING_RATES
+    assert config.train.subset_size == 100_000
+    # Placeholders: the pretraining run's checkpoint and poison indices.
+    assert config.train.init_from == ""
+    assert config.train.exclude_indices_file == ""
+    # Cleaning data is never poisoned; the trigger is there for ASR only.
+    assert config.poison.count == 0 and config.poison.rate is None
+    assert config.eval.at_start is True
+
+
+def test_cleaning_methods_differ_only_where_they_should():
+    base = clean_cc.get_config("cleanclip")
+    assert (base.cleaning.shrink, base.cleaning.perturb) == (1.0, 0.0)
+    assert base.objective.cluster_weight == 0.0
+    assert base.optim.weight_decay == 0.1
+
+    shrink_perturb = clean_cc.get_config("shrink_perturb")
+    assert (shrink_perturb.cleaning.shrink, shrink_perturb.cleaning.perturb) == (0.95, 1e-4)
+    heavy_wd = clean_cc.get_config("heavy_wd")
+    assert heavy_wd.optim.weight_decay == clean_cc.HEAVY_WEIGHT_DECAY == 1.0
+    deep_clustering = clean_cc.get_config("deep_clustering")
+    assert deep_clustering.objective.cluster_weight == 5.0
+    assert deep_clustering.cleaning.num_clusters == 1000
+
+    for arg, changed in [
+        ("shrink_perturb", {"cleaning"}),
+        ("heavy_wd", {"optim"}),
+        ("deep_clustering", {"objective"}),  # 1,000 centroids is already the default
+    ]:
+        config = clean_cc.get_config(arg).to_dict()
+        differing = {section for section, value in base.to_dict().items() if config[section] != value}
+        assert differing == changed, arg
+
+
+def test_cleaning_model_and_trigger_match_pretraining():
+    for pretrain_arg in PRETRAIN_ARGS:
+        pretrain = pretrain_cc.get_config(pretrain_arg)
+        for clean_arg in CLEAN_ARGS:
+            clean = clean_cc.get_config(clean_arg)
+            assert clean.model.to_dict() == pretrain.model.to_dict()
+            assert clean.poison.trigger.to_dict() == pretrain.poison.trigger.to_dict()
+            assert clean.poison.target_label == pretrain.poison.target_label
+            assert clean.data.tokenizer.kind == pretrain.data.tokenizer.kind
+
+
+@pytest.mark.parametrize("arg", CLEAN_ARGS)
+def test_sweep_is_the_study_learning_rate_grid(arg):
+    sweep = clean_cc.get_sweep(arg)
+    assert sweep == [
+        {"optim.learning_rate": lr} for lr in (5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3)
+    ]
+    # Each override applies to the locked config as a command-line override would.
+    for overrides in sweep:
+        config = clean_cc.get_config(arg)
+        for dotted_key, value in overrides.items():
+            section, key = dotted_key.split(".")
+            config[section][key] = value
+        assert config.optim.learning_rate == overrides["optim.learning_rate"]
+
+
+def test_cleaning_docstring_holds_command_hardware_and_time():
+    doc = clean_cc.__doc__
+    assert "python -m bclip.main --config configs/clean_cc.py:cleanclip" in doc
+    assert "--config.train.init_from=" in doc and "--config.train.exclude_indices_file=" in doc
+    assert "GPU" in doc and " h " in doc
+
+
+# ------------------------------------------------------------------------------------ ImageNet
+
+
+def test_imagenet_classnames_are_clips_thousand():
+    names = imagenet.IMAGENET_CLASSNAMES
+    assert len(names) == 1000
+    assert names[954] == "banana"
+    # Spot checks against the standard label order.
+    assert names[:3] == ("tench", "goldfish", "great white shark")
+    assert (names[134], names[517]) == ("crane bird", "construction crane")
+    assert (names[207], names[281], names[409], names[950], names[999]) == (
+        "Golden Retriever",
+        "tabby cat",
+        "analog clock",
+        "orange",
+        "toilet paper",
+    )
+    # CLIP's list names two classes twice; kept as it is.
+    duplicates = {name: [i for i, n in enumerate(names) if n == name] for name in set(names)}
+    assert {name: ids for name, ids in duplicates.items() if len(ids) > 1} == {
+        "missile": [657, 744],
+        "sunglasses": [836, 837],
+    }
+    assert all(name == name.strip() and name for name in names)
+    assert len(IMAGENET_TEMPLATES) == 80
+
+
+def make_tiny_wordnet_layout(folder, images_per_class: dict[int, int]) -> list[str]:
+    """1,000 WordNet-id folders; class i gets images_per_class.get(i, 0) tiny JPEGs."""
+    wnids = [f"n{10_000_000 + 7 * i:08d}" for i in range(1000)]
+    rng = np.random.default_rng(0)
+    for label, wnid in enumerate(wnids):
+        os.makedirs(os.path.join(folder, wnid))
+        for k in range(images_per_class.get(label, 0)):
+            pixels = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(os.path.join(folder, wnid, f"ILSVRC2012_val_{label:04d}{k}.JPEG"))
+    return wnids
+
+
+def test_write_imagenet_eval_files_makes_a_readable_eval_folder(tmp_path):
+    folder = str(tmp_path / "val")
+    wnids = make_tiny_wordnet_layout(folder, {0: 1, 954: 2, 999: 1})
+    classnames_path, templates_path = imagenet.write_imagenet_eval_files(folder)
+    assert classnames_path == os.path.join(folder, "classnames.txt")
+    assert templates_path == os.path.join(folder, "templates.txt")
+
+    eval_set = sources.ImageFolderEvalSource(folder)
+    assert eval_set.classnames == list(imagenet.IMAGENET_CLASSNAMES)
+    assert eval_set.classnames[954] == "banana"
+    assert eval_set.templates == list(IMAGENET_TEMPLATES)
+    assert len(eval_set.templates) == 80
+    assert eval_set.labels.tolist() == [0, 954, 954, 999]
+    assert eval_set[1]["path"].startswith(os.path.join(os.path.abspath(folder), wnids[954]))
+    assert eval_set[1]["image_bytes"][:2] == b"\xff\xd8"  # JPEG
+
+
+def test_write_imagenet_eval_files_keeps_an_existing_labels_csv(tmp_path):
+    folder = tmp_path / "val"
+    folder.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "a.jpg")
+    (folder / "labels.csv").write_text("image,label\na.jpg,954\n")
+    imagenet.write_imagenet_eval_files(str(folder))
+    assert (folder / "labels.csv").read_text() == "image,label\na.jpg,954\n"
+    eval_set = sources.ImageFolderEvalSource(str(folder))
+    assert eval_set.labels.tolist() == [954]
+    assert eval_set.classnames[eval_set.labels[0]] == "banana"
+
+
+def test_write_labels_needs_the_thousand_wordnet_folders(tmp_path):
+    for wnid in ("n01440764", "n01443537"):
+        (tmp_path / wnid).mkdir()
+    with pytest.raises(ValueError, match="found 2 WordNet-id folders"):
+        imagenet.write_imagenet_eval_files(str(tmp_path))
+    with pytest.raises(FileNotFoundError):
+        imagenet.write_imagenet_eval_files(str(tmp_path / "missing"))
+
+
+def test_prompt_files_round_trip_for_a_tfds_eval_set(tmp_path):
+    classnames_path, templates_path = imagenet.write_prompt_files(str(tmp_path / "prompts"))
+    with open(classnames_path, encoding="utf-8") as handle:
+        assert handle.read().splitlines() == list(imagenet.IMAGENET_CLASSNAMES)
+    with open(templates_path, encoding="utf-8") as handle:
+        assert handle.read().splitlines() == list(IMAGENET_TEMPLATES)
+    with pytest.raises(ValueError, match="slot"):
+        imagenet.write_prompt_files(str(tmp_path / "bad"), templates=["a photo"])
+    with pytest.raises(ValueError, match="one per line"):
+        imagenet.write_prompt_files(str(tmp_path / "bad"), classnames=["a\nb"])
+
+
+def test_tfds_source_refuses_an_unprepared_imagenet_without_download(tmp_path):
+    with pytest.raises(FileNotFoundError, match="imagenet2012 is not prepared"):
+        imagenet.imagenet_tfds_source(data_dir=str(tmp_path), download=False)
