@@ -1,0 +1,148 @@
+"""The sharded train step: 8 devices vs 1, FSDP vs replicated, overfitting, temperature clamp."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bclip import objectives, optim, sharding, train_step
+from bclip.models import clip
+
+
+def _setup(model_name, mesh, objective, params_sharding="replicated", lr=1e-3, warmup=2, total=50, eps=1e-8):
+    model_config = clip.model_config(model_name)
+    model = clip.build_model(model_config)
+    tx = optim.make_optimizer(optim.optim_config(learning_rate=lr, warmup_steps=warmup, eps=eps), total)
+    state, shardings = train_step.create_sharded_state(
+        model, tx, jax.random.key(0), mesh, model_config, sharding.sharding_config(params=params_sharding, fsdp_min_size=64)
+    )
+    step = train_step.shard_and_jit_train_step(train_step.make_train_step(model, tx, objective), shardings, mesh)
+    return model_config, state, step
+
+
+def _batch(model_config, batch_size, seed=0, views=False):
+    rng = np.random.default_rng(seed)
+    size, ctx, vocab = model_config.image.size, model_config.text.context_length, model_config.text.vocab_size
+
+    def tokens():
+        t = np.zeros((batch_size, ctx), np.int32)
+        lengths = rng.integers(2, ctx - 1, size=batch_size)
+        for row, n in enumerate(lengths):
+            t[row, 0] = vocab - 2
+            t[row, 1:n] = rng.integers(1, vocab - 2, size=n - 1)
+            t[row, n] = vocab - 1
+        return t
+
+    batch = {"image": rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8), "text": tokens()}
+    if views:
+        batch["aug_image"] = rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
+        batch["aug_text"] = tokens()
+    return batch
+
+
+def _run(model_name, devices, objective, steps=3, params_sharding="replicated", views=False):
+    # Some gradients are exactly zero in exact arithmetic (e.g. the key bias, which softmax ignores);
+    # with Adam's default eps of 1e-8 float round-off in them becomes a full ±lr step whose sign
+    # depends on the reduction order. eps=1e-3 turns round-off of ~1e-9 into nothing while real
+    # gradients (1e-4 and up) still move the parameters by a good part of a step.
+    mesh = sharding.make_mesh(devices)
+    model_config, state, step = _setup(model_name, mesh, objective, params_sharding, eps=1e-3)
+    history = []
+    for i in range(steps):
+        batch = jax.device_put(_batch(model_config, 16, seed=i, views=views), sharding.batch_sharding(mesh))
+        state, metrics = step(state, batch, jax.random.key(i))
+        history.append(jax.device_get(metrics))
+    return jax.device_get(state["params"]), history
+
+
+def _assert_trees_close(a, b, rtol, atol):
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize(
+    "model_name,objective,views",
+    [
+        ("micro-vit", objectives.objective_config(mmcl=1.0), False),
+        ("micro-resnet", objectives.objective_config(mmcl=1.0, ssl=1.0), True),
+    ],
+)
+def test_eight_devices_match_one_device(model_name, objective, views):
+    params8, hist8 = _run(model_name, jax.devices(), objective, views=views)
+    params1, hist1 = _run(model_name, jax.devices()[:1], objective, views=views)
+    for m8, m1 in zip(hist8, hist1):
+        np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+        np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-4)
+    _assert_trees_close(params8, params1, rtol=1e-4, atol=2e-6)
+
+
+def test_fsdp_matches_replicated():
+    objective = objectives.objective_config(mmcl=1.0)
+    params_f, hist_f = _run("micro-vit", jax.devices(), objective, params_sharding="fsdp")
+    params_r, hist_r = _run("micro-vit", jax.devices(), objective, params_sharding="replicated")
+    for a, b in zip(hist_f, hist_r):
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+    _assert_trees_close(params_f, params_r, rtol=1e-4, atol=2e-6)
+
+
+def test_fsdp_actually_splits_large_parameters():
+    mesh = sharding.make_mesh()
+    model_config, state, _ = _setup("micro-vit", mesh, objectives.objective_config(), params_sharding="fsdp")
+    specs = [leaf.sharding.spec for leaf in jax.tree.leaves(state["params"])]
+    assert any("data" in tuple(spec) for spec in specs)
+    # Adam moments follow their parameter's layout.
+    mu = state["opt"].inner_state[0].mu
+    for p, m in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(mu)):
+        assert p.sharding.spec == m.sharding.spec
+
+
+def test_tiny_model_overfits_a_fixed_batch():
+    """MMCL on one fixed batch of 16 pairs: the loss starts near chance (ln 16) and falls more than 10×."""
+    mesh = sharding.make_mesh()
+    model_config, state, step = _setup("micro-vit", mesh, objectives.objective_config(), lr=3e-3, warmup=5, total=10_000)
+    batch = jax.device_put(_batch(model_config, 16), sharding.batch_sharding(mesh))
+    losses = []
+    for i in range(60):
+        state, metrics = step(state, batch, jax.random.key(i))
+        losses.append(float(metrics["loss"]))
+    assert losses[0] > 0.8 * np.log(16)
+    assert losses[-1] < losses[0] / 10, losses[::10]
+
+
+def test_metrics_hold_each_term_temperature_grad_norm_and_lr():
+    mesh = sharding.make_mesh()
+    objective = objectives.objective_config(mmcl=1.0, ssl=0.5)
+    model_config, state, step = _setup("micro-vit", mesh, objective, lr=1e-3, warmup=4, total=20)
+    batch = jax.device_put(_batch(model_config, 16, views=True), sharding.batch_sharding(mesh))
+    _, metrics = step(state, batch, jax.random.key(0))
+    metrics = jax.device_get(metrics)
+    assert set(metrics) == {"loss", "mmcl", "ssl", "temperature", "grad_norm", "learning_rate"}
+    np.testing.assert_allclose(metrics["loss"], metrics["mmcl"] + 0.5 * metrics["ssl"], rtol=1e-6)
+    np.testing.assert_allclose(metrics["temperature"], 1 / 0.07, rtol=1e-3)
+    # First update of a 4-step linear warm-up from 0 uses lr 0.
+    assert metrics["learning_rate"] == 0.0
+    assert metrics["grad_norm"] > 0
+
+
+def test_temperature_clamp_applied_inside_the_step():
+    mesh = sharding.make_mesh()
+    model_config, state, step = _setup("micro-vit", mesh, objectives.objective_config(), lr=1.0, warmup=0, total=20)
+    params = dict(state["params"])
+    params["logit_scale"] = jnp.asarray(np.log(100.0) + 0.5, jnp.float32)
+    state = {**state, "params": jax.device_put(params, jax.tree.map(lambda x: x.sharding, state["params"]))}
+    batch = jax.device_put(_batch(model_config, 16), sharding.batch_sharding(mesh))
+    state, metrics = step(state, batch, jax.random.key(0))
+    assert float(state["params"]["logit_scale"]) <= np.log(100.0) + 1e-6
+    assert float(metrics["temperature"]) <= 100.0 + 1e-4
+
+
+def test_weight_decay_mask_skips_vectors_and_temperature():
+    model_config = clip.model_config("micro-vit")
+    model = clip.build_model(model_config)
+    variables = train_step.init_variables(model, jax.random.key(0), model_config.image.size, model_config.text.context_length)
+    mask = optim.weight_decay_mask(variables["params"])
+    assert mask["logit_scale"] is False
+    flat = jax.tree_util.tree_leaves_with_path(mask)
+    params_flat = jax.tree.leaves(variables["params"])
+    for (path, decayed), p in zip(flat, params_flat):
+        assert decayed == (p.ndim >= 2), jax.tree_util.keystr(path)
