@@ -82,20 +82,19 @@ def load_model_variables(path: str, abstract_variables: dict) -> tuple[dict, str
       (variables, the step directory read).
     """
     directory, step = _resolve_step_dir(path)
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
     where = os.path.join(directory, str(step))
     target = {"params": abstract_variables["params"], "batch_stats": abstract_variables["batch_stats"]}
+    checkpointer = ocp.PyTreeCheckpointer()
     try:
-        metadata = manager.item_metadata(step)["state"]
+        metadata = checkpointer.metadata(os.path.join(where, "state")).item_metadata.tree
     except Exception as error:
         raise CheckpointError(f"cannot read checkpoint metadata at {where}: {error}") from error
     _check_structure(metadata, target, where)
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(state=ocp.args.PyTreeRestore(item=target, restore_args=_restore_args(target), partial_restore=True)),
+    restored = checkpointer.restore(
+        os.path.join(where, "state"),
+        args=ocp.args.PyTreeRestore(item=target, restore_args=_restore_args(target), partial_restore=True),
     )
-    manager.close()
-    return restored["state"], where
+    return restored, where
 
 
 def _restore_args(target):
