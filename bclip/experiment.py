@@ -73,7 +73,7 @@ def _with_world(config: ml_collections.ConfigDict, world_dir: str) -> ml_collect
             "data": {
                 "train_csv": os.path.join(world_dir, "train", "train.csv"),
                 "tokenizer": {"kind": "word", "path": os.path.join(world_dir, synthetic.VOCAB_FILE)},
-                "synonyms": os.path.join(world_dir, "synonyms.json"),
+                "synonyms": os.path.join(world_dir, synthetic.SYNONYMS_FILE),
             },
             "eval": {
                 "sets": {
@@ -87,7 +87,7 @@ def _with_world(config: ml_collections.ConfigDict, world_dir: str) -> ml_collect
 
 
 def prepare_world(world: ml_collections.ConfigDict, workdir: str) -> str:
-    """Write the synthetic world (skipped when already complete) and its synonym file."""
+    """Write the synthetic world (skipped when already complete); returns its directory."""
     world_dir = os.path.join(workdir, "world")
     synthetic.write_world(
         world_dir,
@@ -97,12 +97,6 @@ def prepare_world(world: ml_collections.ConfigDict, workdir: str) -> str:
         num_selection=world.num_selection,
         seed=world.seed,
     )
-    synonyms_path = os.path.join(world_dir, "synonyms.json")
-    if not os.path.exists(synonyms_path):
-        lexicon = synthetic.lexicon()
-        with open(synonyms_path + ".tmp", "w") as f:
-            json.dump({word: list(words) for word, words in lexicon.synonyms.items()}, f)
-        os.replace(synonyms_path + ".tmp", synonyms_path)
     return world_dir
 
 

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 # Bump whenever rendering or captioning changes, so stale worlds on disk are not reused.
-WORLD_VERSION = 1
+WORLD_VERSION = 2
 SPLIT_IDS = {"train": 0, "test": 1, "selection": 2}
 TARGET_CLASS_NAME = "banana"
 
@@ -933,6 +933,7 @@ def synonyms(word: str) -> list[str]:
 
 WORLD_FILE = "world.json"
 VOCAB_FILE = "vocab.txt"
+SYNONYMS_FILE = "synonyms.json"  # {word: [synonyms]}, the caption augmentation's synonym source
 
 
 def world_parameters(*, image_size: int, num_train: int, num_test: int, num_selection: int, seed: int,
@@ -1027,7 +1028,7 @@ def write_world(
 
     Layout: train/train.csv (image,caption) + train/images/*.jpg; test/ and selection/ each with
     images/, labels.csv (image,label), classnames.txt and templates.txt; vocab.txt (the word
-    tokenizer's vocabulary); world.json (the parameters). Files are written to a temporary sibling
+    tokenizer's vocabulary); synonyms.json (for caption augmentation); world.json (the parameters). Files are written to a temporary sibling
     directory that is renamed into place at the end, so a directory holding world.json is complete.
     An existing complete world with the same parameters is kept as is; any other existing content
     raises FileExistsError unless overwrite=True. num_workers > 1 renders in that many processes.
@@ -1056,6 +1057,8 @@ def write_world(
         for split, count in (("train", num_train), ("test", num_test), ("selection", num_selection)):
             _write_split(staging / split, split, count, parameters, executor, num_workers)
         (staging / VOCAB_FILE).write_text("\n".join(lexicon().words) + "\n", encoding="utf-8")
+        synonym_map = {word: list(words) for word, words in lexicon().synonyms.items()}
+        (staging / SYNONYMS_FILE).write_text(json.dumps(synonym_map, indent=1) + "\n", encoding="utf-8")
         (staging / WORLD_FILE).write_text(json.dumps(parameters, indent=2) + "\n")
         _move_into_place(staging, out_dir, parameters)
     finally:
