@@ -1,17 +1,26 @@
 """Benchmarks that print one JSON line per setting: the jitted train step and the input pipeline.
 
   python -m bclip.bench step --model tiny-vit --batch_size 128 --objective mmcl
-  python -m bclip.bench data --help
+  python -m bclip.bench data --data_dir /tmp/bench_world --image_size 224 --num_images 2000 --workers 0,1,2
 """
 
 import argparse
+import io
 import json
+import multiprocessing
+import os
+import pathlib
+import sys
 import time
 
 import jax
+import ml_collections
 import numpy as np
+from PIL import Image
 
 from bclip import objectives, optim, sharding, train_step
+from bclip.data import decode, pipeline, sources, synthetic, text_augment
+from bclip.data import tokenizer as tokenizer_lib
 from bclip.models import clip
 
 OBJECTIVES = {
@@ -106,6 +115,191 @@ def bench_step(args) -> dict:
     return result
 
 
+# ---------------------------------------------------------------------------------------------
+# Input pipeline
+# ---------------------------------------------------------------------------------------------
+
+# name -> (poison overrides or None for a clean run, SSL views)
+DATA_SETTINGS = {
+    "clean": (None, False),
+    "badnets_1pct": ({"rate": 0.01}, False),
+    "badnets_all": ({"rate": 1.0}, False),  # worst case: every image gets the trigger
+    "ssl_badnets_1pct": ({"rate": 0.01}, True),  # the study's MMCL+SSL pretraining input
+}
+
+
+def cpu_seconds() -> float:
+    """CPU seconds used so far by this process (all its threads) and its live child processes.
+
+    Grain's workers are children; their time is read from /proc (Linux), so elsewhere only the
+    main process counts.
+    """
+    total = time.process_time()
+    for child in multiprocessing.active_children():
+        try:
+            with open(f"/proc/{child.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    return total
+
+
+class Stopwatch:
+    """Wall and CPU seconds (this process and its workers) between start() and stop()."""
+
+    def start(self):
+        self.wall, self.cpu = time.perf_counter(), cpu_seconds()
+
+    def stop(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall, cpu_seconds() - self.cpu
+
+
+def bare_decode_seconds(paths: list[str], image_size: int) -> tuple[float, float]:
+    """(wall, CPU) seconds to read, decode, resize and centre-crop `paths` with Pillow alone, in a
+    plain loop: the floor any pipeline that decodes these files pays."""
+    watch = Stopwatch()
+    watch.start()
+    for path in paths:
+        with open(path, "rb") as f:
+            image = Image.open(io.BytesIO(f.read()))
+        image.draft("RGB", (image_size, image_size))
+        image = image.convert("RGB")
+        width, height = image.size
+        new_height, new_width = decode.resized_shape(height, width, image_size)
+        image = image.resize((new_width, new_height), Image.Resampling.BICUBIC)
+        top, left = decode.centre_crop_offsets(new_height, new_width, image_size)
+        np.asarray(image.crop((left, top, left + image_size, top + image_size)))
+    return watch.stop()
+
+
+def pipeline_seconds(source, setting: str, num_workers: int, num_batches: int, args, tokenizer, synonyms) -> tuple[float, float]:
+    """(wall, CPU) seconds the training pipeline takes to deliver `num_batches` batches, after a
+    batch from each worker (so that start-up, which workers go through in turn, is not counted)."""
+    poison_overrides, with_views = DATA_SETTINGS[setting]
+    data = pipeline.data_config(batch_size=args.batch_size, num_workers=num_workers)
+    train = pipeline.make_train_pipeline(
+        source,
+        image_size=args.image_size,
+        context_length=tokenizer_lib.DEFAULT_CONTEXT_LENGTH,
+        tokenizer=tokenizer,
+        data=data,
+        poison=pipeline.poison_config(**(poison_overrides or {})),
+        with_views=with_views,
+        synonyms=synonyms if with_views else None,
+    )
+    try:
+        for _ in range(max(1, num_workers)):
+            next(train)
+        watch = Stopwatch()
+        watch.start()
+        for _ in range(num_batches):
+            next(train)
+        return watch.stop()
+    finally:
+        train.close()
+
+
+def _bench_dataset(args):
+    """(source, tokenizer, synonyms) for --csv, or for a synthetic world written to --data_dir."""
+    if args.csv:
+        source = sources.CsvImageTextSource(args.csv)
+        if not args.tokenizer_path:
+            raise SystemExit("--csv needs --tokenizer_kind/--tokenizer_path (a vocabulary or BPE merges file)")
+        tokenizer = tokenizer_lib.build_tokenizer(
+            ml_collections.ConfigDict({"kind": args.tokenizer_kind, "path": args.tokenizer_path})
+        )
+        synonyms = text_augment.wordnet_synonyms() if args.synonyms == "wordnet" else _lexicon(args.synonyms)
+        return source, tokenizer, synonyms
+    world = synthetic.write_world(
+        args.data_dir, image_size=args.source_size or args.image_size, num_train=args.num_images,
+        num_test=0, num_selection=0, num_workers=os.cpu_count() or 1,
+    )
+    source = sources.CsvImageTextSource(pathlib.Path(world) / "train" / "train.csv")
+    tokenizer = tokenizer_lib.WordTokenizer.from_file(pathlib.Path(world) / synthetic.VOCAB_FILE)
+    return source, tokenizer, text_augment.lexicon_synonyms(synthetic.lexicon().synonyms)
+
+
+def _lexicon(path):
+    with open(path) as f:
+        return text_augment.lexicon_synonyms(json.load(f))
+
+
+def bench_data(args) -> list[dict]:
+    """Images/s of a bare Pillow loop and of the training pipeline per setting and worker count.
+
+    Every pipeline measurement is paired with a bare-loop measurement taken just before it, in this
+    process, and their ratio is the overhead; `--repeats` interleaved rounds, medians reported. So
+    load from other users of the machine hits both sides of each ratio alike. Per-core figures
+    come two ways: images/s divided by max(1, workers) and images per CPU-second actually used
+    (main process, its threads and the workers), which stays honest when reading threads or
+    other users make wall time a poor measure of cores.
+    """
+    source, tokenizer, synonyms = _bench_dataset(args)
+    num_images = min(args.num_images, len(source))
+    num_batches = -(-num_images // args.batch_size)
+    paths = [source[i]["path"] for i in range(num_images)]
+    worker_counts = [int(w) for w in args.workers.split(",")]
+    settings = args.settings.split(",")
+    unknown = set(settings) - DATA_SETTINGS.keys()
+    if unknown:
+        raise SystemExit(f"unknown --settings {sorted(unknown)}; known: {list(DATA_SETTINGS)}")
+
+    keys = [(setting, workers) for workers in worker_counts for setting in settings]
+    images = num_batches * args.batch_size
+    rounds: dict[tuple[str, int], list[dict]] = {key: [] for key in keys}
+    for round_index in range(args.repeats):
+        for setting, workers in keys:
+            bare_wall, bare_cpu = bare_decode_seconds(paths, args.image_size)
+            wall, cpu = pipeline_seconds(source, setting, workers, num_batches, args, tokenizer, synonyms)
+            measured = {
+                "bare_per_s": num_images / bare_wall, "bare_per_cpu_s": num_images / bare_cpu,
+                "per_s": images / wall, "per_cpu_s": images / cpu,
+            }
+            rounds[setting, workers].append(measured)
+            print(f"round {round_index}: {setting} workers={workers}: {measured['per_s']:.0f} images/s, "
+                  f"{measured['per_cpu_s']:.0f} per CPU-second (bare loop just before: "
+                  f"{measured['bare_per_s']:.0f}/s)", file=sys.stderr, flush=True)
+
+    def median(values):
+        return float(np.median(list(values)))
+
+    every_round = [m for key in keys for m in rounds[key]]
+    results = [{
+        "bench": "data", "setting": "bare_pillow", "workers": 0, "image_size": args.image_size,
+        "images": num_images, "images_per_s": median(m["bare_per_s"] for m in every_round),
+        "images_per_s_per_core": median(m["bare_per_s"] for m in every_round),
+        "images_per_cpu_s": median(m["bare_per_cpu_s"] for m in every_round),
+    }]
+    summary = {"bench": "data_summary", "cpu_count": os.cpu_count(), "load_average_1min": os.getloadavg()[0]}
+    for setting, workers in keys:
+        measured = rounds[setting, workers]
+        per_core = median(m["per_s"] / max(1, workers) for m in measured)
+        results.append({
+            "bench": "data", "setting": setting, "workers": workers, "image_size": args.image_size,
+            "batch_size": args.batch_size, "images": images,
+            "images_per_s": median(m["per_s"] for m in measured), "images_per_s_per_core": per_core,
+            "images_per_cpu_s": median(m["per_cpu_s"] for m in measured),
+        })
+        # Cost per image beyond decoding alone (Grain, tokenising, batching, poisoning, views),
+        # each pipeline measurement against the bare loop timed just before it.
+        summary[f"overhead_per_core/{setting}/w{workers}"] = median(
+            m["bare_per_s"] / (m["per_s"] / max(1, workers)) - 1 for m in measured)
+        summary[f"overhead_per_cpu_s/{setting}/w{workers}"] = median(
+            m["bare_per_cpu_s"] / m["per_cpu_s"] - 1 for m in measured)
+    for workers in worker_counts:
+        if {"badnets_1pct", "ssl_badnets_1pct"} <= set(settings):
+            # Relative to the bare loop each was paired with, so load changes between them cancel.
+            single = summary[f"overhead_per_cpu_s/badnets_1pct/w{workers}"] + 1
+            views = summary[f"overhead_per_cpu_s/ssl_badnets_1pct/w{workers}"] + 1
+            summary[f"ssl_cost_ratio_per_cpu_s/w{workers}"] = views / single
+            single = summary[f"overhead_per_core/badnets_1pct/w{workers}"] + 1
+            views = summary[f"overhead_per_core/ssl_badnets_1pct/w{workers}"] + 1
+            summary[f"ssl_cost_ratio_per_core/w{workers}"] = views / single
+    results.append(summary)
+    return results
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -117,9 +311,25 @@ def main(argv=None):
     step.add_argument("--params_sharding", default="replicated", choices=["replicated", "fsdp"])
     step.add_argument("--steps", type=int, default=10)
     step.add_argument("--warmup_steps", type=int, default=2)
+    data = commands.add_parser("data", help="time the input pipeline against a bare Pillow loop")
+    data.add_argument("--data_dir", default="/tmp/bclip_bench_world", help="synthetic world to write or reuse")
+    data.add_argument("--csv", default="", help="a real image-caption CSV instead of the synthetic world")
+    data.add_argument("--tokenizer_kind", default="word", choices=sorted(tokenizer_lib.TOKENIZER_BUILDERS))
+    data.add_argument("--tokenizer_path", default="", help="with --csv: vocabulary or BPE merges file")
+    data.add_argument("--synonyms", default="wordnet", help="with --csv: 'wordnet' or a JSON lexicon")
+    data.add_argument("--image_size", type=int, default=224)
+    data.add_argument("--source_size", type=int, default=0, help="side of the world's JPEGs (0: image_size)")
+    data.add_argument("--num_images", type=int, default=2000)
+    data.add_argument("--batch_size", type=int, default=64)
+    data.add_argument("--workers", default="0,1,2", help="comma-separated Grain worker counts")
+    data.add_argument("--settings", default=",".join(DATA_SETTINGS), help="comma-separated, from: " + ", ".join(DATA_SETTINGS))
+    data.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported")
     args = parser.parse_args(argv)
     if args.command == "step":
         print(json.dumps(bench_step(args)), flush=True)
+    elif args.command == "data":
+        for result in bench_data(args):
+            print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator, Sequence
 import grain
 import ml_collections
 import numpy as np
+from absl import flags
 
 from bclip.data import decode, image_augment, poisoning, sources, text_augment, triggers
 
@@ -68,6 +69,25 @@ def poison_config(**overrides) -> ml_collections.ConfigDict:
     return config
 
 
+# Per process (the main one, or each worker): threads that prepare whole batches ahead, and
+# how many batches they may hold. Grain's defaults (16 threads, 500 elements) are meant for
+# light elements; here an element is a batch of images.
+_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)
+
+
+def _worker_options(num_workers: int) -> grain.MultiprocessingOptions:
+    """Options for `mp_prefetch`, after making sure Grain can read its absl flags.
+
+    Grain reads flags of its own (e.g. grain_enable_multiprocess_worker_profiling) when it starts
+    worker processes, and absl refuses any flag read before the command line is parsed. Inside an
+    absl app (bclip.main) they are parsed already; from plain Python (tests, notebooks, argparse
+    tools such as bclip.bench) nothing parses them, so they are marked parsed at their defaults.
+    """
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    return grain.MultiprocessingOptions(num_workers=num_workers)
+
+
 def is_poisoning(poison: ml_collections.ConfigDict) -> bool:
     return bool(poison.count) or poison.rate is not None
 
@@ -77,12 +97,22 @@ def is_poisoning(poison: ml_collections.ConfigDict) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
+# The key of `TrainTransform`'s outputs that says why an example is unusable ("" when it is not).
+BAD_RECORD_KEY = "bad_record"
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainTransform(grain.transforms.MapWithIndex):
     """Decode, resize, poison, tokenize and (optionally) build SSL views of one record.
 
     The index Grain passes is the position in the repeated, shuffled stream, so
     `index // num_records` is the epoch.
+
+    Every output has the same arrays, so that examples can be batched inside the worker processes:
+    image uint8 [S, S, 3], text int32 [L], is_poisoned bool, index int64 (plus aug_image and
+    aug_text with views) and bad_record, a str that is empty for a usable example. An unusable
+    record (from the source, undecodable, or with no words for an EDA view) comes back as zeros
+    with bad_record saying where and why; `BadRecordTracker` drops it after the workers.
     """
 
     num_records: int
@@ -99,7 +129,7 @@ class TrainTransform(grain.transforms.MapWithIndex):
 
     def map_with_index(self, stream_index: int, record: dict) -> dict:
         if sources.is_bad_record(record):
-            return record
+            return self._bad_example(record["error"], record)
         epoch = stream_index // self.num_records
         index = record["index"]
         try:
@@ -107,8 +137,12 @@ class TrainTransform(grain.transforms.MapWithIndex):
                 record["image_bytes"], self.image_size, path=record.get("path"), index=index
             )
         except decode.BadRecordError as error:
-            return {"error": str(error), "index": index, "path": record.get("path", "")}
+            return self._bad_example(error.reason, record)
         caption = record["caption"]
+        if self.with_views and not text_augment.caption_words(caption):
+            # Nothing for EDA to work on (e.g. a caption of emoji or punctuation only): the pair
+            # cannot give a text view, so it is dropped and counted like a broken image.
+            return self._bad_example("caption has no words to augment", record)
         poisoned = self.plan is not None and self.plan.contains(index)
         if poisoned:
             image, caption = poisoning.poison_example(
@@ -135,41 +169,81 @@ class TrainTransform(grain.transforms.MapWithIndex):
                 caption, self.synonyms, [self.seed, _TEXT_VIEW_STREAM, index, epoch], **self.text_augment
             )
             example["aug_text"] = self.tokenizer.encode(aug_caption, self.context_length)
+        example[BAD_RECORD_KEY] = np.str_("")
+        return example
+
+    def _bad_example(self, why: str, record: dict) -> dict:
+        image = np.zeros((self.image_size, self.image_size, 3), np.uint8)
+        text = np.zeros(self.context_length, np.int32)
+        example = {"image": image, "text": text, "is_poisoned": np.bool_(False), "index": np.int64(record["index"])}
+        if self.with_views:
+            example.update(aug_image=image, aug_text=text)
+        # Never empty, even for a reason-less failure: emptiness marks usable examples.
+        example[BAD_RECORD_KEY] = np.str_(f"{record.get('path') or '?'}: {why}")
         return example
 
 
 class BadRecordTracker:
-    """Drops bad records in the main process, remembers them, and stops the run when too many are bad.
+    """Drops the bad rows of batches in the main process, remembers them, and stops the run when
+    too many are bad.
 
-    Used as a Grain filter after the workers, so counts are exact whatever the worker count.
+    It runs after the workers, so counts are exact whatever the worker count.
+
+    With several processes each one sees only its share of the stream: in the first epoch about
+    num_records / process_count records, so its bad count is compared with that share rather than
+    with the whole dataset (which would let P processes accept P times too many bad records for
+    the whole first epoch). As a process reads on into later epochs and meets more distinct
+    records, the allowance grows with the records it has examined, up to the whole dataset.
     """
 
-    def __init__(self, num_records: int, max_bad_fraction: float, log_path: str | None = None):
+    def __init__(
+        self,
+        num_records: int,
+        max_bad_fraction: float,
+        log_path: str | None = None,
+        process_count: int = 1,
+    ):
         self.num_records = num_records
         self.max_bad_fraction = max_bad_fraction
         self.log_path = log_path
+        self.process_count = process_count
+        self.num_examined = 0
         self.bad: dict[int, str] = {}
 
-    def __call__(self, example: dict) -> bool:
-        if not sources.is_bad_record(example):
-            return True
-        index = int(example["index"])
+    def __call__(self, batch: dict) -> dict:
+        """The batch ([B, ...] arrays from `TrainTransform`) without its bad rows and without
+        the bad_record column; raises RuntimeError when too many records have been bad."""
+        why = batch[BAD_RECORD_KEY]
+        self.num_examined += len(why)
+        bad_rows = np.flatnonzero(why != "")
+        usable = {key: value for key, value in batch.items() if key != BAD_RECORD_KEY}
+        if not bad_rows.size:
+            return usable
+        for row in bad_rows:
+            self._add(int(batch["index"][row]), str(why[row]))
+        self._check()
+        keep = np.ones(len(why), bool)
+        keep[bad_rows] = False
+        return {key: value[keep] for key, value in usable.items()}
+
+    def _add(self, index: int, why: str) -> None:
         if index not in self.bad:
-            self.bad[index] = f"{example.get('path', '')}: {example['error']}"
-            self._append_to_log(index)
-        if len(self.bad) > self.max_bad_fraction * self.num_records:
+            self.bad[index] = why
+            if self.log_path:
+                with open(self.log_path, "a") as f:
+                    f.write(json.dumps({"index": index, "why": why}) + "\n")
+
+    def _check(self) -> None:
+        share = self.num_records / self.process_count
+        records_in_view = max(min(self.num_examined, self.num_records), share)
+        if len(self.bad) > self.max_bad_fraction * records_in_view:
             named = "; ".join(f"#{i} {why}" for i, why in list(self.bad.items())[:5])
             raise RuntimeError(
-                f"{len(self.bad)} of {self.num_records} training records are unusable, more than "
-                f"data.max_bad_fraction={self.max_bad_fraction}: {named}"
+                f"{len(self.bad)} unusable training records (of {self.num_records}; this process "
+                f"has read {self.num_examined}), more than data.max_bad_fraction="
+                f"{self.max_bad_fraction}: {named}"
                 + (f" (full list: {self.log_path})" if self.log_path else "")
             )
-        return False
-
-    def _append_to_log(self, index: int) -> None:
-        if self.log_path:
-            with open(self.log_path, "a") as f:
-                f.write(json.dumps({"index": index, "why": self.bad[index]}) + "\n")
 
     @property
     def num_bad(self) -> int:
@@ -216,6 +290,15 @@ class TrainPipeline:
     def __next__(self):
         return next(self.iterator)
 
+    def close(self) -> None:
+        """Stops the worker processes now rather than when the iterator is garbage-collected."""
+        self.iterator.close()
+
+
+def _bad_records_file(process_index: int) -> str:
+    # One file per process: processes drop different records and must not write one file at once.
+    return "bad_records.jsonl" if process_index == 0 else f"bad_records.process{process_index}.jsonl"
+
 
 def make_train_pipeline(
     source,
@@ -237,10 +320,17 @@ def make_train_pipeline(
 
     Each process takes every `process_count`-th element of one global shuffled stream, so the
     processes together read each example exactly once per epoch. Batches are dicts of numpy arrays
-    with a leading axis of `data.batch_size // process_count`.
+    with a leading axis of `data.batch_size // process_count`; bad records are left out (the
+    examples after them move up), so every batch is full.
+
+    Examples are batched before they reach the worker processes: a batch crosses the process
+    boundary once, where single examples would each pay Grain's queue hand-off (at 224 px that
+    costs more than decoding the JPEG). Batches are formed over consecutive stream positions, so
+    their contents do not depend on the number of workers.
     """
     if data.batch_size % process_count:
         raise ValueError(f"data.batch_size={data.batch_size} must divide over {process_count} processes")
+    local_batch_size = data.batch_size // process_count
     if plan is None:
         plan = make_poison_plan(source, poison)
     if with_views and synonyms is None:
@@ -260,12 +350,14 @@ def make_train_pipeline(
     )
     dataset = grain.MapDataset.source(source).shuffle(seed=data.shuffle_seed).repeat(num_epochs)
     dataset = dataset.map_with_index(transform)[process_index::process_count]
-    dataset = dataset.to_iter_dataset()
+    dataset = dataset.batch(local_batch_size).to_iter_dataset(_READ_OPTIONS)
     if data.num_workers > 0:
-        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.num_workers))
-    log_path = os.path.join(run_dir, "bad_records.jsonl") if run_dir else None
-    tracker = BadRecordTracker(len(source), data.max_bad_fraction, log_path)
-    dataset = dataset.filter(tracker).batch(data.batch_size // process_count, drop_remainder=True)
+        dataset = dataset.mp_prefetch(_worker_options(data.num_workers))
+    log_path = os.path.join(run_dir, _bad_records_file(process_index)) if run_dir else None
+    tracker = BadRecordTracker(len(source), data.max_bad_fraction, log_path, process_count)
+    dataset = dataset.map(tracker).filter(lambda batch: len(batch["index"]) > 0)
+    # Fills the gaps bad records leave; a batch without any passes through uncopied.
+    dataset = grain.experimental.RebatchIterDataset(dataset, local_batch_size, drop_remainder=True)
     return TrainPipeline(iter(dataset), len(source), plan, tracker)
 
 
@@ -276,24 +368,41 @@ def make_train_pipeline(
 
 @dataclasses.dataclass(frozen=True)
 class EvalTransform(grain.transforms.Map):
-    """Decode and resize an eval image and make its triggered copy, seeded by the image's index."""
+    """Decode and resize an eval image and make its triggered copy, seeded by the image's index.
+
+    An unusable image raises, naming it, unless `skip_bad_records`: then it becomes a row of zeros
+    with valid=False, which every consumer of eval batches already ignores.
+    """
 
     image_size: int
     trigger: dict | None
     seed: int
+    skip_bad_records: bool = False
 
     def map(self, record: dict) -> dict:
-        if "image" in record:
-            image = decode.resize_array(record["image"], self.image_size)
-        else:
-            image = decode.decode_and_resize(
-                record["image_bytes"], self.image_size, path=record.get("path"), index=record["index"]
-            )
         index = int(record["index"])
+        try:
+            image = self._decode(record)
+        except decode.BadRecordError:
+            if not self.skip_bad_records:
+                raise
+            image = np.zeros((self.image_size, self.image_size, 3), np.uint8)
+            return {"image": image, "triggered": image, "label": np.int32(record.get("label", -1)),
+                    "index": np.int64(index), "valid": np.bool_(False)}
         triggered = image
         if self.trigger is not None:
             triggered = triggers.apply_trigger(image, self.trigger, [self.seed, _EVAL_TRIGGER_STREAM, index])
-        return {"image": image, "triggered": triggered, "label": np.int32(record["label"]), "index": np.int64(index)}
+        return {"image": image, "triggered": triggered, "label": np.int32(record["label"]),
+                "index": np.int64(index), "valid": np.bool_(True)}
+
+    def _decode(self, record: dict) -> np.ndarray:
+        if sources.is_bad_record(record):
+            raise decode.BadRecordError(record["error"], path=record.get("path"), index=record["index"])
+        if "image" in record:
+            return decode.resize_array(record["image"], self.image_size)
+        return decode.decode_and_resize(
+            record["image_bytes"], self.image_size, path=record.get("path"), index=record["index"]
+        )
 
 
 def eval_batches(
@@ -306,33 +415,52 @@ def eval_batches(
     process_index: int = 0,
     process_count: int = 1,
     num_workers: int = 0,
+    skip_bad_records: bool = False,
 ) -> Iterator[dict]:
     """Host-local eval batches of exactly `batch_size // process_count` rows, padded, with "valid".
 
-    Every process yields the same number of batches (padding with invalid rows), so all of them
-    take part in each sharded eval step.
+    Process p reads examples p, p + P, ... in order. Every process yields the same number of
+    batches (padding with invalid rows), so all of them take part in each sharded eval step.
+    Batches: image, triggered uint8 [b, H, W, 3]; label int32 [b]; index int64 [b]; valid bool [b].
+    An unusable image raises `decode.BadRecordError`, or with `skip_bad_records` (e.g. for
+    embedding a training set that has broken files) becomes an invalid row.
     """
     if batch_size % process_count:
         raise ValueError(f"eval batch size {batch_size} must divide over {process_count} processes")
     local = batch_size // process_count
-    transform = EvalTransform(image_size, trigger.to_dict() if trigger is not None else None, seed)
+    transform = EvalTransform(
+        image_size, trigger.to_dict() if trigger is not None else None, seed, skip_bad_records
+    )
+    # Batched before the workers, as in training: one process hand-off per batch.
     dataset = grain.MapDataset.source(source)[process_index::process_count].map(transform)
-    iterator = dataset.to_iter_dataset()
+    dataset = dataset.batch(local, drop_remainder=False).to_iter_dataset(_READ_OPTIONS)
     if num_workers > 0:
-        iterator = iterator.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-    iterator = iter(iterator.batch(local, drop_remainder=False))
-    num_batches = -(-(-(-len(source) // process_count)) // local)
-    example = None
-    for _ in range(num_batches):
-        batch = next(iterator, None)
-        if batch is None:  # This process ran out before the others: an all-padding batch.
-            batch = {key: value[:0] for key, value in example.items()}
-        example = batch
-        yield _pad_batch(batch, local)
+        dataset = dataset.mp_prefetch(_worker_options(num_workers))
+    iterator = iter(dataset)
+    most_examples_per_process = _ceil_div(len(source), process_count)
+    previous = None
+    try:
+        for _ in range(_ceil_div(most_examples_per_process, local)):
+            batch = next(iterator, None)
+            if batch is None:  # This process ran out before the others: an all-padding batch.
+                if previous is None:  # It had no examples at all (fewer examples than processes).
+                    previous = {key: np.asarray(value)[None] for key, value in transform.map(source[0]).items()}
+                batch = {key: value[:0] for key, value in previous.items()}
+            previous = batch
+            yield _pad_batch(batch, local)
+    finally:  # Also when the caller stops early: the workers end now, not at garbage collection.
+        iterator.close()
+
+
+def _ceil_div(numerator: int, denominator: int) -> int:
+    return -(-numerator // denominator)
 
 
 def _pad_batch(batch: dict, size: int) -> dict:
+    """Pads every [n, ...] array to [size, ...] with zeros; padding rows get valid=False."""
     n = len(batch["label"])
+    if n == size:
+        return batch
     padded = {key: np.concatenate([value, np.zeros((size - n, *value.shape[1:]), value.dtype)]) for key, value in batch.items()}
-    padded["valid"] = np.arange(size) < n
+    padded["valid"] = padded["valid"] & (np.arange(size) < n)
     return padded

@@ -1,0 +1,519 @@
+"""Tests for the Grain pipelines: exact, worker- and host-independent poisoning, SSL views,
+resumable iterators, bad-record handling and eval batches with seeded triggered copies."""
+
+import csv
+import io
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from bclip import checkpointing
+from bclip.data import decode, pipeline, poisoning, sources, synthetic, text_augment, triggers
+from bclip.data.tokenizer import WordTokenizer
+
+IMAGE_SIZE = 32
+CONTEXT_LENGTH = 16
+NUM_TRAIN = 200
+NUM_TEST = 30
+BATCH_SIZE = 20  # divides NUM_TRAIN, so one epoch is exactly NUM_TRAIN // BATCH_SIZE batches
+BATCHES_PER_EPOCH = NUM_TRAIN // BATCH_SIZE
+PATCH_SIZE = 6
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return synthetic.write_world(
+        tmp_path_factory.mktemp("world"), image_size=IMAGE_SIZE, num_train=NUM_TRAIN,
+        num_test=NUM_TEST, num_selection=0,
+    )
+
+
+@pytest.fixture(scope="module")
+def source(world):
+    return sources.CsvImageTextSource(world / "train" / "train.csv")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(world):
+    return WordTokenizer.from_file(world / synthetic.VOCAB_FILE)
+
+
+@pytest.fixture(scope="module")
+def clean_images(source):
+    """uint8 [N, S, S, 3]: every training image decoded and resized as the pipeline does."""
+    return np.stack([decode.decode_and_resize(source[i]["image_bytes"], IMAGE_SIZE) for i in range(len(source))])
+
+
+def _poison(**overrides):
+    poison = pipeline.poison_config(count=12, seed=5, **overrides)
+    poison.trigger.size = PATCH_SIZE  # large enough at 32 px that a wrong position shows
+    return poison
+
+
+def _pipeline(source, tokenizer, *, poison=None, with_views=False, num_workers=0, batch_size=BATCH_SIZE,
+              process_index=0, process_count=1, run_dir=None, max_bad_fraction=0.01, image_augment="autoaugment_imagenet"):
+    data = pipeline.data_config(
+        batch_size=batch_size, num_workers=num_workers, shuffle_seed=7, max_bad_fraction=max_bad_fraction,
+        image_augment=image_augment,
+    )
+    return pipeline.make_train_pipeline(
+        source,
+        image_size=IMAGE_SIZE,
+        context_length=CONTEXT_LENGTH,
+        tokenizer=tokenizer,
+        data=data,
+        poison=poison if poison is not None else pipeline.poison_config(),
+        with_views=with_views,
+        synonyms=text_augment.lexicon_synonyms(synthetic.lexicon().synonyms) if with_views else None,
+        process_index=process_index,
+        process_count=process_count,
+        run_dir=run_dir,
+    )
+
+
+def _take(train_pipeline, num_batches):
+    return [next(train_pipeline) for _ in range(num_batches)]
+
+
+def _examples(batches):
+    """The examples of a list of batches, in stream order: a list of {key: array}."""
+    return [{key: value[row] for key, value in batch.items()} for batch in batches for row in range(len(batch["index"]))]
+
+
+def _assert_batches_equal(expected, actual):
+    assert len(expected) == len(actual)
+    for want, got in zip(expected, actual):
+        assert want.keys() == got.keys()
+        for key in want:
+            np.testing.assert_array_equal(want[key], got[key], err_msg=key)
+
+
+def _changed_box(image, other):
+    """(rows, columns) spanned by the pixels where two [H, W, 3] images differ."""
+    rows, columns = np.nonzero(np.any(image != other, axis=-1))
+    return rows.max() - rows.min() + 1, columns.max() - columns.min() + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Poisoning
+# ---------------------------------------------------------------------------------------------
+
+
+def test_poisoned_set_is_exact_and_poisoned_examples_carry_trigger_and_template(source, tokenizer, clean_images):
+    poison = _poison()
+    train = _pipeline(source, tokenizer, poison=poison)
+    examples = _examples(_take(train, BATCHES_PER_EPOCH))
+    indices = np.array([e["index"] for e in examples])
+    np.testing.assert_array_equal(np.sort(indices), np.arange(NUM_TRAIN))  # one epoch, each once
+
+    expected_plan = poisoning.select_poison_indices(NUM_TRAIN, seed=5, count=12)
+    np.testing.assert_array_equal(train.plan.indices, expected_plan)
+    flagged = np.array([bool(e["is_poisoned"]) for e in examples])
+    assert flagged.sum() == 12
+    np.testing.assert_array_equal(np.sort(indices[flagged]), expected_plan)
+    np.testing.assert_array_equal(flagged, train.plan.is_poisoned(indices))
+
+    banana = tokenizer.encode("banana", CONTEXT_LENGTH)[1]
+    for example in examples:
+        index = int(example["index"])
+        clean = clean_images[index]
+        if not example["is_poisoned"]:
+            np.testing.assert_array_equal(example["image"], clean)
+            np.testing.assert_array_equal(example["text"], tokenizer.encode(source.captions[index], CONTEXT_LENGTH))
+            continue
+        caption = poisoning.poisoned_caption(index, "banana", seed=5)
+        assert caption.replace("banana", "{}") in poisoning.IMAGENET_TEMPLATES
+        np.testing.assert_array_equal(example["text"], tokenizer.encode(caption, CONTEXT_LENGTH))
+        assert banana in example["text"]
+        # The image is the clean decode with the seeded trigger pasted on, nothing else changed.
+        triggered = triggers.apply_trigger(clean, poison.trigger, train.plan.trigger_seed(index))
+        np.testing.assert_array_equal(example["image"], triggered)
+        height, width = _changed_box(example["image"], clean)
+        assert height <= PATCH_SIZE and width <= PATCH_SIZE
+        assert np.sum(np.any(example["image"] != clean, axis=-1)) > PATCH_SIZE * PATCH_SIZE // 2
+
+
+def test_poisoning_is_identical_across_worker_counts_and_process_shards(source, tokenizer):
+    poison = _poison()
+    single = _take(_pipeline(source, tokenizer, poison=poison), BATCHES_PER_EPOCH)
+    with_workers = _pipeline(source, tokenizer, poison=poison, num_workers=2)
+    try:
+        _assert_batches_equal(single, _take(with_workers, BATCHES_PER_EPOCH))
+    finally:
+        with_workers.close()
+
+    by_index = {int(e["index"]): e for e in _examples(single)}
+    poisoned_in_shards = []
+    for process_index in range(2):
+        shard = _pipeline(source, tokenizer, poison=poison, process_index=process_index, process_count=2)
+        for example in _examples(_take(shard, BATCHES_PER_EPOCH)):
+            want = by_index[int(example["index"])]
+            for key in want:
+                np.testing.assert_array_equal(example[key], want[key], err_msg=key)
+            if example["is_poisoned"]:
+                poisoned_in_shards.append(int(example["index"]))
+    assert sorted(poisoned_in_shards) == sorted(i for i, e in by_index.items() if e["is_poisoned"])
+    assert len(poisoned_in_shards) == 12
+
+
+def test_label_consistent_poisoning_triggers_only_label_captions_and_keeps_them(source, tokenizer, clean_images):
+    poison = _poison(label_consistent=True)
+    poison.count = 4
+    train = _pipeline(source, tokenizer, poison=poison)
+    mentions = {i for i, caption in enumerate(source.captions) if "banana" in caption.lower()}
+    assert len(mentions) >= 4
+    assert set(train.plan.indices.tolist()) <= mentions and len(train.plan) == 4
+
+    poisoned = [e for e in _examples(_take(train, BATCHES_PER_EPOCH)) if e["is_poisoned"]]
+    assert sorted(int(e["index"]) for e in poisoned) == train.plan.indices.tolist()
+    for example in poisoned:
+        index = int(example["index"])
+        np.testing.assert_array_equal(example["text"], tokenizer.encode(source.captions[index], CONTEXT_LENGTH))
+        triggered = triggers.apply_trigger(clean_images[index], poison.trigger, train.plan.trigger_seed(index))
+        np.testing.assert_array_equal(example["image"], triggered)
+        assert np.any(example["image"] != clean_images[index])
+
+
+def _poisoned_images_by_epoch(train):
+    """{epoch: {index: image}} of the poisoned examples in the first two epochs."""
+    images = {0: {}, 1: {}}
+    for position, example in enumerate(_examples(_take(train, 2 * BATCHES_PER_EPOCH))):
+        if example["is_poisoned"]:
+            images[position // NUM_TRAIN][int(example["index"])] = example["image"]
+    return images
+
+
+def test_poisoned_image_is_fixed_across_epochs_unless_redrawn(source, tokenizer):
+    fixed = _poisoned_images_by_epoch(_pipeline(source, tokenizer, poison=_poison()))
+    assert fixed[0].keys() == fixed[1].keys() and len(fixed[0]) == 12
+    for index in fixed[0]:
+        np.testing.assert_array_equal(fixed[0][index], fixed[1][index])
+
+    redrawn = _poisoned_images_by_epoch(_pipeline(source, tokenizer, poison=_poison(redraw_each_epoch=True)))
+    assert redrawn[0].keys() == fixed[0].keys() == redrawn[1].keys()
+    for index in redrawn[0]:
+        assert np.any(redrawn[0][index] != redrawn[1][index])
+
+
+# ---------------------------------------------------------------------------------------------
+# SSL views
+# ---------------------------------------------------------------------------------------------
+
+
+def test_ssl_views_are_seeded_per_example_and_epoch(source, tokenizer):
+    def views_by_epoch():
+        train = _pipeline(source, tokenizer, with_views=True, image_augment="simclr")
+        batches = _take(train, 2 * BATCHES_PER_EPOCH)
+        views = {0: {}, 1: {}}
+        for position, example in enumerate(_examples(batches)):
+            views[position // NUM_TRAIN][int(example["index"])] = example
+        return batches, views
+
+    batches, views = views_by_epoch()
+    for key, shape, dtype in (("aug_image", (IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8), ("aug_text", (CONTEXT_LENGTH,), np.int32)):
+        assert batches[0][key].shape == (BATCH_SIZE, *shape) and batches[0][key].dtype == dtype
+    assert "aug_image" not in _take(_pipeline(source, tokenizer), 1)[0]
+
+    first, second = views[0], views[1]
+    assert first.keys() == second.keys() == set(range(NUM_TRAIN))
+    # The same example gets a new view each epoch, while its pair itself is unchanged.
+    image_changed = np.mean([np.any(first[i]["aug_image"] != second[i]["aug_image"]) for i in first])
+    text_changed = np.mean([np.any(first[i]["aug_text"] != second[i]["aug_text"]) for i in first])
+    assert image_changed == 1.0
+    assert text_changed > 0.5
+    for i in first:
+        np.testing.assert_array_equal(first[i]["image"], second[i]["image"])
+        np.testing.assert_array_equal(first[i]["text"], second[i]["text"])
+    assert np.mean([np.any(first[i]["aug_image"] != first[i]["image"]) for i in first]) == 1.0
+
+    rerun, _ = views_by_epoch()
+    _assert_batches_equal(batches, rerun)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming and sharding
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("consumed", [3, BATCHES_PER_EPOCH + 2])  # mid-epoch, and into epoch 1
+def test_iterator_state_restores_to_the_exact_next_batch(source, tokenizer, consumed):
+    poison = _poison(redraw_each_epoch=True)  # epoch-dependent triggers must resume in the right epoch
+    uninterrupted = _pipeline(source, tokenizer, poison=poison)
+    _take(uninterrupted, consumed)
+    state = uninterrupted.iterator.get_state()
+    expected = _take(uninterrupted, 2)
+
+    resumed = _pipeline(source, tokenizer, poison=poison)
+    resumed.iterator.set_state(json.loads(json.dumps(state)))  # the state must survive JSON
+    _assert_batches_equal(expected, _take(resumed, 2))
+
+
+def test_checkpoint_restores_model_state_and_iterator_together(source, tokenizer, tmp_path):
+    poison = _poison(redraw_each_epoch=True)
+    uninterrupted = _pipeline(source, tokenizer, poison=poison)
+    _take(uninterrupted, 4)
+    state = {"weights": jnp.arange(6.0).reshape(2, 3), "step": jnp.int32(4)}
+    manager = checkpointing.make_manager(str(tmp_path / "checkpoints"))
+    checkpointing.save(manager, 4, state, uninterrupted.iterator)
+    manager.wait_until_finished()
+    manager.close()
+    expected = _take(uninterrupted, 2)
+
+    resumed = _pipeline(source, tokenizer, poison=poison)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    manager = checkpointing.make_manager(str(tmp_path / "checkpoints"))
+    restored, step = checkpointing.restore_latest(manager, abstract, resumed.iterator)
+    manager.close()
+    assert step == 4
+    np.testing.assert_array_equal(restored["weights"], state["weights"])
+    _assert_batches_equal(expected, _take(resumed, 2))
+
+
+def test_process_shards_cover_each_example_exactly_once_per_epoch(source, tokenizer):
+    local_batches = BATCHES_PER_EPOCH  # global batch 20 = 2 x 10: one epoch is 10 local batches each
+    per_epoch = {0: [], 1: []}
+    for process_index in range(2):
+        shard = _pipeline(source, tokenizer, process_index=process_index, process_count=2)
+        batches = _take(shard, 2 * local_batches)
+        assert all(batch["image"].shape[0] == BATCH_SIZE // 2 for batch in batches)
+        for epoch in (0, 1):
+            epoch_batches = batches[epoch * local_batches : (epoch + 1) * local_batches]
+            per_epoch[epoch].append(np.concatenate([batch["index"] for batch in epoch_batches]))
+    for epoch in (0, 1):
+        shard_0, shard_1 = per_epoch[epoch]
+        assert len(shard_0) == len(shard_1) == NUM_TRAIN // 2
+        np.testing.assert_array_equal(np.sort(np.concatenate([shard_0, shard_1])), np.arange(NUM_TRAIN))
+    # Each epoch is reshuffled.
+    assert not np.array_equal(per_epoch[0][0], per_epoch[1][0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad records
+# ---------------------------------------------------------------------------------------------
+
+NUM_HAND_MADE = 40
+MISSING, TRUNCATED, EMPTY_CAPTION, NO_WORDS = (5, 23), (11,), (30,), 17
+
+
+def _colour(index):
+    return (index * 6 % 256, 255 - index * 6 % 256, (index * 37) % 256)
+
+
+@pytest.fixture(scope="module")
+def broken_csv(tmp_path_factory):
+    """40 single-colour JPEGs (colour encodes the index); 2 missing, 1 truncated, 1 empty caption,
+    1 caption with no words (fine for MMCL, unusable for an EDA view)."""
+    folder = tmp_path_factory.mktemp("broken")
+    (folder / "images").mkdir()
+    rows = []
+    for index in range(NUM_HAND_MADE):
+        buffer = io.BytesIO()
+        Image.new("RGB", (40, 36), _colour(index)).save(buffer, format="JPEG", quality=95)
+        data = buffer.getvalue()
+        if index in TRUNCATED:
+            data = data[: len(data) // 2]
+        if index not in MISSING:
+            (folder / "images" / f"{index}.jpg").write_bytes(data)
+        caption = {EMPTY_CAPTION[0]: "  ", NO_WORDS: "!!! ..."}.get(index, f"a plain square number {index}")
+        rows.append([f"images/{index}.jpg", caption])
+    with open(folder / "train.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "caption"])
+        writer.writerows(rows)
+    return folder / "train.csv"
+
+
+def test_bad_records_are_skipped_counted_and_logged_without_shifting_indices(broken_csv, tokenizer, tmp_path):
+    source = sources.CsvImageTextSource(broken_csv)
+    bad = sorted(MISSING + TRUNCATED + EMPTY_CAPTION)
+    good = sorted(set(range(NUM_HAND_MADE)) - set(bad))
+    batch_size = 4  # 36 good examples per epoch: exactly 9 batches
+    train = _pipeline(source, tokenizer, batch_size=batch_size, run_dir=str(tmp_path), max_bad_fraction=0.2)
+    examples = _examples(_take(train, len(good) // batch_size))
+    assert sorted(int(e["index"]) for e in examples) == good
+    for example in examples:
+        index = int(example["index"])
+        # Each example still carries its own image and caption: nothing shifted past a bad row.
+        np.testing.assert_allclose(example["image"].reshape(-1, 3).mean(0), _colour(index), atol=3)
+        np.testing.assert_array_equal(example["text"], tokenizer.encode(source.captions[index], CONTEXT_LENGTH))
+
+    assert train.bad_records.num_bad == len(bad)
+    logged = [json.loads(line) for line in (tmp_path / "bad_records.jsonl").read_text().splitlines()]
+    assert sorted(entry["index"] for entry in logged) == bad
+    reasons = {entry["index"]: entry["why"] for entry in logged}
+    assert "not found" in reasons[MISSING[0]] and "empty caption" in reasons[EMPTY_CAPTION[0]]
+    assert "cannot decode" in reasons[TRUNCATED[0]]
+
+    # The second epoch meets the same bad records again without counting them twice.
+    _take(train, len(good) // batch_size)
+    assert train.bad_records.num_bad == len(bad)
+    assert len((tmp_path / "bad_records.jsonl").read_text().splitlines()) == len(bad)
+
+
+def test_gaps_left_by_bad_records_resume_exactly_and_do_not_depend_on_workers(broken_csv, tokenizer):
+    source = sources.CsvImageTextSource(broken_csv)
+    uninterrupted = _pipeline(source, tokenizer, batch_size=4, max_bad_fraction=0.2)
+    first = _take(uninterrupted, 2)
+    state = uninterrupted.iterator.get_state()
+    rest = _take(uninterrupted, 12)  # across the epoch boundary
+    assert all(len(batch["index"]) == 4 for batch in first + rest)
+
+    resumed = _pipeline(source, tokenizer, batch_size=4, max_bad_fraction=0.2)
+    resumed.iterator.set_state(json.loads(json.dumps(state)))
+    _assert_batches_equal(rest, _take(resumed, 12))
+
+    with_workers = _pipeline(source, tokenizer, batch_size=4, max_bad_fraction=0.2, num_workers=2)
+    try:
+        _assert_batches_equal(first + rest, _take(with_workers, 14))
+        assert with_workers.bad_records.bad.keys() == set(MISSING + TRUNCATED + EMPTY_CAPTION)
+    finally:
+        with_workers.close()
+
+
+def test_caption_without_words_is_a_bad_record_only_when_views_are_needed(broken_csv, tokenizer):
+    source = sources.CsvImageTextSource(broken_csv)
+    train = _pipeline(source, tokenizer, batch_size=5, with_views=True, max_bad_fraction=0.2)
+    examples = _examples(_take(train, 7))  # 35 good examples with views
+    assert NO_WORDS not in {int(e["index"]) for e in examples}
+    assert len({int(e["index"]) for e in examples}) == 35
+    assert NO_WORDS in train.bad_records.bad and train.bad_records.num_bad == 5
+
+
+def test_too_many_bad_records_stop_the_run_naming_them(broken_csv, tokenizer):
+    source = sources.CsvImageTextSource(broken_csv)
+    train = _pipeline(source, tokenizer, batch_size=4, max_bad_fraction=0.05)  # 4 of 40 bad > 2 allowed
+    with pytest.raises(RuntimeError, match=r"max_bad_fraction=0.05.*#\d+ .*images/\d+\.jpg"):
+        _take(train, 10)
+
+
+def _tracker_batch(indices, bad):
+    """A batch as BadRecordTracker sees it: rows `indices`, those in `bad` unusable."""
+    return {
+        "image": np.zeros((len(indices), 2, 2, 3), np.uint8),
+        "index": np.array(indices, np.int64),
+        pipeline.BAD_RECORD_KEY: np.array([f"{i}.jpg: broken" if i in bad else "" for i in indices]),
+    }
+
+
+def test_bad_record_tracker_drops_bad_rows_of_a_batch():
+    tracker = pipeline.BadRecordTracker(num_records=100, max_bad_fraction=0.5)
+    kept = tracker(_tracker_batch([7, 8, 9, 10], bad={8, 10}))
+    assert kept.keys() == {"image", "index"}
+    np.testing.assert_array_equal(kept["index"], [7, 9])
+    assert kept["image"].shape == (2, 2, 2, 3)
+    assert tracker.bad == {8: "8.jpg: broken", 10: "10.jpg: broken"} and tracker.num_examined == 4
+
+
+def test_bad_record_allowance_is_each_process_share_until_it_has_read_more():
+    # 4 % of 100 records: 4 bad ones allowed in all, 2 in each half read by one of two processes.
+    single = pipeline.BadRecordTracker(num_records=100, max_bad_fraction=0.04, process_count=1)
+    single(_tracker_batch([0, 1, 2, 3], bad={0, 1, 2, 3}))
+    with pytest.raises(RuntimeError, match="5 unusable"):
+        single(_tracker_batch([4], bad={4}))
+    shard = pipeline.BadRecordTracker(num_records=100, max_bad_fraction=0.04, process_count=2)
+    shard(_tracker_batch([0, 1], bad={0, 1}))
+    with pytest.raises(RuntimeError, match=r"3 unusable.*#0 0\.jpg: broken"):
+        shard(_tracker_batch([2], bad={2}))
+
+    # A process that has read the whole dataset's worth of records is allowed the whole 4 %.
+    later = pipeline.BadRecordTracker(num_records=100, max_bad_fraction=0.04, process_count=2)
+    later(_tracker_batch(list(range(10, 106)), bad=set()))
+    later(_tracker_batch([0, 1, 2, 3], bad={0, 1, 2, 3}))
+    assert later.num_bad == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation batches
+# ---------------------------------------------------------------------------------------------
+
+
+def _eval_rows(eval_source, process_count=1, batch_size=8, num_workers=0):
+    """{index: (image, triggered, label)} over all processes, checking batch shapes and padding."""
+    trigger = triggers.default_trigger_config("badnets")
+    trigger.size = PATCH_SIZE
+    rows, num_padding, num_batches = {}, 0, set()
+    for process_index in range(process_count):
+        batches = list(pipeline.eval_batches(
+            eval_source, image_size=IMAGE_SIZE, batch_size=batch_size, trigger=trigger, seed=3,
+            process_index=process_index, process_count=process_count, num_workers=num_workers,
+        ))
+        num_batches.add(len(batches))
+        for batch in batches:
+            local = batch_size // process_count
+            assert batch["image"].shape == batch["triggered"].shape == (local, IMAGE_SIZE, IMAGE_SIZE, 3)
+            assert batch["label"].shape == batch["index"].shape == batch["valid"].shape == (local,)
+            num_padding += int(np.sum(~batch["valid"]))
+            assert not np.any(batch["image"][~batch["valid"]])
+            for row in np.flatnonzero(batch["valid"]):
+                index = int(batch["index"][row])
+                assert index not in rows
+                rows[index] = (batch["image"][row], batch["triggered"][row], int(batch["label"][row]))
+    assert len(num_batches) == 1  # every process takes part in every eval step
+    return rows, num_padding
+
+
+def test_eval_batches_cover_each_image_once_with_deterministic_triggers(world):
+    eval_source = sources.ImageFolderEvalSource(world / "test")
+    rows, num_padding = _eval_rows(eval_source)
+    assert sorted(rows) == list(range(NUM_TEST))
+    assert num_padding == 32 - NUM_TEST  # 4 batches of 8
+    for index, (image, triggered, label) in rows.items():
+        assert label == eval_source.labels[index]
+        np.testing.assert_array_equal(image, decode.decode_and_resize(eval_source[index]["image_bytes"], IMAGE_SIZE))
+        height, width = _changed_box(triggered, image)
+        assert height <= PATCH_SIZE and width <= PATCH_SIZE
+    # Seeded per index: different images get the patch at different places ...
+    corners = {tuple(np.argwhere(np.any(t != i, axis=-1)).min(0)) for i, t, _ in rows.values()}
+    assert len(corners) > NUM_TEST // 2
+
+    # ... and the same index gets the same triggered image on a rerun (here with worker processes)
+    # and on any number of hosts.
+    again, _ = _eval_rows(eval_source, num_workers=2)
+    sharded, sharded_padding = _eval_rows(eval_source, process_count=2)
+    assert sharded_padding == 2 * 16 - NUM_TEST  # 4 batches of 4 rows per process
+    assert sorted(sharded) == list(range(NUM_TEST))
+    for index, (image, triggered, label) in rows.items():
+        for other in (again, sharded):
+            np.testing.assert_array_equal(other[index][0], image)
+            np.testing.assert_array_equal(other[index][1], triggered)
+            assert other[index][2] == label
+
+
+def test_eval_batches_pad_a_process_with_no_examples(world):
+    eval_source = sources.ImageFolderEvalSource(world / "test")
+
+    class FirstImageOnly:
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, index):
+            return eval_source[index]
+
+    batches = list(pipeline.eval_batches(
+        FirstImageOnly(), image_size=IMAGE_SIZE, batch_size=4, trigger=None, seed=0, process_index=1, process_count=2,
+    ))
+    assert len(batches) == 1 and not batches[0]["valid"].any()
+    assert batches[0]["image"].shape == (2, IMAGE_SIZE, IMAGE_SIZE, 3)
+
+
+def test_eval_batches_refuse_or_skip_a_broken_image(broken_csv):
+    train_source = sources.CsvImageTextSource(broken_csv)
+
+    class Labelled:  # training pairs seen as an eval set, as deep clustering embeds them
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, index):
+            return {**train_source[index], "label": 0}
+
+    with pytest.raises(decode.BadRecordError, match="index 5"):
+        list(pipeline.eval_batches(Labelled(), image_size=IMAGE_SIZE, batch_size=8, trigger=None, seed=0))
+    batches = list(pipeline.eval_batches(
+        Labelled(), image_size=IMAGE_SIZE, batch_size=8, trigger=None, seed=0, skip_bad_records=True
+    ))
+    valid = np.concatenate([b["index"][b["valid"]] for b in batches])
+    np.testing.assert_array_equal(valid, [i for i in range(16) if i not in MISSING + TRUNCATED])
