@@ -44,8 +44,8 @@ def study_config() -> ml_collections.ConfigDict:
 def merge(config: ml_collections.ConfigDict, partial) -> ml_collections.ConfigDict:
     """A copy of the locked run `config` with the nested `partial` merged in; unknown keys fail."""
     merged = ml_collections.ConfigDict(config.to_dict())
-    merged.lock()
     _merge_into(merged, partial.to_dict() if isinstance(partial, ml_collections.ConfigDict) else dict(partial), "")
+    merged.lock()
     return merged
 
 
@@ -56,9 +56,10 @@ def _merge_into(config, partial: dict, prefix: str) -> None:
             raise KeyError(f"study config sets {name!r}, which is not a run config key")
         if isinstance(value, dict) and isinstance(config[key], ml_collections.ConfigDict):
             if key == "sets":  # eval sets are a free-form mapping of name -> eval set
-                with config.unlocked():
-                    for set_name, set_value in value.items():
-                        config[key][set_name] = run_configs.eval_set_config(**set_value)
+                for set_name, set_value in value.items():
+                    if set_name not in config[key]:
+                        config[key][set_name] = run_configs.eval_set_config()
+                    _merge_into(config[key][set_name], set_value, f"{name}.{set_name}.")
                 continue
             _merge_into(config[key], value, name + ".")
         else:
