@@ -27,6 +27,7 @@ from bclip.models import clip
 DONE_FILE = "done.json"
 EVALS_FILE = "evals.jsonl"
 METRICS_FILE = "metrics.jsonl"
+CLUSTERS_DIR = "clusters"
 POISON_FILE = "poison_indices.json"
 
 
@@ -85,7 +86,7 @@ def clean_training_source(source, train: ml_collections.ConfigDict):
     to its first `subset_size` examples. Fails if an excluded index would still be read."""
     indices = np.arange(len(source), dtype=np.int64)
     if train.exclude_indices_file:
-        excluded = poisoning.PoisonPlan.read(train.exclude_indices_file).indices
+        excluded = read_excluded_indices(train.exclude_indices_file)
         indices = np.setdiff1d(indices, excluded)
     if train.subset_size:
         if train.subset_size > len(indices):
@@ -96,6 +97,15 @@ def clean_training_source(source, train: ml_collections.ConfigDict):
     if len(indices) == len(source):
         return source
     return IndexSubset(source, indices)
+
+
+def read_excluded_indices(path: str) -> np.ndarray:
+    """int64 [N] indices from a poison plan (a run's poison_indices.json) or a plain JSON list."""
+    with open(path) as f:
+        record = json.load(f)
+    if isinstance(record, list):
+        return np.asarray(record, dtype=np.int64).reshape(-1)
+    return poisoning.PoisonPlan.read(path).indices
 
 
 class Evaluator:
@@ -182,9 +192,22 @@ class JsonLines:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def keep_through(self, step: int) -> None:
+        """Drop the records of steps after `step`: a restarted run writes them again from there,
+        so each step is logged once."""
+        if not self.enabled or not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            lines = [line for line in f if line.strip()]
+        kept = [line for line in lines if json.loads(line)["step"] <= step]
+        if len(kept) != len(lines):
+            with open(self.path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(self.path + ".tmp", self.path)
+
 
 def _variables(state) -> dict:
-    params = {k: v for k, v in state["params"].items() if k != "cluster_head"}
+    params = _model_params(state["params"])
     return {"params": params, **({"batch_stats": state["batch_stats"]} if state["batch_stats"] else {})}
 
 
@@ -220,6 +243,8 @@ def cluster_assignments(model, variables, source, config, mesh, num_clusters, rn
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         num_workers=config.eval.num_workers,
+        # Unusable training records, which training drops, get no cluster (-1) instead of failing.
+        skip_bad_records=True,
     ):
         global_batch = sharding.global_batch_from_local(
             {"image": batch["image"], "index": batch["index"], "valid": batch["valid"]}, mesh
@@ -243,7 +268,12 @@ def cluster_assignments(model, variables, source, config, mesh, num_clusters, rn
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Train (pretraining or cleaning) as configured; returns the last evaluation's results."""
+    """Train (pretraining or cleaning) as configured; returns the last evaluation's results.
+
+    Run again in the same `workdir`, it resumes from the newest checkpoint (model, optimiser and
+    data position), so an interrupted run ends exactly as an uninterrupted one; log records written
+    after that checkpoint are dropped and written again.
+    """
     # ---- Setup ---------------------------------------------------------------------------------
     os.makedirs(workdir, exist_ok=True)
     process_index, process_count = jax.process_index(), jax.process_count()
@@ -290,34 +320,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     deep_clustering = bool(config.objective.cluster_weight)
     num_clusters = min(config.cleaning.num_clusters, len(source))
 
-    def init(rng):
-        state = train_step.init_state(model, tx, rng, config.model.image.size, config.model.text.context_length)
+    def init_variables(rng):
+        """Random model variables {"params", "batch_stats"}, plus the deep-clustering head."""
+        variables = train_step.init_variables(model, rng, config.model.image.size, config.model.text.context_length)
         if deep_clustering:
-            state = _with_cluster_head(state, tx, rng, config.model.embed_dim, num_clusters)
-        return state
+            head = cleaning.init_cluster_head(rng, config.model.embed_dim, num_clusters)
+            variables["params"] = {**variables["params"], "cluster_head": head}
+        return variables
 
-    abstract = jax.eval_shape(init, rng)
+    abstract = jax.eval_shape(lambda rng: _state_from_variables(init_variables(rng), tx), rng)
     shardings = sharding.state_shardings(abstract, mesh, config.sharding)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    variable_shardings = {"params": shardings["params"], "batch_stats": shardings["batch_stats"]}
     manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
     # An init_from checkpoint is read before any compute so a bad path fails at once.
     init_from = None
     if config.train.init_from and manager.latest_step() is None:
-        variables_abstract = {"params": {k: v for k, v in abstract["params"].items() if k != "cluster_head"}, "batch_stats": abstract["batch_stats"]}
+        variables_abstract = {"params": _model_params(abstract["params"]), "batch_stats": abstract["batch_stats"]}
         init_from, where = checkpointing.load_model_variables(config.train.init_from, variables_abstract)
         logging.info("Initialising from %s", where)
     state, start_step = checkpointing.restore_latest(manager, abstract, data.iterator)
     if state is not None:
         logging.info("Resumed from step %d", start_step)
+        # Records written after the checkpoint (before an interruption) are redone from it.
+        metrics_log.keep_through(start_step)
+        evals_log.keep_through(start_step)
     else:
+        # No checkpoint: whatever an earlier attempt logged is redone from the start.
+        metrics_log.keep_through(-1)
+        evals_log.keep_through(-1)
         start_step = 0
-        state = jax.jit(init, out_shardings=shardings)(rng)
+        shrink_and_perturb = config.cleaning.shrink != 1.0 or config.cleaning.perturb != 0.0
+        if init_from is None or shrink_and_perturb:
+            variables = jax.jit(init_variables, out_shardings=variable_shardings)(rng)
         if init_from is not None:
-            params = {**state["params"], **init_from["params"]}
-            if config.cleaning.shrink != 1.0 or config.cleaning.perturb != 0.0:
-                fresh = {k: v for k, v in state["params"].items() if k != "cluster_head"}
-                params = {**params, **cleaning.shrink_and_perturb(init_from["params"], fresh, config.cleaning.shrink, config.cleaning.perturb)}
-            state = {**state, "params": params, "batch_stats": init_from["batch_stats"]}
+            params = dict(init_from["params"])
+            if shrink_and_perturb:
+                mix = functools.partial(cleaning.shrink_and_perturb, shrink=config.cleaning.shrink, perturb=config.cleaning.perturb)
+                mix = jax.jit(mix, out_shardings=_model_params(shardings["params"]))
+                params = {**variables["params"], **mix(params, _model_params(variables["params"]))}
+            elif deep_clustering:
+                init_head = functools.partial(cleaning.init_cluster_head, embed_dim=config.model.embed_dim, num_clusters=num_clusters)
+                params["cluster_head"] = jax.jit(init_head, out_shardings=shardings["params"]["cluster_head"])(rng)
+            variables = {"params": params, "batch_stats": init_from["batch_stats"]}
+        # The optimiser always starts fresh, also from a pretrained checkpoint.
+        make_state = jax.jit(functools.partial(_state_from_variables, tx=tx), out_shardings=shardings, donate_argnums=0)
+        state = make_state(variables)
     step_fn = train_step.shard_and_jit_train_step(train_step.make_train_step(model, tx, config.objective), shardings, mesh)
 
     # ---- Evaluators ----------------------------------------------------------------------------
@@ -347,67 +395,102 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         return results
 
     # ---- Loop ----------------------------------------------------------------------------------
-    results = {}
-    if start_step == 0 and config.eval.at_start:
-        results = run_evals(0)
-    hooks = []
-    if is_chief:
-        hooks.append(periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer, every_steps=config.train.log_every_steps))
-        if config.train.profile_steps:
-            hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.train.profile_steps))
-    cluster_table = None
-    pending = None  # (step, metrics) of the previous step, read one step late to keep dispatch async
-    last_log_time, last_log_step = time.perf_counter(), start_step
-    for step in range(start_step, total_steps):
-        epoch, step_in_epoch = divmod(step, steps_per_epoch)
-        if deep_clustering and (cluster_table is None or step_in_epoch == 0):
-            rng_epoch = jax.random.fold_in(rng, epoch)
-            cluster_table = cluster_assignments(model, _variables(state), source, config, mesh, num_clusters, rng_epoch)
-            state = cleaning.reset_cluster_head(state, rng_epoch, config.model.embed_dim, num_clusters)
-            state = jax.device_put(state, shardings)
-        batch = next(data)
-        model_batch = {key: batch[key] for key in ("image", "text", "aug_image", "aug_text") if key in batch}
-        if deep_clustering:
-            ids = np.asarray(batch["index"])
-            model_batch["cluster"] = np.where(ids < len(cluster_table), cluster_table[np.minimum(ids, len(cluster_table) - 1)], -1)
-        global_batch = sharding.global_batch_from_local(model_batch, mesh)
-        state, metrics = step_fn(state, global_batch, jax.random.fold_in(rng, step))
+    try:
+        results = None
+        if start_step == 0 and config.eval.at_start:
+            results = run_evals(0)
+        hooks = []
+        if is_chief:
+            hooks.append(periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer, every_steps=config.train.log_every_steps))
+            if config.train.profile_steps:
+                hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.train.profile_steps))
+        cluster_table = None
+        pending = None  # (step, metrics) of the previous step, read one step late to keep dispatch async
+        last_log_time, last_log_step = time.perf_counter(), start_step
+        for step in range(start_step, total_steps):
+            epoch, step_in_epoch = divmod(step, steps_per_epoch)
+            if deep_clustering and (cluster_table is None or step_in_epoch == 0):
+                table_path = _cluster_table_path(workdir, epoch)
+                if step_in_epoch != 0 and os.path.exists(table_path):
+                    # Resumed mid-epoch: keep the epoch's assignments, which the restored head was
+                    # trained on; recomputing them from the current weights would change the run.
+                    cluster_table = np.load(table_path, allow_pickle=False)
+                else:
+                    if step_in_epoch != 0:
+                        logging.warning("No cluster assignments saved for epoch %d: recomputing them mid-epoch", epoch)
+                    rng_epoch = jax.random.fold_in(rng, epoch)
+                    cluster_table = cluster_assignments(model, _variables(state), source, config, mesh, num_clusters, rng_epoch)
+                    state = cleaning.reset_cluster_head(state, rng_epoch, config.model.embed_dim, num_clusters)
+                    state = jax.device_put(state, shardings)
+                    if is_chief:
+                        _save_cluster_table(workdir, epoch, cluster_table)
+            batch = next(data)
+            model_batch = {key: batch[key] for key in ("image", "text", "aug_image", "aug_text") if key in batch}
+            if deep_clustering:
+                ids = np.asarray(batch["index"])
+                model_batch["cluster"] = np.where(ids < len(cluster_table), cluster_table[np.minimum(ids, len(cluster_table) - 1)], -1)
+            global_batch = sharding.global_batch_from_local(model_batch, mesh)
+            state, metrics = step_fn(state, global_batch, jax.random.fold_in(rng, step))
+            if pending is not None:
+                _check_finite(*pending, manager, workdir)
+            pending = (step, metrics)
+            for hook in hooks:
+                hook(step + 1)
+            end_of_epoch = (step + 1) % steps_per_epoch == 0
+            should_save = end_of_epoch or (step + 1) % config.train.checkpoint_every_steps == 0
+            if should_save:
+                # Waits for this step, so a diverged state is never evaluated or saved.
+                _check_finite(step, metrics, manager, workdir)
+                if not bool(_all_finite(state["params"])):
+                    raise NonFiniteLossError(
+                        f"parameters became non-finite in step {step + 1}; "
+                        f"last good checkpoint: {_last_checkpoint(manager, workdir)}"
+                    )
+            if (step + 1) % config.train.log_every_steps == 0 or step + 1 == total_steps:
+                scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                _check_finite(step, metrics, manager, workdir)
+                now = time.perf_counter()
+                scalars["pairs_per_s"] = (step + 1 - last_log_step) * config.data.batch_size / (now - last_log_time)
+                scalars["bad_records"] = data.bad_records.num_bad
+                last_log_time, last_log_step = now, step + 1
+                writer.write_scalars(step + 1, scalars)
+                metrics_log.write({"step": step + 1, "epoch": epoch, **scalars})
+            if end_of_epoch and ((epoch + 1) % config.eval.every_epochs == 0 or step + 1 == total_steps):
+                results = run_evals(step + 1)
+            if should_save:
+                checkpointing.save(manager, step + 1, state, data.iterator)
         if pending is not None:
             _check_finite(*pending, manager, workdir)
-        pending = (step, metrics, int(np.sum(batch["is_poisoned"])))
-        for hook in hooks:
-            hook(step + 1)
-        if (step + 1) % config.train.log_every_steps == 0 or step + 1 == total_steps:
-            scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            _check_finite(step, metrics, 0, manager, workdir)
-            now = time.perf_counter()
-            scalars["pairs_per_s"] = (step + 1 - last_log_step) * config.data.batch_size / (now - last_log_time)
-            scalars["bad_records"] = data.bad_records.num_bad
-            last_log_time, last_log_step = now, step + 1
-            writer.write_scalars(step + 1, scalars)
-            metrics_log.write({"step": step + 1, "epoch": epoch, **scalars})
-        end_of_epoch = (step + 1) % steps_per_epoch == 0
-        if end_of_epoch and ((epoch + 1) % config.eval.every_epochs == 0 or step + 1 == total_steps):
-            results = run_evals(step + 1)
-        if end_of_epoch or (step + 1) % config.train.checkpoint_every_steps == 0:
-            checkpointing.save(manager, step + 1, state, data.iterator)
-    if pending is not None:
-        _check_finite(*pending, manager, workdir)
-    if not results:  # Resumed after the last evaluation: report what it found.
-        results = _last_eval(os.path.join(workdir, EVALS_FILE)) or run_evals(total_steps)
-    manager.wait_until_finished()
-    manager.close()
-    writer.flush()
+        if results is None:  # Resumed after the last evaluation: report what it found.
+            results = _last_eval(os.path.join(workdir, EVALS_FILE))
+        if results is None:
+            results = run_evals(total_steps)
+    finally:
+        # Also when the loop fails: a checkpoint being written is finished, not left half-done, and
+        # data worker processes stop now.
+        manager.wait_until_finished()
+        manager.close()
+        data.close()
+        writer.flush()
     if is_chief:
         with open(os.path.join(workdir, DONE_FILE), "w") as f:
             json.dump({"steps": total_steps, "results": results}, f, indent=2)
     return results
 
 
-def _with_cluster_head(state, tx, rng, embed_dim, num_clusters):
-    """Add the deep-clustering head to the params and rebuild the optimiser state to cover it."""
-    params = {**state["params"], "cluster_head": cleaning.init_cluster_head(rng, embed_dim, num_clusters)}
-    return {**state, "params": params, "opt": tx.init(params)}
+def _state_from_variables(variables: dict, tx) -> dict:
+    """The training state (see `train_step.init_state`) at step 0 with a fresh optimiser."""
+    return {
+        "params": variables["params"],
+        "batch_stats": variables["batch_stats"],
+        "opt": tx.init(variables["params"]),
+        "step": jnp.zeros((), jnp.int32),
+    }
+
+
+def _model_params(params: dict) -> dict:
+    """The CLIP model's parameters without the deep-clustering head."""
+    return {k: v for k, v in params.items() if k != "cluster_head"}
 
 
 def _last_eval(path: str) -> dict | None:
@@ -420,10 +503,47 @@ def _last_eval(path: str) -> dict | None:
     return {k: v for k, v in lines[-1].items() if k not in ("step", "epoch")}
 
 
-def _check_finite(step, metrics, _num_poisoned, manager, workdir):
+@jax.jit
+def _all_finite(params) -> jax.Array:
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(params)]))
+
+
+def _last_checkpoint(manager, workdir: str) -> str:
+    manager.wait_until_finished()
+    last = manager.latest_step()
+    return os.path.join(workdir, "checkpoints", str(last)) if last is not None else "none (no checkpoint saved yet)"
+
+
+def _check_finite(step: int, metrics, manager, workdir: str) -> None:
+    """Stop the run when the loss of (0-based) `step` is NaN or infinite.
+
+    That loss was computed from the state after `step` steps, so a checkpoint of that state (or of
+    a later one) is deleted: a restart from it would only diverge again.
+    """
     loss = float(metrics["loss"])
-    if not math.isfinite(loss):
-        manager.wait_until_finished()
-        last = manager.latest_step()
-        where = os.path.join(workdir, "checkpoints", str(last)) if last is not None else "none (no checkpoint saved yet)"
-        raise NonFiniteLossError(f"loss is {loss} at step {step + 1}; last good checkpoint: {where}")
+    if math.isfinite(loss):
+        return
+    manager.wait_until_finished()
+    for saved in manager.all_steps():
+        if saved >= step:
+            manager.delete(saved)
+    raise NonFiniteLossError(
+        f"loss is {loss} at step {step + 1}; last good checkpoint: {_last_checkpoint(manager, workdir)}"
+    )
+
+
+def _cluster_table_path(workdir: str, epoch: int) -> str:
+    return os.path.join(workdir, CLUSTERS_DIR, f"epoch_{epoch}.npy")
+
+
+def _save_cluster_table(workdir: str, epoch: int, table: np.ndarray) -> None:
+    """Keep an epoch's k-means assignments for a restart within the epoch. The previous epoch's
+    stay too (its last checkpoint may not be finished yet); older ones are no longer needed."""
+    path = _cluster_table_path(workdir, epoch)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+        np.save(f, table, allow_pickle=False)
+    os.replace(path + ".tmp", path)
+    for old_epoch in range(epoch - 1):
+        if os.path.exists(_cluster_table_path(workdir, old_epoch)):
+            os.remove(_cluster_table_path(workdir, old_epoch))
