@@ -48,18 +48,21 @@ def bench_sweep(args) -> dict:
     with_views = objectives.needs_augmented_views(template)
     optim_config = optim.optim_config(warmup_steps=10)
     total_steps = 10_000
-    mesh = vmap_sweep.make_sweep_mesh(args.run_shards)
-    vmap_sweep.check_runs_fit_mesh(args.num_runs, mesh)
-    replicated = sharding.replicated(mesh)
+    # Sequential runs use every device for data parallelism; the sweep may split the runs over
+    # groups of devices (--run_shards), each group splitting the batch.
+    data_mesh = sharding.make_mesh()
+    sweep_mesh = vmap_sweep.make_sweep_mesh(args.run_shards)
+    vmap_sweep.check_runs_fit_mesh(args.num_runs, sweep_mesh)
+    replicated = sharding.replicated(data_mesh)
     # The "pretrained" start every run cleans from, kept on the host so each round starts afresh.
     variables = jax.device_get(
         train_step.init_variables(model, jax.random.key(0), model_config.image.size, model_config.text.context_length)
     )
-    batches = [
-        jax.device_put(random_batch(model_config, args.batch_size, with_views, seed=i), sharding.batch_sharding(mesh))
-        for i in range(args.steps)
-    ]
+    host_batches = [random_batch(model_config, args.batch_size, with_views, seed=i) for i in range(args.steps)]
+    batches = [jax.device_put(b, sharding.batch_sharding(data_mesh)) for b in host_batches]
+    sweep_batches = [jax.device_put(b, sharding.batch_sharding(sweep_mesh)) for b in host_batches]
     rng = jax.device_put(jax.random.key(0), replicated)
+    sweep_rng = jax.device_put(jax.random.key(0), sharding.replicated(sweep_mesh))
     per_run = sweep_values(args.num_runs, template)
     hparams = vmap_sweep.sweep_hyperparams(args.num_runs, optim_config, template, **per_run)
 
@@ -88,7 +91,7 @@ def bench_sweep(args) -> dict:
         tx, objective = run_config(run)
         state = fresh_state(tx)
         shardings = jax.tree.map(lambda _: replicated, state)
-        jitted = train_step.shard_and_jit_train_step(train_step.make_train_step(model, tx, objective), shardings, mesh)
+        jitted = train_step.shard_and_jit_train_step(train_step.make_train_step(model, tx, objective), shardings, data_mesh)
         seconds, compiled = _timed(lambda: jitted.lower(state, batches[0], rng).compile())
         sequential_compile_s += seconds
         for i in range(args.warmup_steps):
@@ -117,16 +120,18 @@ def bench_sweep(args) -> dict:
     sweep_tx = vmap_sweep.make_sweep_optimizer(optim_config)
     single = jax.device_get(vmap_sweep.init_sweep_state(sweep_tx, variables))
     stacked = jax.tree.map(lambda x: np.broadcast_to(x, (args.num_runs, *np.shape(x))), single)
-    state_shardings = vmap_sweep.sweep_state_shardings(stacked, mesh)
+    state_shardings = vmap_sweep.sweep_state_shardings(stacked, sweep_mesh)
     fresh_states = lambda: jax.device_put(stacked, state_shardings)
-    hparams_on_device = jax.device_put(hparams, vmap_sweep.run_sharding(mesh))
+    hparams_on_device = jax.device_put(hparams, vmap_sweep.run_sharding(sweep_mesh))
     step = vmap_sweep.shard_and_jit_vectorised_step(
-        vmap_sweep.make_vectorised_train_step(model, template, optim_config, total_steps), state_shardings, mesh
+        vmap_sweep.make_vectorised_train_step(model, template, optim_config, total_steps), state_shardings, sweep_mesh
     )
     states = fresh_states()
-    vectorised_compile_s, vectorised = _timed(lambda: step.lower(states, batches[0], rng, hparams_on_device).compile())
+    vectorised_compile_s, vectorised = _timed(
+        lambda: step.lower(states, sweep_batches[0], sweep_rng, hparams_on_device).compile()
+    )
     for i in range(args.warmup_steps):
-        states, metrics = vectorised(states, batches[i % args.steps], rng, hparams_on_device)
+        states, metrics = vectorised(states, sweep_batches[i % args.steps], sweep_rng, hparams_on_device)
     jax.block_until_ready(states)
 
     def vectorised_round():
@@ -135,8 +140,8 @@ def bench_sweep(args) -> dict:
 
         def train_together():
             nonlocal states
-            for batch in batches:
-                states, metrics = vectorised(states, batch, rng, hparams_on_device)
+            for batch in sweep_batches:
+                states, metrics = vectorised(states, batch, sweep_rng, hparams_on_device)
             jax.block_until_ready(states)
             return metrics["loss"]
 
@@ -174,6 +179,7 @@ def bench_sweep(args) -> dict:
         "vectorised_pairs_per_s": pairs / vectorised_s,
         "sequential_compile_s": sequential_compile_s,
         "vectorised_compile_s": vectorised_compile_s,
+        "compile_speedup": sequential_compile_s / vectorised_compile_s,
         # Same runs, same batches, same start: the last losses should agree to round-off.
         "final_loss_max_rel_diff": float(np.max(np.abs(vectorised_losses - sequential_losses) / np.abs(sequential_losses))),
     }

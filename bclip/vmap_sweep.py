@@ -11,6 +11,11 @@ else (model, schedule shape, batch size, which loss terms exist) is one value fo
   step = shard_and_jit_vectorised_step(
       make_vectorised_train_step(model, objective, optim_config, total_steps), shardings, mesh)
   states, metrics = step(states, batch, rng, hparams)        # metrics: {"loss": [N], ...}
+
+It pays where a single run's step is bound by fixed per-step costs (op launches, collectives, small
+per-device batches): those are paid once for all N runs, and the N runs compile once instead of N
+times. Where a step is already compute-bound (a small CPU), the work is N runs' work either way and
+the N-fold working set can make each run slower; `python -m bclip.bench_sweep` measures both.
 """
 
 import copy
@@ -338,6 +343,7 @@ def sweep_state_shardings(abstract_states, mesh: Mesh):
 
 
 def check_runs_fit_mesh(num_runs: int, mesh: Mesh) -> None:
+    """Fail early, with a readable message, when the runs cannot be split evenly over RUN_AXIS."""
     if RUN_AXIS in mesh.axis_names and num_runs % mesh.shape[RUN_AXIS]:
         raise ValueError(f"{num_runs} runs cannot be split evenly over {mesh.shape[RUN_AXIS]} run shards")
 
