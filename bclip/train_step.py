@@ -82,6 +82,23 @@ def compute_embeddings(model, params, batch_stats, batch, with_views: bool, trai
     return embeddings, batch_stats
 
 
+def objective_embeddings(model, params, batch_stats, batch, objective: ml_collections.ConfigDict):
+    """Everything the objective's terms read: the embeddings (and augmented views) and, with deep
+    clustering, the cluster head's logits [B, K] and the batch's cluster ids [B].
+
+    Returns:
+      (embeddings dict for `objectives.combined_loss`, new batch_stats)
+    """
+    model_params = {k: v for k, v in params.items() if k != "cluster_head"}
+    with_views = objectives.needs_augmented_views(objective)
+    embeddings, batch_stats = compute_embeddings(model, model_params, batch_stats, batch, with_views)
+    if objective.cluster_weight:
+        head = params["cluster_head"]
+        embeddings["cluster_logits"] = embeddings["image"] @ head["kernel"] + head["bias"]
+        embeddings["cluster_ids"] = batch["cluster"]
+    return embeddings, batch_stats
+
+
 def make_train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
@@ -93,15 +110,9 @@ def make_train_step(
     (exp(logit_scale)), "grad_norm", "learning_rate". With deep clustering, `params` also holds
     "cluster_head" and batches carry "cluster" ids.
     """
-    with_views = objectives.needs_augmented_views(objective)
 
     def loss_fn(params, batch_stats, batch):
-        model_params = {k: v for k, v in params.items() if k != "cluster_head"}
-        embeddings, new_batch_stats = compute_embeddings(model, model_params, batch_stats, batch, with_views)
-        if objective.cluster_weight:
-            head = params["cluster_head"]
-            embeddings["cluster_logits"] = embeddings["image"] @ head["kernel"] + head["bias"]
-            embeddings["cluster_ids"] = batch["cluster"]
+        embeddings, new_batch_stats = objective_embeddings(model, params, batch_stats, batch, objective)
         total, terms = objectives.combined_loss(
             embeddings, params["logit_scale"], params.get("logit_bias"), objective
         )

@@ -271,18 +271,11 @@ def make_vectorised_train_step(
     sweep that computes SSL also sends the views through the towers, so its batch statistics cover
     them, unlike a lone MMCL-only run.
     """
-    with_views = objectives.needs_augmented_views(objective_template)
-    computed = active_terms(objective_template)
     tx = make_sweep_optimizer(optim_config)
     multiplier = learning_rate_multiplier(optim_config, total_steps)
 
     def loss_fn(params, batch_stats, batch, hparams):
-        model_params = {k: v for k, v in params.items() if k != "cluster_head"}
-        embeddings, new_batch_stats = train_step.compute_embeddings(model, model_params, batch_stats, batch, with_views)
-        if "cluster" in computed:
-            head = params["cluster_head"]
-            embeddings["cluster_logits"] = embeddings["image"] @ head["kernel"] + head["bias"]
-            embeddings["cluster_ids"] = batch["cluster"]
+        embeddings, new_batch_stats = train_step.objective_embeddings(model, params, batch_stats, batch, objective_template)
         # The template's weights only select the terms; each run weighs them with its own values.
         _, terms = objectives.combined_loss(embeddings, params["logit_scale"], params.get("logit_bias"), objective_template)
         total = sum(hparams[TERM_WEIGHTS[name]] * value for name, value in terms.items())
