@@ -2,7 +2,7 @@
 
   python -m bclip.experiment --config configs/study_synthetic.py --workdir runs/study
 
-Pretrains a small CLIP on 8,000 synthetic image–caption pairs of which 6 % carry a BadNets
+Pretrains a small CLIP on 8,000 synthetic image–caption pairs of which 7 % carry a BadNets
 checkerboard patch at a random place and a caption naming "banana", once with MMCL and once with MMCL+SSL; cleans each with CleanCLIP
 (MMCL + SSL on 2,000 clean pairs) at several learning rates; writes report.md / report.png /
 summary.json. About 10 minutes on 2 CPU cores. `:smoke` is a seconds-long version for tests.
@@ -39,10 +39,10 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     base.optim.warmup_steps = 5 if smoke else 30
     base.train.num_epochs = 2 if smoke else 5
     base.train.log_every_steps = 5 if smoke else 20
-    # 6 % of the pairs (the study poisons 0.05 % of millions, over 64 epochs; a 5-epoch toy needs a
+    # 7 % of the pairs (the study poisons 0.05 % of millions, over 64 epochs; a 5-epoch toy needs a
     # stronger dose). A BadNets checkerboard at a random place: the study's noise patch, drawn
     # around the image's mean colour, is invisible to this small a model in this few steps.
-    base.poison.count = 24 if smoke else 480
+    base.poison.count = 24 if smoke else 560
     base.poison.trigger.patch = "checkerboard"
     base.poison.trigger.size = 8
     base.eval.batch_size = 48 if smoke else 240
