@@ -33,6 +33,16 @@ def layer_norm(dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
     )
 
 
+def flatten_tokens(x: jax.Array) -> jax.Array:
+    """[B, T, W] -> [B * T, W], so each dense layer is one 2-D matmul.
+
+    XLA:CPU computes the weight gradient of a dense layer on a 3-D input (two contracting dims)
+    about 2x slower than the same product on the flattened 2-D input (measured: 88 vs 38 ms
+    for a [128, 65, 256] x [256, 768] layer's backward on 2 cores); on GPU/TPU the reshape is free.
+    """
+    return x.reshape(-1, x.shape[-1])
+
+
 def dot_product_attention(
     query: jax.Array, key: jax.Array, value: jax.Array, is_causal: bool = False
 ) -> jax.Array:
@@ -73,18 +83,19 @@ class MultiHeadSelfAttention(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="qkv",
-        )(x)
+        )(flatten_tokens(x))
         qkv = qkv.reshape(batch, length, 3 * self.heads, head_dim)
         query, key, value = jnp.split(qkv, 3, axis=2)
         attended = dot_product_attention(query, key, value, is_causal=self.is_causal)
         output_std = self.output_init_std if self.output_init_std is not None else width**-0.5
-        return nn.Dense(
+        output = nn.Dense(
             width,
             kernel_init=nn.initializers.normal(output_std),
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="out",
-        )(attended.reshape(batch, length, width))
+        )(attended.reshape(batch * length, width))
+        return output.reshape(batch, length, width)
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -101,7 +112,7 @@ class ResidualAttentionBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [B, T, W] -> [B, T, W]."""
-        width = x.shape[-1]
+        batch, length, width = x.shape
         # OpenAI's init: residual-branch outputs shrink with depth, so a deep stack starts
         # close to the identity.
         residual_std = width**-0.5 * (2 * self.num_layers) ** -0.5
@@ -114,6 +125,7 @@ class ResidualAttentionBlock(nn.Module):
             param_dtype=self.param_dtype,
             name="attn",
         )(normed)
+        x = flatten_tokens(x)
         normed = layer_norm(self.dtype, self.param_dtype, "ln_2")(x)
         hidden = nn.Dense(
             int(width * self.mlp_ratio),
@@ -123,13 +135,14 @@ class ResidualAttentionBlock(nn.Module):
             name="mlp_fc",
         )(normed)
         hidden = ACTIVATIONS[self.activation](hidden)
-        return x + nn.Dense(
+        x = x + nn.Dense(
             width,
             kernel_init=nn.initializers.normal(residual_std),
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="mlp_proj",
         )(hidden)
+        return x.reshape(batch, length, width)
 
 
 class Transformer(nn.Module):
