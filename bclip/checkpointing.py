@@ -11,15 +11,23 @@ import os
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unreadable or does not fit the model being trained."""
 
 
-def make_manager(directory: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
+def absolute(path: str | os.PathLike) -> epath.Path:
+    """`path` made absolute if it is local; a remote path (gs://…) is absolute already, and
+    `os.path.abspath` would turn it into a local one."""
+    path = epath.Path(path)
+    return path if "://" in os.fspath(path) else epath.Path(os.path.abspath(path))
+
+
+def make_manager(directory: str | os.PathLike, max_to_keep: int = 3) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True)
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+    return ocp.CheckpointManager(absolute(directory), options=options)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, data_iterator) -> None:
@@ -53,22 +61,22 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator
     return restored["state"], step
 
 
-def _resolve_step_dir(path: str) -> tuple[str, int]:
+def _resolve_step_dir(path: str | os.PathLike) -> tuple[epath.Path, int]:
     """`path` is a run's checkpoint directory (take its latest step) or one step directory."""
-    path = os.path.abspath(path)
-    if not os.path.exists(path):
+    path = absolute(path)
+    if not path.exists():
         raise CheckpointError(f"init_from checkpoint {path} does not exist")
-    if os.path.isdir(os.path.join(path, "state")):
-        return os.path.dirname(path), int(os.path.basename(path))
-    for candidate in (path, os.path.join(path, "checkpoints")):
-        if os.path.isdir(candidate):
+    if (path / "state").is_dir():
+        return path.parent, int(path.name)
+    for candidate in (path, path / "checkpoints"):
+        if candidate.is_dir():
             steps = ocp.utils.checkpoint_steps(candidate)
             if steps:
                 return candidate, max(steps)
     raise CheckpointError(f"init_from {path} holds no finished checkpoint step")
 
 
-def load_model_variables(path: str, abstract_variables: dict) -> tuple[dict, str]:
+def load_model_variables(path: str | os.PathLike, abstract_variables: dict) -> tuple[dict, str]:
     """Params and batch_stats of a finished checkpoint, for starting a cleaning run.
 
     The optimiser state in the checkpoint is deliberately not read: cleaning starts a fresh
@@ -82,19 +90,19 @@ def load_model_variables(path: str, abstract_variables: dict) -> tuple[dict, str
       (variables, the step directory read).
     """
     directory, step = _resolve_step_dir(path)
-    where = os.path.join(directory, str(step))
+    where = directory / str(step)
     target = {"params": abstract_variables["params"], "batch_stats": abstract_variables["batch_stats"]}
     checkpointer = ocp.PyTreeCheckpointer()
     try:
-        metadata = checkpointer.metadata(os.path.join(where, "state")).item_metadata.tree
+        metadata = checkpointer.metadata(where / "state").item_metadata.tree
     except Exception as error:
         raise CheckpointError(f"cannot read checkpoint metadata at {where}: {error}") from error
     _check_structure(metadata, target, where)
     restored = checkpointer.restore(
-        os.path.join(where, "state"),
+        where / "state",
         args=ocp.args.PyTreeRestore(item=target, restore_args=_restore_args(target), partial_restore=True),
     )
-    return restored, where
+    return restored, os.fspath(where)
 
 
 def _restore_args(target):

@@ -5,7 +5,8 @@ the report — from one study config.
 
 Layout of the workdir: world/ (the embedded synthetic data, when the study uses it),
 pretrain/NAME/, clean/NAME/METHOD/lr=LR/, and summary.json, report.md, report.png. Every run
-directory with a done.json is finished and is not redone when the command runs again.
+directory with a done.json is finished and is not redone when the command runs again. The workdir
+may be on GCS (gs://…) when the study reads no synthetic world, which is written locally.
 """
 
 import json
@@ -16,9 +17,10 @@ from typing import Callable
 
 import ml_collections
 from absl import logging
+from etils import epath
 
 from bclip import config as run_configs
-from bclip import report, train
+from bclip import checkpointing, report, train
 from bclip.data import synthetic
 
 TrainFn = Callable[[ml_collections.ConfigDict, str], dict]
@@ -66,6 +68,11 @@ def _merge_into(config, partial: dict, prefix: str) -> None:
             config[key] = value
 
 
+def _join(directory: str | os.PathLike, *parts: str) -> str:
+    """`directory`/parts as a string for configs and train_fn; gs://… stays remote."""
+    return os.fspath(epath.Path(directory).joinpath(*parts))
+
+
 def _with_world(config: ml_collections.ConfigDict, world_dir: str) -> ml_collections.ConfigDict:
     """Point a run config's data and eval sets at the synthetic world on disk."""
     return merge(
@@ -89,6 +96,8 @@ def _with_world(config: ml_collections.ConfigDict, world_dir: str) -> ml_collect
 
 def prepare_world(world: ml_collections.ConfigDict, workdir: str) -> str:
     """Write the synthetic world (skipped when already complete); returns its directory."""
+    if "://" in os.fspath(workdir):
+        raise ValueError(f"the synthetic world is written to local disk; {workdir} is remote (use world.enabled=False)")
     world_dir = os.path.join(workdir, "world")
     synthetic.write_world(
         world_dir,
@@ -103,7 +112,7 @@ def prepare_world(world: ml_collections.ConfigDict, workdir: str) -> str:
 
 def run_once(train_fn: TrainFn, config: ml_collections.ConfigDict, run_dir: str) -> bool:
     """Run unless `run_dir` already holds a finished run; True when it ran now."""
-    if os.path.exists(os.path.join(run_dir, train.DONE_FILE)):
+    if (epath.Path(run_dir) / train.DONE_FILE).exists():
         logging.info("Already finished: %s", run_dir)
         return False
     start = time.perf_counter()
@@ -113,9 +122,8 @@ def run_once(train_fn: TrainFn, config: ml_collections.ConfigDict, run_dir: str)
 
 
 def read_evals(run_dir: str) -> list[dict]:
-    path = os.path.join(run_dir, train.EVALS_FILE)
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    text = (epath.Path(run_dir) / train.EVALS_FILE).read_text()
+    return [json.loads(line) for line in text.split("\n") if line.strip()]
 
 
 def _original_figures(run_dir: str) -> dict:
@@ -144,7 +152,7 @@ def clean_config(study, pretrain_config, pretrain_dir: str, method: str, learnin
             "optim": {"learning_rate": float(learning_rate)},
             "train": {
                 "init_from": pretrain_dir,
-                "exclude_indices_file": os.path.join(pretrain_dir, train.POISON_FILE),
+                "exclude_indices_file": _join(pretrain_dir, train.POISON_FILE),
             },
             # The cleaning set is clean; the trigger stays configured so ASR can be measured.
             "poison": {"count": 0, "rate": None},
@@ -153,17 +161,17 @@ def clean_config(study, pretrain_config, pretrain_dir: str, method: str, learnin
 
 
 def clean_run_dir(workdir: str, pretrained: str, method: str, learning_rate: float) -> str:
-    return os.path.join(workdir, "clean", pretrained, method, f"lr={learning_rate:g}")
+    return _join(workdir, "clean", pretrained, method, f"lr={learning_rate:g}")
 
 
 def run_study(study: ml_collections.ConfigDict, workdir: str, train_fn: TrainFn = train.train_and_evaluate) -> dict:
     """Run every step not yet finished, then write the report; returns the summary."""
-    os.makedirs(workdir, exist_ok=True)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     world_dir = prepare_world(study.world, workdir) if study.world.enabled else None
     pretrain = pretrain_configs(study, world_dir)
     originals, points = {}, {}
     for name, config in pretrain.items():
-        pretrain_dir = os.path.join(workdir, "pretrain", name)
+        pretrain_dir = _join(workdir, "pretrain", name)
         run_once(train_fn, config, pretrain_dir)
         originals[name] = _original_figures(pretrain_dir)
         points[name] = []
@@ -171,7 +179,8 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, train_fn: TrainFn 
             for lr in study.cleaning_learning_rates:
                 run_dir = clean_run_dir(workdir, name, method, lr)
                 run_once(train_fn, clean_config(study, config, pretrain_dir, method, lr), run_dir)
-                points[name] += report.points_from_evals(read_evals(run_dir), method, os.path.relpath(run_dir, workdir), lr)
+                run = os.fspath(epath.Path(run_dir).relative_to(epath.Path(workdir)))
+                points[name] += report.points_from_evals(read_evals(run_dir), method, run, lr)
     return report.write_report(workdir, originals, points)
 
 
@@ -199,7 +208,7 @@ def main(argv):
     start = time.perf_counter()
     summary = run_study(study, workdir)
     print("\n".join(headline(summary)))
-    print(f"Report: {os.path.abspath(os.path.join(workdir, 'report.md'))} (and report.png, summary.json)")
+    print(f"Report: {checkpointing.absolute(workdir) / 'report.md'} (and report.png, summary.json)")
     print(f"Study time: {time.perf_counter() - start:.0f} s")
 
 

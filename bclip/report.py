@@ -1,17 +1,25 @@
-"""The study's report: accuracy-vs-ASR figures from evaluated points, as JSON, Markdown and a plot.
+"""The study's report: accuracy-vs-ASR figures from evaluated points, as JSON, Markdown and a plot;
+and the report of any sweep's runs (`python -m bclip.report --sweep ROOT`).
 
 A point is one evaluated epoch of one cleaning run: test and selection accuracy and ASR (fractions),
 plus the run's method and learning rate. The figures follow the paper: for each cleaning method,
 the lowest ASR that keeps accuracy within 1/2/5 points of the original model, the best accuracy with
 ASR ≤ 5 %, and the point a researcher would pick without looking at the test set (on the selection
-split).
+split). Reports are written through epath, so they may go to gs://.
 """
 
+import argparse
 import dataclasses
+import io
 import json
 import math
 import os
+import sys
 from typing import Iterable, Sequence
+
+from etils import epath
+
+from bclip import sweep
 
 ACCURACY_DROPS = (1.0, 2.0, 5.0)  # percentage points
 LOW_ASR = 0.05
@@ -27,6 +35,7 @@ class Point:
     selection_top1: float = math.nan
     selection_asr: float = math.nan
     learning_rate: float = math.nan
+    test_top5: float = math.nan
 
 
 def _describe(point: Point | None) -> dict | None:
@@ -144,13 +153,25 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(originals: dict[str, dict], points: dict[str, Sequence[Point]], path: str) -> None:
-    """Accuracy vs ASR, one panel per pretrained model, methods as colours, the original marked."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save_figure(fig, path: str | os.PathLike) -> None:
+    """PNG bytes rendered in memory, then written through epath (savefig cannot write to gs://)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    epath.Path(path).write_bytes(buffer.getvalue())
+
+
+def plot(originals: dict[str, dict], points: dict[str, Sequence[Point]], path: str | os.PathLike) -> None:
+    """Accuracy vs ASR, one panel per pretrained model, methods as colours, the original marked."""
+    plt = _pyplot()
     models = list(originals)
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.5), squeeze=False)
     methods = sorted({p.method for ps in points.values() for p in ps})
@@ -169,24 +190,31 @@ def plot(originals: dict[str, dict], points: dict[str, Sequence[Point]], path: s
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save_figure(fig, path)
     plt.close(fig)
 
 
-def write_report(workdir: str, originals: dict[str, dict], points: dict[str, Sequence[Point]]) -> dict:
+def write_report(workdir: str | os.PathLike, originals: dict[str, dict], points: dict[str, Sequence[Point]]) -> dict:
     """Write summary.json, report.md and report.png to `workdir`; returns the summary."""
     summary = summarise(originals, points)
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    with open(os.path.join(workdir, "report.md"), "w") as f:
-        f.write(markdown(summary))
-    plot(originals, points, os.path.join(workdir, "report.png"))
+    workdir = epath.Path(workdir)
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    (workdir / "report.md").write_text(markdown(summary))
+    plot(originals, points, workdir / "report.png")
     return summary
 
 
-def points_from_evals(evals: Iterable[dict], method: str, run: str, learning_rate: float) -> list[Point]:
+def points_from_evals(
+    evals: Iterable[dict],
+    method: str,
+    run: str,
+    learning_rate: float,
+    test_set: str = "test",
+    selection_set: str | None = "selection",
+) -> list[Point]:
     """Points from a cleaning run's evals.jsonl records (the epoch-0 evaluation, which is the
-    original model, is left out; a repeated step keeps its last record)."""
+    original model, is left out; a repeated step keeps its last record). Keys are
+    "{eval set}/{figure}" of the named test and selection sets."""
     by_step = {}
     for record in evals:
         by_step[record["step"]] = record
@@ -199,11 +227,374 @@ def points_from_evals(evals: Iterable[dict], method: str, run: str, learning_rat
                 method=method,
                 run=run,
                 epoch=record["epoch"],
-                test_top1=record["test/top1"],
-                test_asr=record["test/asr"],
-                selection_top1=record.get("selection/top1", math.nan),
-                selection_asr=record.get("selection/asr", math.nan),
+                test_top1=record[f"{test_set}/top1"],
+                test_asr=record[f"{test_set}/asr"],
+                selection_top1=record.get(f"{selection_set}/top1", math.nan) if selection_set else math.nan,
+                selection_asr=record.get(f"{selection_set}/asr", math.nan) if selection_set else math.nan,
                 learning_rate=learning_rate,
+                test_top5=record.get(f"{test_set}/top5", math.nan),
             )
         )
     return points
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweep report
+# ---------------------------------------------------------------------------------------------
+
+SWEEP_REPORT = "sweep_report"  # ROOT/sweep_report.md, .json and .png
+# Files bclip.train writes in a run folder (its DONE_FILE and EVALS_FILE; bclip.train is not
+# imported for them because it pulls in all of JAX).
+DONE_FILE = "done.json"
+EVALS_FILE = "evals.jsonl"
+CONFIG_FILE = "config.json"
+SELECTION_DROP_POINTS = 2.0
+FIGURES = ("test_top1", "test_top5", "test_asr", "selection_top1", "selection_asr")
+
+
+class RunFileError(ValueError):
+    """A sweep or run file that is not the JSON it should be."""
+
+
+def _read_json(path: epath.Path):
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise RunFileError(f"{path} is not valid JSON: {error}") from None
+
+
+def read_json_lines(path: str | os.PathLike) -> list[dict]:
+    """The evaluation records of a JSON-lines file; a bad line is an error naming file and line."""
+    path = epath.Path(path)
+    records = []
+    for number, line in enumerate(path.read_text().split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise RunFileError(f"{path}, line {number}, is not valid JSON: {error}") from None
+        if not isinstance(record, dict) or "step" not in record:
+            raise RunFileError(f"{path}, line {number}, is not an evaluation record (a JSON object with a step)")
+        records.append(record)
+    return records
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepRun:
+    """One run of a sweep as found in its folder."""
+
+    name: str
+    overrides: dict
+    status: str  # "finished" (done.json), "not finished" (folder, no done.json) or "not started"
+    final: dict | None  # its last evaluation record: {"step", "epoch", "{eval set}/{figure}": ...}
+    start: dict | None  # its evaluation before the first step (step 0), if it made one
+    init_from: str  # the checkpoint it started from, "" for a run from scratch (from config.json)
+    selection_set: str  # its config's eval.selection_set, "" when unset or unknown
+
+
+def read_run(run_dir: str | os.PathLike, name: str, overrides: dict) -> SweepRun:
+    """A run folder's state and evaluations; corrupt JSON is an error naming the file."""
+    run_dir = epath.Path(run_dir)
+    done = _read_json(run_dir / DONE_FILE) if (run_dir / DONE_FILE).exists() else None
+    records = read_json_lines(run_dir / EVALS_FILE) if (run_dir / EVALS_FILE).exists() else []
+    config = _read_json(run_dir / CONFIG_FILE) if (run_dir / CONFIG_FILE).exists() else {}
+    by_step = {}
+    for record in records:  # a step logged twice (a resumed run) keeps its last record
+        by_step[record["step"]] = record
+    final = by_step[max(by_step)] if by_step else None
+    if final is None and isinstance(done, dict) and done.get("results"):
+        final = {"step": done.get("steps"), "epoch": None, **done["results"]}
+    if done is not None:
+        status = "finished"
+    else:
+        status = "not finished" if run_dir.exists() else "not started"
+    return SweepRun(
+        name=name,
+        overrides=dict(overrides),
+        status=status,
+        final=final,
+        start=by_step.get(0),
+        init_from=str(config.get("train", {}).get("init_from") or ""),
+        selection_set=str(config.get("eval", {}).get("selection_set") or ""),
+    )
+
+
+def read_sweep(root: str | os.PathLike) -> tuple[str | None, list[SweepRun]]:
+    """(the sweep's config file, its runs in plan order) from ROOT/sweep.json; without a plan, the
+    folders under ROOT holding overrides.json, by name."""
+    root = epath.Path(root)
+    plan_path = root / sweep.PLAN_FILE
+    if plan_path.exists():
+        plan = _read_json(plan_path)
+        try:
+            runs = [sweep.Run(**run) for run in plan["runs"]]
+        except (KeyError, TypeError) as error:
+            raise RunFileError(f"{plan_path} is not a sweep plan ({type(error).__name__}: {error})") from None
+        # A run's folder is ROOT/NAME, also when the root has moved since the plan was written.
+        return plan.get("config"), [read_run(root / run.name, run.name, run.overrides) for run in runs]
+    if not root.is_dir():
+        raise FileNotFoundError(f"sweep folder {root} does not exist")
+    runs = []
+    for run_dir in sorted(root.iterdir(), key=lambda path: path.name):
+        if (run_dir / sweep.OVERRIDES_FILE).exists():
+            runs.append(read_run(run_dir, run_dir.name, _read_json(run_dir / sweep.OVERRIDES_FILE)))
+    if not runs:
+        raise FileNotFoundError(f"{root} holds no {sweep.PLAN_FILE} and no run folder with {sweep.OVERRIDES_FILE}")
+    return None, runs
+
+
+def eval_set_names(runs: Sequence[SweepRun], test_set: str | None = None, selection_set: str | None = None) -> tuple[str, str | None]:
+    """The test and selection eval sets of the runs' records: given, else the runs' configured
+    selection set (or one named "selection"), and the one other set (or one named "test"). The
+    selection set is None when the runs have none."""
+    records = [record for run in runs for record in (run.final, run.start) if record]
+    sets = sorted({key[: -len("/top1")] for record in records for key in record if key.endswith("/top1")})
+    if selection_set is None:
+        configured = sorted({run.selection_set for run in runs if run.selection_set})
+        if len(configured) > 1:
+            raise ValueError(f"the runs use different selection sets {configured}: name one with --selection_set")
+        selection_set = configured[0] if configured else ("selection" if "selection" in sets else None)
+    if not selection_set or (sets and selection_set not in sets):
+        selection_set = None  # named but never evaluated: there is no selection split
+    if test_set is None:
+        others = [name for name in sets if name != selection_set]
+        if len(others) == 1:
+            test_set = others[0]
+        elif "test" in others or not others:
+            test_set = "test"
+        else:
+            raise ValueError(f"the runs are evaluated on {others}: name the test split with --test_set")
+    return test_set, selection_set
+
+
+def varying_keys(runs: Sequence[SweepRun]) -> list[str]:
+    """The override keys whose value is not the same in every run (unset counts as a value), in
+    order of first appearance."""
+    keys = []
+    for run in runs:
+        keys += [key for key in run.overrides if key not in keys]
+    # JSON text of each value; no JSON text reads "unset" (a JSON string is quoted).
+    values = {key: {json.dumps(run.overrides[key], sort_keys=True) if key in run.overrides else "unset" for run in runs} for key in keys}
+    return [key for key in keys if len(values[key]) > 1]
+
+
+def _number(value) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        return None
+    return float(value)
+
+
+def _figures(record: dict | None, test_set: str, selection_set: str | None) -> dict:
+    """{"step", "epoch", test/selection top-1, top-5, ASR} of an evaluation record; None where absent."""
+    record = record or {}
+    selection = {} if selection_set is None else record
+    return {
+        "step": record.get("step"),
+        "epoch": record.get("epoch"),
+        "test_top1": _number(record.get(f"{test_set}/top1")),
+        "test_top5": _number(record.get(f"{test_set}/top5")),
+        "test_asr": _number(record.get(f"{test_set}/asr")),
+        "selection_top1": _number(selection.get(f"{selection_set}/top1")),
+        "selection_asr": _number(selection.get(f"{selection_set}/asr")),
+    }
+
+
+def choose_run(rows: Sequence[dict], drop_points: float = SELECTION_DROP_POINTS) -> dict | None:
+    """The study's pick, made on the selection split alone: among finished runs whose selection
+    top-1 is within `drop_points` of their original's, the lowest selection ASR (ties: higher
+    selection top-1). None when no run qualifies."""
+    eligible = [
+        row
+        for row in rows
+        if row["status"] == "finished"
+        and row["original"] is not None
+        and None not in (row["selection_top1"], row["selection_asr"], row["original"]["selection_top1"])
+        and row["selection_top1"] >= row["original"]["selection_top1"] - drop_points / 100.0 - 1e-12
+    ]
+    return min(eligible, key=lambda row: (row["selection_asr"], -row["selection_top1"]), default=None)
+
+
+def summarise_sweep(
+    root: str | os.PathLike,
+    reference: str | os.PathLike | None = None,
+    test_set: str | None = None,
+    selection_set: str | None = None,
+) -> dict:
+    """One row per run of the sweep under `root` (its last evaluation), the overrides that vary,
+    and the run chosen by the study's rule.
+
+    The original figures the rule compares against are the `reference` run's last evaluation
+    (e.g. the pretrained model's run folder), else each cleaning run's own evaluation at step 0
+    (taken before its first step, of the checkpoint it starts from). With neither, or without a
+    selection split, no run is chosen and the rows are only sorted by test ASR.
+    """
+    config_path, runs = read_sweep(root)
+    reference_run = read_run(reference, "reference", {}) if reference is not None else None
+    test_set, selection_set = eval_set_names(runs + ([reference_run] if reference_run else []), test_set, selection_set)
+    keys = varying_keys(runs)
+    if reference_run is not None:
+        if reference_run.final is None:
+            raise FileNotFoundError(f"reference run {reference} has no evaluation ({EVALS_FILE} or {DONE_FILE})")
+        shared_original = _figures(reference_run.final, test_set, selection_set)
+        original_source = f"last evaluation of the reference run {reference}"
+    else:
+        shared_original = None
+        original_source = "each run's evaluation at step 0, before cleaning"
+    rows = []
+    for run in runs:
+        if shared_original is not None:
+            original = shared_original
+        elif run.init_from and run.start is not None:
+            original = _figures(run.start, test_set, selection_set)
+        else:
+            original = None
+        rows.append(
+            {
+                "name": run.name,
+                "status": run.status,
+                "overrides": {key: run.overrides[key] for key in keys if key in run.overrides},
+                **_figures(run.final, test_set, selection_set),
+                "original": original,
+                "chosen": False,
+            }
+        )
+    if not any(row["original"] for row in rows):
+        original_source = None
+
+    chosen = choose_run(rows) if selection_set is not None else None
+    if chosen is not None:
+        chosen["chosen"] = True
+        note = f"chosen: {chosen['name']}"
+    elif selection_set is None:
+        note = "no selection split, so no run is chosen (choosing on the test split would select on the test set)"
+    elif original_source is None:
+        note = "no original figures (give --reference, or cleaning runs that evaluate at step 0), so no run is chosen"
+    else:
+        note = f"no finished run keeps its selection top-1 within {SELECTION_DROP_POINTS:g} points of the original"
+
+    finished = [row for row in rows if row["status"] == "finished"]
+    finished.sort(key=lambda row: (row["test_asr"] is None, row["test_asr"] or 0.0, -(row["test_top1"] or 0.0)))
+    return {
+        "root": os.fspath(root),
+        "config": config_path,
+        "test_set": test_set,
+        "selection_set": selection_set,
+        "varying_keys": keys,
+        "original_source": original_source,
+        "rule": (
+            f"lowest selection-split ASR among finished runs whose selection-split top-1 is within "
+            f"{SELECTION_DROP_POINTS:g} points of the original's"
+        ),
+        "chosen": chosen["name"] if chosen else None,
+        "note": note,
+        "num_runs": len(rows),
+        "num_finished": len(finished),
+        "runs": finished + [row for row in rows if row["status"] != "finished"],
+    }
+
+
+def _override_text(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text.replace("|", "\\|")
+
+
+def sweep_markdown(summary: dict) -> str:
+    keys = summary["varying_keys"]
+    selection = summary["selection_set"]
+    lines = [
+        "# Sweep report",
+        "",
+        f"Sweep `{summary['root']}`" + (f" (config `{summary['config']}`)" if summary["config"] else "")
+        + f": {summary['num_runs']} runs, {summary['num_finished']} finished.",
+        f"Each row is a run's last evaluation on the test split `{summary['test_set']}`"
+        + (f" and the selection split `{selection}`" if selection else " (no selection split)")
+        + "; figures in %. Finished runs come first, by test ASR.",
+        "",
+        f"Original: {summary['original_source'] or 'none'}. Rule: {summary['rule']}; {summary['note']}.",
+        "",
+        "| run | " + "".join(f"{key} | " for key in keys)
+        + "status | epoch | top-1 | top-5 | ASR | selection top-1 | selection ASR | original selection top-1 | chosen |",
+        "|" + "---|" * (len(keys) + 10),
+    ]
+    for row in summary["runs"]:
+        overrides = "".join(
+            f"{_override_text(row['overrides'][key]) if key in row['overrides'] else '–'} | " for key in keys
+        )
+        original = row["original"]["selection_top1"] if row["original"] else None
+        epoch = "–" if row["epoch"] is None else str(row["epoch"])
+        lines.append(
+            f"| {row['name']} | {overrides}{row['status']} | {epoch} | {_pct(row['test_top1'])} | "
+            f"{_pct(row['test_top5'])} | {_pct(row['test_asr'])} | {_pct(row['selection_top1'])} | "
+            f"{_pct(row['selection_asr'])} | {_pct(original)} | {'✓' if row['chosen'] else ''} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def sweep_plot(summary: dict, path: str | os.PathLike) -> None:
+    """Test top-1 vs ASR, one labelled point per finished run's last evaluation; the chosen run
+    ringed, a shared original as a star."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 5))
+    rows = [row for row in summary["runs"] if row["status"] == "finished" and None not in (row["test_top1"], row["test_asr"])]
+    ax.scatter([100 * row["test_asr"] for row in rows], [100 * row["test_top1"] for row in rows], s=24, color="tab:blue")
+    for row in rows:
+        ax.annotate(row["name"], (100 * row["test_asr"], 100 * row["test_top1"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if row["chosen"]:
+            ax.scatter([100 * row["test_asr"]], [100 * row["test_top1"]], s=160, facecolors="none", edgecolors="red", label="chosen")
+    originals = {json.dumps(row["original"], sort_keys=True) for row in summary["runs"] if row["original"]}
+    if len(originals) == 1:
+        original = json.loads(originals.pop())
+        if None not in (original["test_top1"], original["test_asr"]):
+            ax.scatter([100 * original["test_asr"]], [100 * original["test_top1"]], marker="*", s=220, color="black", label="original")
+    ax.set_title(f"{summary['root']}: {len(rows)} finished of {summary['num_runs']} runs", fontsize=9)
+    ax.set_xlabel("attack success rate (%)")
+    ax.set_ylabel("zero-shot top-1 (%)")
+    ax.set_xlim(-3, 103)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save_figure(fig, path)
+    plt.close(fig)
+
+
+def write_sweep_report(
+    root: str | os.PathLike,
+    reference: str | os.PathLike | None = None,
+    test_set: str | None = None,
+    selection_set: str | None = None,
+) -> dict:
+    """Write ROOT/sweep_report.json, .md and .png (see `summarise_sweep`); returns the summary."""
+    summary = summarise_sweep(root, reference, test_set, selection_set)
+    root = epath.Path(root)
+    (root / f"{SWEEP_REPORT}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (root / f"{SWEEP_REPORT}.md").write_text(sweep_markdown(summary))
+    sweep_plot(summary, root / f"{SWEEP_REPORT}.png")
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bclip.report",
+        description="Report a sweep's runs: ROOT/sweep_report.md, .json and .png (see bclip.sweep).",
+    )
+    parser.add_argument("--sweep", required=True, help="The sweep's root folder (local or gs://).")
+    parser.add_argument("--reference", help="Run folder of the original (e.g. pretrained) model the rule compares to.")
+    parser.add_argument("--test_set", help="Eval set of the test figures (default: inferred from the runs).")
+    parser.add_argument("--selection_set", help="Eval set the run is chosen on (default: the runs' eval.selection_set).")
+    args = parser.parse_args(argv)
+    try:
+        summary = write_sweep_report(args.sweep, args.reference, args.test_set, args.selection_set)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"{summary['num_runs']} runs, {summary['num_finished']} finished; {summary['note']}")
+    print(f"Report: {epath.Path(args.sweep) / (SWEEP_REPORT + '.md')} (and .json, .png)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,6 +6,7 @@ everything jitted is pure and comes from `train_step`, `objectives`, `evaluation
 """
 
 import functools
+import io
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
+from etils import epath
 
 from bclip import checkpointing, cleaning, evaluation, objectives, optim, sharding, train_step
 from bclip.data import pipeline, poisoning, sources, text_augment
@@ -58,8 +60,7 @@ def make_synonyms(data: ml_collections.ConfigDict):
     """The synonym source for caption augmentation: WordNet or a JSON lexicon file."""
     if data.synonyms == "wordnet":
         return text_augment.wordnet_synonyms()
-    with open(data.synonyms) as f:
-        return text_augment.lexicon_synonyms(json.load(f))
+    return text_augment.lexicon_synonyms(json.loads(epath.Path(data.synonyms).read_text()))
 
 
 class IndexSubset:
@@ -99,13 +100,12 @@ def clean_training_source(source, train: ml_collections.ConfigDict):
     return IndexSubset(source, indices)
 
 
-def read_excluded_indices(path: str) -> np.ndarray:
+def read_excluded_indices(path: str | os.PathLike) -> np.ndarray:
     """int64 [N] indices from a poison plan (a run's poison_indices.json) or a plain JSON list."""
-    with open(path) as f:
-        record = json.load(f)
+    record = json.loads(epath.Path(path).read_text())
     if isinstance(record, list):
         return np.asarray(record, dtype=np.int64).reshape(-1)
-    return poisoning.PoisonPlan.read(path).indices
+    return poisoning.PoisonPlan.from_record(record, os.fspath(path)).indices
 
 
 class Evaluator:
@@ -159,8 +159,7 @@ class Evaluator:
 def _read_override(path: str) -> list[str] | None:
     if not path:
         return None
-    with open(path) as f:
-        return [line.rstrip("\n") for line in f if line.strip()]
+    return [line for line in epath.Path(path).read_text().split("\n") if line.strip()]
 
 
 def make_eval_source(set_config: ml_collections.ConfigDict):
@@ -182,28 +181,54 @@ def make_eval_source(set_config: ml_collections.ConfigDict):
 
 
 class JsonLines:
-    """Append-only JSON-lines file, written only by process 0."""
+    """Append-only JSON-lines file, written only by process 0.
 
-    def __init__(self, path: str, enabled: bool):
-        self.path, self.enabled = path, enabled
+    Object stores (gs://…) cannot append to a file: there every record rewrites the whole file,
+    whose text this writer keeps (the logs hold one line per logged step, so they stay small).
+    """
+
+    def __init__(self, path: str | os.PathLike, enabled: bool):
+        self.path, self.enabled = epath.Path(path), enabled
+        self._remote_text = None  # the remote file's text as last written, once read
 
     def write(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        if not self.enabled:
+            return
+        line = json.dumps(record) + "\n"
+        if not _is_remote(self.path):
+            with self.path.open("a") as f:
+                f.write(line)
+            return
+        if self._remote_text is None:
+            self._remote_text = self.path.read_text() if self.path.exists() else ""
+        self._remote_text += line
+        self.path.write_text(self._remote_text)
 
     def keep_through(self, step: int) -> None:
         """Drop the records of steps after `step`: a restarted run writes them again from there,
         so each step is logged once."""
-        if not self.enabled or not os.path.exists(self.path):
+        if not self.enabled or not self.path.exists():
             return
-        with open(self.path) as f:
-            lines = [line for line in f if line.strip()]
+        lines = [line + "\n" for line in self.path.read_text().split("\n") if line.strip()]
         kept = [line for line in lines if json.loads(line)["step"] <= step]
         if len(kept) != len(lines):
-            with open(self.path + ".tmp", "w") as f:
-                f.writelines(kept)
-            os.replace(self.path + ".tmp", self.path)
+            _write_atomically(self.path, "".join(kept))
+        self._remote_text = None
+
+
+def _is_remote(path: str | os.PathLike) -> bool:
+    """True for object-store paths (gs://…), which have no append and no local directory."""
+    return "://" in os.fspath(path)
+
+
+def _write_atomically(path: epath.Path, data: str | bytes) -> None:
+    """A reader sees the old file or the new one, never half of one."""
+    temporary = path.with_name(path.name + ".tmp")
+    if isinstance(data, bytes):
+        temporary.write_bytes(data)
+    else:
+        temporary.write_text(data)
+    temporary.replace(path)
 
 
 def _variables(state) -> dict:
@@ -275,15 +300,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     after that checkpoint are dropped and written again.
     """
     # ---- Setup ---------------------------------------------------------------------------------
-    os.makedirs(workdir, exist_ok=True)
+    # Every run file goes through epath, so the workdir may be on GCS (gs://bucket/run).
+    run_dir = epath.Path(workdir)
+    workdir = os.fspath(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     process_index, process_count = jax.process_index(), jax.process_count()
     is_chief = process_index == 0
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
-    metrics_log = JsonLines(os.path.join(workdir, METRICS_FILE), is_chief)
-    evals_log = JsonLines(os.path.join(workdir, EVALS_FILE), is_chief)
+    metrics_log = JsonLines(run_dir / METRICS_FILE, is_chief)
+    evals_log = JsonLines(run_dir / EVALS_FILE, is_chief)
     if is_chief:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        (run_dir / "config.json").write_text(config.to_json_best_effort(indent=2))
     mesh = sharding.make_mesh()
     rng = jax.random.key(config.seed)
 
@@ -294,7 +321,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     source = clean_training_source(pipeline.training_source(config.data), config.train)
     plan = pipeline.make_poison_plan(source, config.poison)
     if plan is not None and is_chief:
-        plan.write(os.path.join(workdir, POISON_FILE))
+        plan.write(run_dir / POISON_FILE)
     data = pipeline.make_train_pipeline(
         source,
         image_size=config.model.image.size,
@@ -332,7 +359,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     shardings = sharding.state_shardings(abstract, mesh, config.sharding)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     variable_shardings = {"params": shardings["params"], "batch_stats": shardings["batch_stats"]}
-    manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
+    manager = checkpointing.make_manager(run_dir / "checkpoints", config.train.keep_checkpoints)
     # An init_from checkpoint is read before any compute so a bad path fails at once.
     init_from = None
     if config.train.init_from and manager.latest_step() is None:
@@ -410,11 +437,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         for step in range(start_step, total_steps):
             epoch, step_in_epoch = divmod(step, steps_per_epoch)
             if deep_clustering and (cluster_table is None or step_in_epoch == 0):
-                table_path = _cluster_table_path(workdir, epoch)
-                if step_in_epoch != 0 and os.path.exists(table_path):
+                table_path = _cluster_table_path(run_dir, epoch)
+                if step_in_epoch != 0 and table_path.exists():
                     # Resumed mid-epoch: keep the epoch's assignments, which the restored head was
                     # trained on; recomputing them from the current weights would change the run.
-                    cluster_table = np.load(table_path, allow_pickle=False)
+                    cluster_table = np.load(io.BytesIO(table_path.read_bytes()), allow_pickle=False)
                 else:
                     if step_in_epoch != 0:
                         logging.warning("No cluster assignments saved for epoch %d: recomputing them mid-epoch", epoch)
@@ -423,7 +450,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     state = cleaning.reset_cluster_head(state, rng_epoch, config.model.embed_dim, num_clusters)
                     state = jax.device_put(state, shardings)
                     if is_chief:
-                        _save_cluster_table(workdir, epoch, cluster_table)
+                        _save_cluster_table(run_dir, epoch, cluster_table)
             batch = next(data)
             model_batch = {key: batch[key] for key in ("image", "text", "aug_image", "aug_text") if key in batch}
             if deep_clustering:
@@ -462,7 +489,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if pending is not None:
             _check_finite(*pending, manager, workdir)
         if results is None:  # Resumed after the last evaluation: report what it found.
-            results = _last_eval(os.path.join(workdir, EVALS_FILE))
+            results = _last_eval(run_dir / EVALS_FILE)
         if results is None:
             results = run_evals(total_steps)
     finally:
@@ -473,8 +500,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         data.close()
         writer.flush()
     if is_chief:
-        with open(os.path.join(workdir, DONE_FILE), "w") as f:
-            json.dump({"steps": total_steps, "results": results}, f, indent=2)
+        # Atomic: done.json marks the run finished for sweeps and reports, so it is never partial.
+        _write_atomically(run_dir / DONE_FILE, json.dumps({"steps": total_steps, "results": results}, indent=2))
     return results
 
 
@@ -493,11 +520,10 @@ def _model_params(params: dict) -> dict:
     return {k: v for k, v in params.items() if k != "cluster_head"}
 
 
-def _last_eval(path: str) -> dict | None:
-    if not os.path.exists(path):
+def _last_eval(path: epath.Path) -> dict | None:
+    if not path.exists():
         return None
-    with open(path) as f:
-        lines = [json.loads(line) for line in f if line.strip()]
+    lines = [json.loads(line) for line in path.read_text().split("\n") if line.strip()]
     if not lines:
         return None
     return {k: v for k, v in lines[-1].items() if k not in ("step", "epoch")}
@@ -511,7 +537,9 @@ def _all_finite(params) -> jax.Array:
 def _last_checkpoint(manager, workdir: str) -> str:
     manager.wait_until_finished()
     last = manager.latest_step()
-    return os.path.join(workdir, "checkpoints", str(last)) if last is not None else "none (no checkpoint saved yet)"
+    if last is None:
+        return "none (no checkpoint saved yet)"
+    return os.fspath(epath.Path(workdir) / "checkpoints" / str(last))
 
 
 def _check_finite(step: int, metrics, manager, workdir: str) -> None:
@@ -532,18 +560,17 @@ def _check_finite(step: int, metrics, manager, workdir: str) -> None:
     )
 
 
-def _cluster_table_path(workdir: str, epoch: int) -> str:
-    return os.path.join(workdir, CLUSTERS_DIR, f"epoch_{epoch}.npy")
+def _cluster_table_path(workdir: str | os.PathLike, epoch: int) -> epath.Path:
+    return epath.Path(workdir) / CLUSTERS_DIR / f"epoch_{epoch}.npy"
 
 
-def _save_cluster_table(workdir: str, epoch: int, table: np.ndarray) -> None:
+def _save_cluster_table(workdir: str | os.PathLike, epoch: int, table: np.ndarray) -> None:
     """Keep an epoch's k-means assignments for a restart within the epoch. The previous epoch's
     stay too (its last checkpoint may not be finished yet); older ones are no longer needed."""
     path = _cluster_table_path(workdir, epoch)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "wb") as f:
-        np.save(f, table, allow_pickle=False)
-    os.replace(path + ".tmp", path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    np.save(buffer, table, allow_pickle=False)
+    _write_atomically(path, buffer.getvalue())
     for old_epoch in range(epoch - 1):
-        if os.path.exists(_cluster_table_path(workdir, old_epoch)):
-            os.remove(_cluster_table_path(workdir, old_epoch))
+        _cluster_table_path(workdir, old_epoch).unlink(missing_ok=True)

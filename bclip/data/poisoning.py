@@ -12,6 +12,7 @@ import re
 from collections.abc import Sequence
 
 import numpy as np
+from etils import epath
 
 from bclip.data.templates import IMAGENET_TEMPLATES
 from bclip.data.triggers import apply_trigger
@@ -239,27 +240,30 @@ class PoisonPlan:
         return (self.seed, _TRIGGER_STREAM, int(index))
 
     def write(self, path: str | os.PathLike) -> None:
-        """Writes the plan as JSON (atomically: a reader never sees half a file)."""
+        """Writes the plan as JSON (atomically: a reader never sees half a file); `path` may be
+        remote (gs://…)."""
         record = {
             "seed": self.seed,
             "redraw_each_epoch": self.redraw_each_epoch,
             "num_poisoned": len(self.indices),
             "indices": self.indices.tolist(),
         }
-        temporary = f"{os.fspath(path)}.tmp"
-        with open(temporary, "w") as file:
-            json.dump(record, file)
-            file.write("\n")
-        os.replace(temporary, path)
+        path = epath.Path(path)
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text(json.dumps(record) + "\n")
+        temporary.replace(path)
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> "PoisonPlan":
         """Reads a plan written by `write`."""
-        with open(path) as file:
-            record = json.load(file)
+        return cls.from_record(json.loads(epath.Path(path).read_text()), os.fspath(path))
+
+    @classmethod
+    def from_record(cls, record: dict, where: str = "poison plan") -> "PoisonPlan":
+        """The plan of a JSON record written by `write`; `where` names it in errors."""
         missing = {"seed", "indices"} - record.keys()
         if missing:
-            raise ValueError(f"{os.fspath(path)} is not a poison plan: missing {sorted(missing)}")
+            raise ValueError(f"{where} is not a poison plan: missing {sorted(missing)}")
         plan = cls(
             indices=np.asarray(record["indices"], dtype=np.int64),
             seed=record["seed"],
@@ -267,7 +271,7 @@ class PoisonPlan:
         )
         if "num_poisoned" in record and record["num_poisoned"] != len(plan):
             raise ValueError(
-                f"{os.fspath(path)}: num_poisoned says {record['num_poisoned']}, "
+                f"{where}: num_poisoned says {record['num_poisoned']}, "
                 f"but it lists {len(plan)} indices"
             )
         return plan

@@ -1,0 +1,391 @@
+"""Run directories on an object store (gs://): every run file of the trainer, the poison plan, the
+checkpoint paths, the study runner and both reports goes through etils.epath.
+
+gs:// is served by a fake bucket: an epath backend that keeps gs://BUCKET/KEY under a local folder,
+records every call and, like GCS, cannot append. The tests run from an empty working directory: a
+plain `open(os.path.join(workdir, ...))` or `os.makedirs(workdir)` on "gs://bucket/run" would
+write to ./gs:/bucket/run there (or fail), and the file would be missing from the bucket.
+"""
+
+import ast
+import json
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+from etils import epath
+from etils.epath import backend as epath_backend
+from etils.epath import gpath
+
+from bclip import checkpointing, experiment, report, sweep, train
+from bclip import config as run_configs
+from bclip.data import poisoning, synthetic
+
+BCLIP_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bclip")
+
+
+class FakeBucket(epath_backend.Backend):
+    """gs://KEY stored at STORE/KEY; `calls` lists (operation, gs path) in order. As on GCS, a
+file can be written without creating its folder first, and not appended to."""
+
+    def __init__(self, store: str):
+        self.store = store
+        self.calls = []
+        self.disk = epath_backend.os_backend
+
+    def local(self, path) -> str:
+        path = os.fspath(path)
+        assert path.startswith("gs://"), f"fake bucket got a non-gs path {path!r}"
+        return os.path.join(self.store, path[len("gs://") :])
+
+    def remote(self, local_path) -> str:
+        return "gs://" + os.path.relpath(os.fspath(local_path), self.store)
+
+    def _record(self, operation, path):
+        self.calls.append((operation, os.fspath(path)))
+        return self.local(path)
+
+    def open(self, path, mode):
+        if "a" in mode:
+            raise OSError(f"objects cannot be appended to: {path}")
+        local = self._record(f"open:{mode}", path)
+        if "w" in mode:  # an object store has no folders to create first
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+        return self.disk.open(local, mode)
+
+    def exists(self, path):
+        return self.disk.exists(self._record("exists", path))
+
+    def isdir(self, path):
+        return self.disk.isdir(self._record("isdir", path))
+
+    def listdir(self, path):
+        return self.disk.listdir(self._record("listdir", path))
+
+    def glob(self, path):
+        return [self.remote(p) for p in self.disk.glob(self._record("glob", path))]
+
+    def walk(self, top, *, top_down=True, on_error=None):
+        for root, dirs, files in self.disk.walk(self._record("walk", top), top_down=top_down, on_error=on_error):
+            yield self.remote(root), dirs, files
+
+    def makedirs(self, path, *, exist_ok=False, mode=None):
+        self.disk.makedirs(self._record("makedirs", path), exist_ok=exist_ok, mode=mode)
+
+    def mkdir(self, path, *, exist_ok=False, mode=None):
+        self.disk.mkdir(self._record("mkdir", path), exist_ok=exist_ok, mode=mode)
+
+    def rmtree(self, path):
+        self.disk.rmtree(self._record("rmtree", path))
+
+    def remove(self, path):
+        self.disk.remove(self._record("remove", path))
+
+    def rename(self, path, dst):
+        self.disk.rename(self._record("rename", path), self._record("rename_to", dst))
+
+    def replace(self, path, dst):
+        self.disk.replace(self._record("replace", path), self._record("replace_to", dst))
+
+    def copy(self, path, dst, overwrite):
+        self.disk.copy(self._record("copy", path), self._record("copy_to", dst), overwrite)
+
+    def stat(self, path):
+        return self.disk.stat(self._record("stat", path))
+
+    def written(self) -> set[str]:
+        """gs paths opened for writing or renamed onto."""
+        return {path for op, path in self.calls if op in ("open:w", "open:wb", "replace_to", "rename_to")}
+
+
+@pytest.fixture
+def bucket(tmp_path, monkeypatch) -> FakeBucket:
+    fake = FakeBucket(str(tmp_path / "bucket_store"))
+    os.makedirs(fake.store)
+    monkeypatch.setitem(gpath._PREFIX_TO_BACKEND, "gs", fake)
+    monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    yield fake
+    stray = sorted(os.listdir(cwd))
+    assert stray == [], f"run files bypassed epath and landed on local disk: {stray}"
+
+
+def test_fake_bucket_serves_gs_paths_and_cannot_append(bucket):
+    path = epath.Path("gs://bucket/dir/file.txt")
+    path.parent.mkdir(parents=True)
+    path.write_text("x")
+    assert os.path.exists(os.path.join(bucket.store, "bucket", "dir", "file.txt"))
+    assert ("open:w", "gs://bucket/dir/file.txt") in bucket.calls
+    with pytest.raises(OSError, match="appended"):
+        path.open("a")
+    # What a plain open would do with the same path: nothing reaches the bucket.
+    with pytest.raises(FileNotFoundError):
+        open(os.path.join("gs://bucket/dir", "file.txt"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer's run files
+# ---------------------------------------------------------------------------------------------
+
+
+def test_json_lines_on_gs_write_and_drop_records_after_a_restart(bucket):
+    path = "gs://bucket/run/metrics.jsonl"
+    epath.Path(path).parent.mkdir(parents=True)
+    log = train.JsonLines(path, enabled=True)
+    for step in (1, 2, 3):
+        log.write({"step": step, "loss": float(step)})
+    log.keep_through(2)
+    log.write({"step": 3, "loss": 30.0})
+    assert train.JsonLines(path, enabled=False).path.read_text().splitlines() == [
+        '{"step": 1, "loss": 1.0}',
+        '{"step": 2, "loss": 2.0}',
+        '{"step": 3, "loss": 30.0}',
+    ]
+    # A new writer (a resumed run) continues the file.
+    train.JsonLines(path, enabled=True).write({"step": 4, "loss": 4.0})
+    assert len(epath.Path(path).read_text().splitlines()) == 4
+    assert train._last_eval(epath.Path(path)) == {"loss": 4.0}
+    assert "gs://bucket/run/metrics.jsonl" in bucket.written()
+
+
+def test_json_lines_still_append_locally(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    log = train.JsonLines(str(path), enabled=True)
+    log.write({"step": 1})
+    path.write_text(path.read_text() + '{"step": 2}\n')  # appended, not rewritten from memory
+    log.write({"step": 3})
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_cluster_tables_on_gs(bucket):
+    for epoch in range(4):
+        train._save_cluster_table("gs://bucket/run", epoch, np.full(5, epoch, np.int32))
+    tables = epath.Path("gs://bucket/run") / train.CLUSTERS_DIR
+    assert sorted(p.name for p in tables.iterdir()) == ["epoch_2.npy", "epoch_3.npy"]
+    path = train._cluster_table_path("gs://bucket/run", 3)
+    assert os.fspath(path) == "gs://bucket/run/clusters/epoch_3.npy"
+    assert np.array_equal(np.load(bucket.local(path)), np.full(5, 3, np.int32))
+    assert ("replace_to", "gs://bucket/run/clusters/epoch_3.npy") in bucket.calls  # atomic
+
+
+def test_poison_plan_and_inputs_read_from_gs(bucket):
+    plan = poisoning.PoisonPlan(indices=np.array([7, 3]), seed=5)
+    plan.write("gs://bucket/pretrain/poison_indices.json")
+    assert ("replace_to", "gs://bucket/pretrain/poison_indices.json") in bucket.calls  # atomic
+    assert poisoning.PoisonPlan.read("gs://bucket/pretrain/poison_indices.json") == plan
+    assert train.read_excluded_indices("gs://bucket/pretrain/poison_indices.json").tolist() == [3, 7]
+    epath.Path("gs://bucket/lists/excluded.json").parent.mkdir(parents=True)
+    epath.Path("gs://bucket/lists/excluded.json").write_text("[4, 1]")
+    assert train.read_excluded_indices("gs://bucket/lists/excluded.json").tolist() == [4, 1]
+    epath.Path("gs://bucket/lists/classnames.txt").write_text("apple\n\nbanana\n")
+    assert train._read_override("gs://bucket/lists/classnames.txt") == ["apple", "banana"]
+    epath.Path("gs://bucket/lists/synonyms.json").write_text('{"big": ["large"]}')
+    data = ml_collections.ConfigDict({"synonyms": "gs://bucket/lists/synonyms.json"})
+    assert train.make_synonyms(data) is not None
+    assert ("open:r", "gs://bucket/lists/synonyms.json") in bucket.calls
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_writes_every_run_file_to_gs(bucket, tmp_path, monkeypatch):
+    world = experiment.study_config().world
+    world.num_train, world.num_test, world.num_selection = 32, 8, 8
+    world_dir = experiment.prepare_world(world, str(tmp_path / "study"))
+    config = run_configs.run_config("micro-vit", text={"vocab_size": 256, "context_length": 16})
+    config.data.train_csv = os.path.join(world_dir, "train", "train.csv")
+    config.data.tokenizer.path = os.path.join(world_dir, synthetic.VOCAB_FILE)
+    config.data.batch_size = 16
+    config.train.log_every_steps = 1
+    config.poison.count = 4
+    config.poison.trigger.size = 5
+    config.eval.batch_size = 8
+    config.eval.at_start = False
+    with config.unlocked():
+        config.eval.sets = {"test": run_configs.eval_set_config("folder", os.path.join(world_dir, "test"))}
+
+    # Orbax and clu's summary writer reach GCS with their own clients (tensorstore, tf.io.gfile);
+    # here they get a local folder and a logging writer, and the test checks what they were given.
+    managers, writers = [], []
+    make_manager = checkpointing.make_manager
+
+    def local_manager(directory, max_to_keep=3):
+        managers.append(directory)
+        return make_manager(bucket.local(directory), max_to_keep)
+
+    def logging_writer(logdir, just_logging=False):
+        writers.append(logdir)
+        from clu import metric_writers
+
+        return metric_writers.LoggingWriter()
+
+    monkeypatch.setattr(checkpointing, "make_manager", local_manager)
+    monkeypatch.setattr(train.metric_writers, "create_default_writer", logging_writer)
+
+    workdir = "gs://bucket/runs/pretrain"
+    results = train.train_and_evaluate(config, workdir)
+    assert [os.fspath(d) for d in managers] == ["gs://bucket/runs/pretrain/checkpoints"]
+    assert writers == [workdir]
+    run_dir = epath.Path(workdir)
+    for name in ("config.json", train.METRICS_FILE, train.EVALS_FILE, train.POISON_FILE, train.DONE_FILE):
+        assert f"{workdir}/{name}" in bucket.written(), name
+    assert json.loads((run_dir / "config.json").read_text())["data"]["batch_size"] == 16
+    metrics = [json.loads(line) for line in (run_dir / train.METRICS_FILE).read_text().splitlines()]
+    assert [record["step"] for record in metrics] == [1, 2]
+    evals = [json.loads(line) for line in (run_dir / train.EVALS_FILE).read_text().splitlines()]
+    assert [record["step"] for record in evals] == [2]
+    done = json.loads((run_dir / train.DONE_FILE).read_text())
+    assert done == {"steps": 2, "results": results} and results == {k: v for k, v in evals[0].items() if k not in ("step", "epoch")}
+    assert len(poisoning.PoisonPlan.read(f"{workdir}/{train.POISON_FILE}")) == 4
+
+    # Run again: it resumes from the last checkpoint, reads its results back from gs and is done.
+    bucket.calls.clear()
+    assert train.train_and_evaluate(config, workdir) == results
+    assert ("open:r", f"{workdir}/{train.EVALS_FILE}") in bucket.calls
+    assert len((run_dir / train.METRICS_FILE).read_text().splitlines()) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint paths
+# ---------------------------------------------------------------------------------------------
+
+
+def test_checkpoint_paths_stay_remote(bucket, monkeypatch):
+    assert os.fspath(checkpointing.absolute("gs://bucket/run/checkpoints")) == "gs://bucket/run/checkpoints"
+    # Orbax asks GCS (google-cloud-storage) whether the bucket has hierarchical namespaces.
+    from orbax.checkpoint._src.path import gcs_utils
+
+    monkeypatch.setattr(gcs_utils, "is_hierarchical_namespace_enabled", lambda path: False)
+    manager = checkpointing.make_manager("gs://bucket/run/checkpoints")
+    assert os.fspath(manager.directory) == "gs://bucket/run/checkpoints"
+    assert os.path.isdir(bucket.local("gs://bucket/run/checkpoints"))
+    manager.close()
+
+    # Finished steps as Orbax leaves them on GCS (commit_success.txt marks a step complete), and a
+    # step whose save never finished; Orbax finds them through epath.
+    for step in (4, 8, 12):
+        epath.Path(f"gs://bucket/run/checkpoints/{step}/state").mkdir(parents=True)
+        if step != 12:
+            epath.Path(f"gs://bucket/run/checkpoints/{step}/commit_success.txt").write_text("done")
+    for path, expected in [
+        ("gs://bucket/run", ("gs://bucket/run/checkpoints", 8)),
+        ("gs://bucket/run/checkpoints", ("gs://bucket/run/checkpoints", 8)),
+        ("gs://bucket/run/checkpoints/4", ("gs://bucket/run/checkpoints", 4)),
+    ]:
+        directory, step = checkpointing._resolve_step_dir(path)
+        assert (os.fspath(directory), step) == expected
+    with pytest.raises(checkpointing.CheckpointError, match="gs://bucket/missing does not exist"):
+        checkpointing._resolve_step_dir("gs://bucket/missing")
+
+
+def test_local_checkpoint_paths_are_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert os.fspath(checkpointing.absolute("runs/a")) == os.path.join(str(tmp_path), "runs", "a")
+    with pytest.raises(checkpointing.CheckpointError, match=os.path.join(str(tmp_path), "nothing")):
+        checkpointing._resolve_step_dir("nothing")
+
+
+# ---------------------------------------------------------------------------------------------
+# The study runner and the reports
+# ---------------------------------------------------------------------------------------------
+
+
+def _fake_train(config, run_dir):
+    """Writes what bclip.train writes, through epath: the figures depend on the learning rate."""
+    run_dir = epath.Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(config.to_json_best_effort())
+    lr = config.optim.learning_rate
+    records = [
+        {"step": 0, "epoch": 0, "test/top1": 0.6, "test/asr": 0.99, "selection/top1": 0.6, "selection/asr": 0.98},
+        {"step": 4, "epoch": 1, "test/top1": 0.6 - 10 * lr, "test/asr": 0.9 - 400 * lr,
+         "selection/top1": 0.6 - 10 * lr, "selection/asr": 0.9 - 400 * lr},
+    ]
+    (run_dir / train.EVALS_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run_dir / train.DONE_FILE).write_text(json.dumps({"steps": 4, "results": records[-1]}))
+
+
+def test_study_runs_and_reports_on_gs(bucket):
+    study = experiment.study_config()
+    study.world.enabled = False
+    study.pretrain_base = run_configs.run_config()
+    study.pretrain = ml_collections.ConfigDict({"MMCL": {}})
+    study.clean_base = ml_collections.ConfigDict({"train": {"num_epochs": 1}})
+    study.cleaning_methods = ml_collections.ConfigDict({"CleanCLIP": {}})
+    study.cleaning_learning_rates = (1e-4, 1e-3)
+    summary = experiment.run_study(study, "gs://bucket/study", _fake_train)
+    chosen = summary["MMCL"]["methods"]["CleanCLIP"]["chosen_on_selection"]
+    assert chosen["run"] == "clean/MMCL/CleanCLIP/lr=0.001" and chosen["asr"] == pytest.approx(0.5)
+    for name in ("summary.json", "report.md", "report.png"):
+        assert f"gs://bucket/study/{name}" in bucket.written()
+    assert epath.Path("gs://bucket/study/report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    clean_config = json.loads(epath.Path("gs://bucket/study/clean/MMCL/CleanCLIP/lr=0.001/config.json").read_text())
+    assert clean_config["train"]["init_from"] == "gs://bucket/study/pretrain/MMCL"
+    assert clean_config["train"]["exclude_indices_file"] == "gs://bucket/study/pretrain/MMCL/poison_indices.json"
+
+    # Again: every run is finished (done.json found on gs), nothing trains.
+    ran = []
+    assert experiment.run_study(study, "gs://bucket/study", lambda c, d: ran.append(d)) == summary
+    assert ran == []
+
+    # The study with the synthetic world cannot write it to gs: it says so.
+    study.world.enabled = True
+    with pytest.raises(ValueError, match="local disk"):
+        experiment.run_study(study, "gs://bucket/study2", _fake_train)
+
+
+def test_sweep_report_on_gs(bucket):
+    root = "gs://bucket/sweep"
+    runs = sweep.expand_sweep(root, [{"optim.learning_rate": 1e-4}, {"optim.learning_rate": 1e-3}])
+    sweep.write_plan(root, "configs/x.py", runs)
+    base = run_configs.run_config()
+    with base.unlocked():
+        base.train.init_from = "gs://bucket/pretrained"
+    for run in runs:
+        sweep.write_overrides(run)
+        _fake_train(sweep.apply_overrides(base, run.overrides), run.workdir)
+    assert report.main(["--sweep", root]) == 0
+    summary = json.loads(epath.Path(f"{root}/sweep_report.json").read_text())
+    assert [row["name"] for row in summary["runs"]] == ["lr=0.001", "lr=1e-04"]
+    assert summary["chosen"] == "lr=0.001"
+    assert {f"{root}/sweep_report.{ext}" for ext in ("json", "md", "png")} <= bucket.written()
+
+
+# ---------------------------------------------------------------------------------------------
+# Complement: no run-file code calls the local-only file API
+# ---------------------------------------------------------------------------------------------
+
+RUN_FILE_MODULES = ("train.py", "checkpointing.py", "experiment.py", "report.py", os.path.join("data", "poisoning.py"))
+LOCAL_ONLY_CALLS = {
+    "open", "os.makedirs", "os.mkdir", "os.replace", "os.rename", "os.remove", "os.listdir",
+    "os.path.exists", "os.path.isdir", "os.path.isfile", "os.path.abspath", "os.path.relpath",
+    "shutil.rmtree",
+}
+# checkpointing.absolute makes local paths absolute, and only those.
+ALLOWED = {("checkpointing.py", "absolute", "os.path.abspath")}
+
+
+def _dotted(node) -> str:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return f"{_dotted(node.value)}.{node.attr}"
+    return ""
+
+
+def test_run_file_modules_use_no_local_only_file_calls():
+    found = []
+    for module in RUN_FILE_MODULES:
+        tree = ast.parse(open(os.path.join(BCLIP_DIR, module)).read())
+        enclosing = {}  # node -> the innermost function it is in (ast.walk visits outer ones first)
+        for function in ast.walk(tree):
+            if isinstance(function, ast.FunctionDef):
+                for node in ast.walk(function):
+                    enclosing[node] = function.name
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and _dotted(node.func) in LOCAL_ONLY_CALLS:
+                where = (os.path.basename(module), enclosing.get(node, "<module>"), _dotted(node.func))
+                if where not in ALLOWED:
+                    found.append(f"{module}:{node.lineno} in {where[1]}: {where[2]}")
+    assert found == []
