@@ -27,5 +27,9 @@ setup(
         "tokenizers>=0.19",
         "matplotlib>=3.8",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={
+        "test": ["pytest>=8"],
+        # Orbax reads and writes gs:// checkpoints through google-cloud-storage (TPU pods, GCS workdirs).
+        "gcs": ["google-cloud-storage"],
+    },
 )

@@ -78,7 +78,8 @@ def create_command(args: argparse.Namespace) -> list[str]:
 
 def _pip_install(args: argparse.Namespace) -> str:
     packages = args.pip_packages.split()
-    return shlex.join([args.python, "-m", "pip", "install", "--quiet", "-e", args.remote_dir, *packages])
+    # The gcs extra brings google-cloud-storage, which Orbax needs for gs:// checkpoints.
+    return shlex.join([args.python, "-m", "pip", "install", "--quiet", "-e", f"{args.remote_dir}[gcs]", *packages])
 
 
 def _local_archive(args: argparse.Namespace) -> str:

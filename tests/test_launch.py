@@ -290,6 +290,8 @@ def test_tpu_pod_dry_run_git_install_and_run(capsys):
     install_script = _value_after(install, "--command")
     assert "git fetch --quiet --depth 1 origin 'v1 beta'" in install_script
     assert "https://example.com/bclip.git" in install_script
+    # The gcs extra (google-cloud-storage) lets Orbax write the gs:// checkpoints.
+    assert "pip install --quiet -e 'bclip[gcs]' 'jax[tpu]'" in install_script
     remote = shlex.split(_value_after(run, "--command"))
     assert remote[:3] == ["cd", "bclip", "&&"]
     assert "BCLIP_BACKEND=tpu" in remote
