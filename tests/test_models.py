@@ -313,3 +313,17 @@ def test_model_config_overrides():
     assert model_config("micro-vit").image.width == 32  # presets are not mutated
     with pytest.raises(KeyError):
         model_config("ViT-Z/99")
+
+
+def test_text_tower_equals_normalising_every_token_then_pooling():
+    """The tower normalises only the pooled token; CLIP normalises all tokens and then pools."""
+    from bclip.models import text, vit
+
+    tower = text.TextTransformer(context_length=8, vocab_size=50, width=32, layers=2, heads=4, output_dim=16)
+    tokens = jnp.array([[48, 5, 6, 49, 0, 0, 0, 0], [48, 7, 8, 9, 10, 11, 12, 49]])
+    params = tower.init(jax.random.key(0), tokens)["params"]
+    embedded = params["token_embedding"]["embedding"][tokens] + params["positional_embedding"]
+    hidden = vit.Transformer(layers=2, heads=4, is_causal=True).apply({"params": params["transformer"]}, embedded)
+    hidden = vit.layer_norm(jnp.float32, jnp.float32, "ln").apply({"params": params["ln_final"]}, hidden)
+    expected = hidden[jnp.arange(2), jnp.array([3, 7])] @ params["text_projection"]
+    np.testing.assert_allclose(tower.apply({"params": params}, tokens), expected, rtol=1e-6, atol=1e-6)

@@ -67,10 +67,12 @@ class TextTransformer(nn.Module):
             param_dtype=self.param_dtype,
             name="transformer",
         )(hidden)
-        hidden = layer_norm(self.dtype, self.param_dtype, "ln_final")(hidden)
         eot_token_id = self.vocab_size - 1 if self.eot_token_id is None else self.eot_token_id
         positions = end_of_text_positions(tokens, eot_token_id)
         pooled = jnp.take_along_axis(hidden, positions[:, None, None], axis=1)[:, 0]
+        # ln_final normalises each token on its own, so normalising only the pooled token gives
+        # CLIP's result without normalising the other L - 1 positions.
+        pooled = layer_norm(self.dtype, self.param_dtype, "ln_final")(pooled)
         projection = self.param(
             "text_projection",
             nn.initializers.normal(self.width**-0.5),
