@@ -2,10 +2,18 @@
 dicts; each becomes one run in its own readable folder under a root, run here or on a cluster.
 
   python -m bclip.sweep --config configs/X.py[:arg] --workdir ROOT [--mode local|slurm|tpu]
-      [--parallel N] [--dry_run] [-- LAUNCHER FLAGS]
+      [--parallel N] [--vectorize] [--dry_run] [-- LAUNCHER FLAGS]
 
   local, --parallel 1: runs one after another in this process (bclip.train.train_and_evaluate).
   local, --parallel N: N `python -m bclip.main` subprocesses at once (output in RUN/stdout.log).
+  local, --vectorize: the unfinished runs train together as one jitted program reading one shared
+         input stream (bclip.train_vectorised). Only for sweeps whose runs differ in nothing but
+         optim.learning_rate, optim.weight_decay and objective.*_weight (any other differing key
+         is an error that names it); deep clustering cannot be vectorised. Each run still gets its
+         folder with the files a lone run writes (metrics.jsonl, evals.jsonl, its final checkpoint,
+         done.json). The group's stacked checkpoints live in ROOT/_vectorised/GROUP/ until it
+         finishes, so a killed vectorised sweep resumes where it was; a run that diverges is
+         reported as failed and the others go on.
   slurm: one array job, one task per run, at most N at once (launch/slurm.py; its flags after --).
   tpu:   runs one after another on a pod slice (launch/tpu_pod.py; its flags after --).
 
@@ -33,6 +41,7 @@ import re
 import shlex
 import subprocess
 import sys
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -44,6 +53,7 @@ from bclip import distributed
 DONE_FILE = "done.json"  # Written by bclip.train at the end of a successful run.
 OVERRIDES_FILE = "overrides.json"
 PLAN_FILE = "sweep.json"
+VECTORISED_DIR = "_vectorised"  # ROOT/_vectorised/GROUP: what the runs of a vectorised group share.
 MODES = ("local", "slurm", "tpu")
 
 # Short names for keys that recur in sweeps; any other key is named by its last component.
@@ -312,6 +322,44 @@ def run_sequentially(
     return failed
 
 
+def configs_of_runs(config: ml_collections.ConfigDict, runs: Sequence[Run]) -> list[ml_collections.ConfigDict]:
+    return [apply_overrides(config, run.overrides) for run in runs]
+
+
+def check_vectorisable(config: ml_collections.ConfigDict, runs: Sequence[Run]) -> None:
+    """Fail, naming the offending keys, unless the runs can train as one vectorised program."""
+    from bclip import train_vectorised  # Imported here: it pulls in all of JAX and Flax.
+
+    train_vectorised.check_vectorisable(configs_of_runs(config, runs), [run.name for run in runs])
+
+
+def vectorised_group_dir(root: str, runs: Sequence[Run]) -> str:
+    """ROOT/_vectorised/GROUP, GROUP a digest of the runs' names: the same unfinished runs find
+    their group again after an interruption."""
+    digest = hashlib.sha1(json.dumps(sorted(run.name for run in runs)).encode()).hexdigest()[:10]
+    return _join(_join(root, VECTORISED_DIR), f"{len(runs)}runs-{digest}")
+
+
+def run_vectorised(config: ml_collections.ConfigDict, runs: Sequence[Run], root: str) -> list[str]:
+    """Trains the runs together as one vectorised program in this process; returns the failed run
+    names (those that diverged, or all of them when the group itself fails)."""
+    from bclip import train_vectorised
+
+    group_dir = vectorised_group_dir(root, runs)
+    for run in runs:
+        write_overrides(run)
+    print(f"training {len(runs)} runs as one vectorised program (group state in {group_dir})", flush=True)
+    try:
+        outcome = train_vectorised.train_and_evaluate_vectorised(
+            configs_of_runs(config, runs), [run.workdir for run in runs], group_dir
+        )
+    except Exception as error:  # noqa: BLE001 - reported like failed runs of a sequential sweep.
+        traceback.print_exc()
+        print(f"vectorised group failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        return [run.name for run in runs]
+    return [run.name for run in runs if run.workdir in outcome.failed]
+
+
 def _run_subprocess(command: list[str], run: Run) -> int:
     # Several runs sharing accelerators must not each grab most of their memory up front.
     env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
@@ -379,12 +427,15 @@ def sweep(
     launcher_argv: Sequence[str] = (),
     train_fn: Callable[[ml_collections.ConfigDict, str], Any] | None = None,
     python: str = sys.executable,
+    vectorize: bool = False,
 ) -> int:
     """Expands the sweep of `config_path` under `root` and runs the unfinished runs; exit code."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}: expected one of {MODES}")
     if parallel < 1:
         raise ValueError("parallel must be at least 1")
+    if vectorize and (mode != "local" or parallel != 1):
+        raise ValueError("--vectorize trains the runs in this process: use it with --mode local --parallel 1")
     if mode == "slurm":
         # Array tasks start elsewhere and later: give them paths that do not depend on the cwd.
         path, arg = split_config_path(config_path)
@@ -393,6 +444,8 @@ def sweep(
     config, entries = load_sweep(config_path)
     runs = expand_sweep(root, entries)
     check_overrides(config, runs)
+    if vectorize:
+        check_vectorisable(config, runs)  # All runs, finished or not: the sweep as written.
     pending = [run for run in runs if not is_finished(run.workdir)]
     if mode != "local" or parallel > 1:
         for run in pending:
@@ -405,6 +458,12 @@ def sweep(
         return 0
 
     if mode == "local":
+        if vectorize:
+            if dry_run:
+                print(f"would train {len(pending)} runs as one vectorised program, group state in "
+                      f"{vectorised_group_dir(root, pending)}")
+                return 0
+            return _report(run_vectorised(config, pending, root))
         if dry_run:
             for run in pending:
                 print(shlex.join(main_command(python, config_path, run.workdir, run.overrides)))
@@ -454,6 +513,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", help="Root folder; each run gets a sub-folder.")
     parser.add_argument("--mode", choices=MODES, default="local")
     parser.add_argument("--parallel", type=int, default=1, help="Runs at once (local subprocesses / array tasks).")
+    parser.add_argument("--vectorize", action="store_true",
+                        help="Train the runs together as one vmapped program on one input stream (local mode).")
     parser.add_argument("--dry_run", action="store_true", help="Print what would run; run and write nothing.")
     parser.add_argument("--plan", help="Array-task mode: a sweep.json written by an earlier sweep.")
     parser.add_argument("--run_index", type=int, help="Array-task mode: which run of --plan.")
@@ -467,7 +528,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.mode == "local" and args.parallel == 1 and not args.dry_run:
         distributed.initialize()  # Multi-host JAX when started on every host; else nothing.
     try:
-        return sweep(args.config, args.workdir, args.mode, args.parallel, args.dry_run, launcher_argv)
+        return sweep(args.config, args.workdir, args.mode, args.parallel, args.dry_run, launcher_argv,
+                     vectorize=args.vectorize)
     except (UnknownOverrideError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -1,7 +1,8 @@
 """Vectorised sweeps: N runs that differ only in scalar hyperparameters train as one jitted program.
 
 Each run's state is stacked on a leading run axis [N, ...] and the single-run step is `jax.vmap`ped
-over it, so every run sees the same (shared, unstacked) batch. What may differ per run is a float
+over it (or looped over it inside the program, `run_loop="map"`), so every run sees the same
+(shared, unstacked) batch. What may differ per run is a float
 [N] array each: the peak learning rate, the weight decay and the objective's term weights. Anything
 else (model, schedule shape, batch size, which loss terms exist) is one value for the whole sweep.
 
@@ -15,7 +16,8 @@ else (model, schedule shape, batch size, which loss terms exist) is one value fo
 It pays where a single run's step is bound by fixed per-step costs (op launches, collectives, small
 per-device batches): those are paid once for all N runs, and the N runs compile once instead of N
 times. Where a step is already compute-bound (a small CPU), the work is N runs' work either way and
-the N-fold working set can make each run slower; `python -m bclip.bench_sweep` measures both.
+the N-fold working set can make each run slower (there "map" does better than "vmap");
+`python -m bclip.bench_sweep` measures both. bclip.train_vectorised trains a whole sweep this way.
 """
 
 import copy
@@ -44,6 +46,9 @@ TERM_WEIGHTS = {
 OPTIM_HYPERPARAMS = ("learning_rate", "weight_decay")
 HYPERPARAMS = OPTIM_HYPERPARAMS + tuple(TERM_WEIGHTS.values())
 # Dotted config keys that may differ between the runs of one vectorised sweep.
+# How the step goes over the run axis: "vmap" batches every op over the runs; "map" is a loop
+# inside the one program (lax.map), each run's ops at single-run size.
+RUN_LOOPS = ("vmap", "map")
 SWEEPABLE_KEYS = tuple(f"optim.{k}" for k in OPTIM_HYPERPARAMS) + tuple(
     f"objective.{k}" for k in TERM_WEIGHTS.values()
 )
@@ -113,22 +118,10 @@ def sweep_from_configs(
     """
     if not configs:
         raise ValueError("a sweep needs at least one run config")
-
-    def shared_part(config):
-        shared = config.to_dict()
-        for key in SWEEPABLE_KEYS:
-            section, leaf = key.split(".")
-            del shared[section][leaf]
-        return shared
-
-    reference = shared_part(configs[0])
-    for index, config in enumerate(configs[1:], start=1):
-        if shared_part(config) != reference:
-            differing = _differing_keys(reference, shared_part(config))
-            raise ValueError(
-                f"run {index} differs from run 0 in {differing}: only {SWEEPABLE_KEYS} may vary in "
-                "a vectorised sweep"
-            )
+    differences = non_sweepable_differences(configs)
+    if differences:
+        named = "; ".join(f"{key} (runs {', '.join(map(str, runs))} differ from run 0)" for key, runs in differences.items())
+        raise ValueError(f"runs differ in {named}: only {SWEEPABLE_KEYS} may vary in a vectorised sweep")
     template = copy.deepcopy(configs[0].objective)
     for key in TERM_WEIGHTS.values():
         # The template only says which terms to compute; the weights come from the hyperparameters.
@@ -139,6 +132,25 @@ def sweep_from_configs(
         per_run[leaf] = [config[section][leaf] for config in configs]
     hparams = sweep_hyperparams(len(configs), configs[0].optim, template, **per_run)
     return template, configs[0].optim, hparams
+
+
+def non_sweepable_differences(configs: Sequence[ml_collections.ConfigDict]) -> dict[str, list[int]]:
+    """Config keys outside SWEEPABLE_KEYS that differ between runs, each with the indices of the runs
+    whose value differs from run 0's; empty when the runs can be one vectorised sweep."""
+
+    def shared_part(config):
+        shared = config.to_dict()
+        for key in SWEEPABLE_KEYS:
+            section, leaf = key.split(".")
+            del shared[section][leaf]
+        return shared
+
+    reference = shared_part(configs[0])
+    differences: dict[str, list[int]] = {}
+    for index, config in enumerate(configs[1:], start=1):
+        for key in _differing_keys(reference, shared_part(config)):
+            differences.setdefault(key, []).append(index)
+    return differences
 
 
 def _differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -250,6 +262,7 @@ def make_vectorised_train_step(
     objective_template: ml_collections.ConfigDict,
     optim_config: ml_collections.ConfigDict,
     total_steps: int,
+    run_loop: str = "vmap",
 ) -> Callable:
     """The pure step `(states [N, ...], batch, rng, hparams [N]) -> (states [N, ...], metrics [N])`.
 
@@ -265,6 +278,11 @@ def make_vectorised_train_step(
         SSL views / "cluster" ids the template needs), not stacked.
       rng: one key, shared (the step has no stochastic layers yet).
       hparams: {key: float32 [N]} for every key of HYPERPARAMS (`sweep_hyperparams`).
+
+    `run_loop` lays out the run axis (RUN_LOOPS): "vmap" batches every op over the N runs (bigger
+    ops: what accelerators want); "map" loops over the runs inside the one program, each run's ops
+    at single-run size with one run's working set at a time (on CPU, where a single run's step
+    already keeps the cores busy, the faster of the two). Both give the same results.
 
     The template decides which terms are computed (those with a nonzero weight); a run with weight 0
     on a computed term still pays for it. For BatchNorm (ResNet) towers, a run with SSL weight 0 in a
@@ -303,7 +321,15 @@ def make_vectorised_train_step(
         }
         return new_state, metrics
 
-    return jax.vmap(run_step, in_axes=(0, None, None, 0))
+    if run_loop == "vmap":
+        return jax.vmap(run_step, in_axes=(0, None, None, 0))
+    if run_loop == "map":
+
+        def mapped(states, batch, rng, hparams):
+            return jax.lax.map(lambda run: run_step(run[0], batch, rng, run[1]), (states, hparams))
+
+        return mapped
+    raise ValueError(f"run_loop must be one of {RUN_LOOPS}, got {run_loop!r}")
 
 
 # ---------------------------------------------------------------------------------------------

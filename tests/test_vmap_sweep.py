@@ -202,6 +202,28 @@ def test_runs_split_over_a_second_mesh_axis_match_replicated_runs(sweep, vectori
     _assert_trees_close(jax.device_get(states["params"]), jax.tree.map(lambda x: x[:num_runs], replicated_params), rtol=1e-4, atol=2e-6)
 
 
+def test_run_loop_map_gives_what_vmap_gives(sweep, vectorised):
+    """The runs looped over inside the program (lax.map, the CPU default) train exactly as the
+    vmapped runs do."""
+    step = vmap_sweep.make_vectorised_train_step(
+        sweep["model"], sweep["template"], sweep["optim_config"], TOTAL_STEPS, run_loop="map"
+    )
+    states, shardings = sweep["start"](len(LEARNING_RATES))
+    jitted = vmap_sweep.shard_and_jit_vectorised_step(step, shardings, sweep["mesh"])
+    history = []
+    for i, batch in enumerate(sweep["batches"]):
+        states, metrics = jitted(states, batch, jax.random.key(i), sweep["hparams"])
+        history.append(jax.device_get(metrics))
+    vmapped_params, vmapped_history = vectorised
+    for looped, vmapped in zip(history, vmapped_history, strict=True):
+        assert looped.keys() == vmapped.keys()
+        for key in looped:
+            np.testing.assert_allclose(looped[key], vmapped[key], rtol=2e-5, atol=1e-12, err_msg=key)
+    _assert_trees_close(jax.device_get(states["params"]), vmapped_params, rtol=1e-4, atol=2e-6)
+    with pytest.raises(ValueError, match="run_loop must be one of"):
+        vmap_sweep.make_vectorised_train_step(sweep["model"], sweep["template"], sweep["optim_config"], 8, "scan")
+
+
 def test_learning_rate_multiplier_times_peak_is_the_run_schedule():
     multiplier = vmap_sweep.learning_rate_multiplier(optim.optim_config(warmup_steps=5), 40)
     for peak in (1e-5, 3e-4, 2e-2):
@@ -241,7 +263,10 @@ def test_sweep_from_configs_splits_shared_and_per_run_settings():
     np.testing.assert_allclose(hparams["ssl_weight"], [0.0, 1.0])
     np.testing.assert_allclose(hparams["mmcl_weight"], [1.0, 1.0])
 
+    assert vmap_sweep.non_sweepable_differences(configs) == {}
     configs[1].data.batch_size = 7
+    configs[1].cleaning.shrink = 0.5
+    assert vmap_sweep.non_sweepable_differences(configs) == {"cleaning.shrink": [1], "data.batch_size": [1]}
     with pytest.raises(ValueError, match="data.batch_size"):
         vmap_sweep.sweep_from_configs(configs)
 

@@ -1,0 +1,316 @@
+"""`python -m bclip.sweep --vectorize`: the runs of a sweep trained as one vectorised program write
+what the same runs write one after another (evaluations, logs, final parameters), resume after an
+interruption, skip finished runs, fail a diverged run alone, and refuse sweeps they cannot carry.
+
+A micro ViT CLIP cleans a "pretrained" checkpoint (its random initialisation, saved) on 32 pairs of
+the synthetic world: 2 steps per epoch, 2 epochs, evaluated before and after each epoch.
+"""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from bclip import config as run_configs
+from bclip import experiment, sweep, train, train_step, train_vectorised, vmap_sweep
+from bclip.models import clip
+
+TOTAL_STEPS = 4
+RUN_NAMES = ["lr=0.001", "lr=0.003_ssl_weight=2_wd=0.5"]
+
+SWEEP_CONFIG = '''
+"""CleanCLIP on 32 clean pairs at two settings that only differ in scalars."""
+from bclip import config as run_configs
+
+WORLD, PRETRAINED = {world!r}, {pretrained!r}
+
+
+def get_config(arg=None):
+    config = run_configs.run_config("micro-vit", text={{"vocab_size": 256, "context_length": 24}})
+    config.data.train_csv = WORLD + "/train/train.csv"
+    config.data.tokenizer.path = WORLD + "/vocab.txt"
+    config.data.synonyms = WORLD + "/synonyms.json"
+    config.data.image_augment = "simclr"
+    config.data.batch_size = 16
+    config.objective.ssl_weight = 1.0
+    # Round-off in gradients that are exactly zero in exact arithmetic (it differs between the
+    # vectorised and the single-run program) would become whole Adam steps with eps=1e-8.
+    config.optim.eps = 1e-3
+    config.optim.warmup_steps = 2
+    config.poison.count = 0
+    config.poison.trigger.size = 5
+    config.train.init_from = PRETRAINED
+    config.train.subset_size = 32
+    config.train.num_epochs = 2
+    config.train.log_every_steps = 1
+    config.eval.batch_size = 16
+    config.eval.sets.test.path = WORLD + "/test"
+    {extra}
+    return config
+
+
+def get_sweep(arg=None):
+    return {sweep}
+'''
+
+SWEEP = [
+    {"optim.learning_rate": 1e-3},
+    {"optim.learning_rate": 3e-3, "objective.ssl_weight": 2.0, "optim.weight_decay": 0.5},
+]
+
+
+@pytest.fixture(scope="module")
+def world_and_pretrained(tmp_path_factory):
+    """The synthetic world and a "pretrained" checkpoint of the sweep's model."""
+    workdir = tmp_path_factory.mktemp("vectorised")
+    world = experiment.study_config().world
+    world.num_train, world.num_test, world.num_selection = 64, 16, 8
+    world_dir = experiment.prepare_world(world, str(workdir))
+    model_config = run_configs.run_config("micro-vit", text={"vocab_size": 256, "context_length": 24}).model
+    variables = train_step.init_variables(clip.build_model(model_config), jax.random.key(1), 32, 24)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(workdir / "pretrained" / "checkpoints" / "1" / "state", variables)
+    checkpointer.wait_until_finished()
+    return world_dir, str(workdir / "pretrained")
+
+
+def write_sweep_config(path, world_and_pretrained, sweep_source=repr(SWEEP), extra="") -> str:
+    """A sweep config file: SWEEP_CONFIG with `sweep_source` as get_sweep's list and `extra` lines
+    added to get_config."""
+    world, pretrained = world_and_pretrained
+    path.write_text(SWEEP_CONFIG.format(world=world, pretrained=pretrained, sweep=sweep_source, extra=extra))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def config_file(world_and_pretrained, tmp_path_factory):
+    return write_sweep_config(tmp_path_factory.mktemp("config") / "sweep_config.py", world_and_pretrained)
+
+
+@pytest.fixture(scope="module")
+def sequential_root(config_file, tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("sequential"))
+    assert sweep.sweep(config_file, root) == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def vectorised_root(config_file, tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("vectorised"))
+    assert sweep.sweep(config_file, root, vectorize=True) == 0
+    return root
+
+
+def read_jsonl(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def final_state(run_dir: str) -> dict:
+    state = ocp.StandardCheckpointer().restore(os.path.join(run_dir, "checkpoints", str(TOTAL_STEPS), "state"))
+    return jax.tree.map(np.asarray, state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Same outputs as the runs one after another
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sequential_reference_runs(sequential_root):
+    # The first test to use the `sequential_root` fixture, so it carries its set-up (two runs).
+    for name in RUN_NAMES:
+        evals = read_jsonl(os.path.join(sequential_root, name, train.EVALS_FILE))
+        assert [record["step"] for record in evals] == [0, 2, 4]
+        assert evals[-1]["test/num_images"] == 16
+
+
+@pytest.mark.slow
+def test_each_run_writes_what_its_sequential_run_writes(sequential_root, vectorised_root):
+    # The first test to use the `vectorised_root` fixture, so it carries its set-up (the group).
+    for name in RUN_NAMES:
+        sequential, vectorised = os.path.join(sequential_root, name), os.path.join(vectorised_root, name)
+        for file in ("overrides.json", "config.json"):
+            with open(os.path.join(sequential, file)) as f, open(os.path.join(vectorised, file)) as g:
+                assert json.load(f) == json.load(g), f"{name}/{file}"
+        # Evaluations: same steps, same keys, same figures (discrete counts over 16 images).
+        evals, expected_evals = (read_jsonl(os.path.join(d, train.EVALS_FILE)) for d in (vectorised, sequential))
+        assert [record["step"] for record in evals] == [0, 2, 4]
+        assert evals == expected_evals, name
+        with open(os.path.join(sequential, train.DONE_FILE)) as f, open(os.path.join(vectorised, train.DONE_FILE)) as g:
+            assert json.load(f) == json.load(g)
+        # Training logs: same steps and keys, the same values to float tolerance.
+        metrics, expected = (read_jsonl(os.path.join(d, train.METRICS_FILE)) for d in (vectorised, sequential))
+        assert [record.keys() for record in metrics] == [record.keys() for record in expected]
+        assert [record["step"] for record in metrics] == list(range(1, TOTAL_STEPS + 1))
+        for key in ("loss", "mmcl", "ssl", "grad_norm", "learning_rate", "temperature"):
+            np.testing.assert_allclose(
+                [record[key] for record in metrics], [record[key] for record in expected], rtol=1e-5, err_msg=key
+            )
+
+
+def test_each_run_ends_with_its_sequential_runs_parameters(sequential_root, vectorised_root):
+    finals = {}
+    for name in RUN_NAMES:
+        vectorised = final_state(os.path.join(vectorised_root, name))
+        sequential = final_state(os.path.join(sequential_root, name))
+        assert int(vectorised["step"]) == TOTAL_STEPS
+        for (path, actual), desired in zip(
+            jax.tree_util.tree_leaves_with_path(vectorised["params"]), jax.tree.leaves(sequential["params"]), strict=True
+        ):
+            np.testing.assert_allclose(actual, desired, rtol=1e-4, atol=1e-6, err_msg=name + jax.tree_util.keystr(path))
+        finals[name] = vectorised["params"]
+    # The runs really differ, by far more than the tolerance.
+    kernel = lambda params: params["text_tower"]["transformer"]["block_0"]["mlp_fc"]["kernel"]
+    assert np.max(np.abs(kernel(finals[RUN_NAMES[0]]) - kernel(finals[RUN_NAMES[1]]))) > 1e-3
+
+
+def test_group_state_is_removed_once_finished(vectorised_root):
+    groups = os.listdir(os.path.join(vectorised_root, sweep.VECTORISED_DIR))
+    assert len(groups) == 1
+    group_dir = os.path.join(vectorised_root, sweep.VECTORISED_DIR, groups[0])
+    assert not os.path.exists(os.path.join(group_dir, train_vectorised.CHECKPOINTS_DIR))
+    with open(os.path.join(group_dir, train_vectorised.FAILED_FILE)) as f:
+        assert json.load(f) == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Interruption, re-runs, divergence
+# ---------------------------------------------------------------------------------------------
+
+
+class Interrupted(Exception):
+    """Stands in for a preemption in the middle of the group."""
+
+
+@pytest.mark.slow
+def test_interrupted_group_resumes_to_the_same_outputs(config_file, vectorised_root, tmp_path, monkeypatch):
+    root = str(tmp_path / "root")
+    real_jit = vmap_sweep.shard_and_jit_vectorised_step
+    calls = []
+
+    def jit_that_fails_at_step_4(step, shardings, mesh):
+        jitted = real_jit(step, shardings, mesh)
+
+        def call(*args):
+            calls.append(None)
+            if len(calls) == 4:
+                raise Interrupted("before step 4")
+            return jitted(*args)
+
+        return call
+
+    monkeypatch.setattr(vmap_sweep, "shard_and_jit_vectorised_step", jit_that_fails_at_step_4)
+    assert sweep.sweep(config_file, root, vectorize=True) == 1  # the group failed: both runs reported
+    group_dir = sweep.vectorised_group_dir(root, sweep.expand_sweep(root, SWEEP))
+    assert ocp.utils.checkpoint_steps(os.path.join(group_dir, train_vectorised.CHECKPOINTS_DIR)) == [2]
+    assert not any(os.path.exists(os.path.join(root, name, train.DONE_FILE)) for name in RUN_NAMES)
+
+    monkeypatch.setattr(vmap_sweep, "shard_and_jit_vectorised_step", real_jit)
+    assert sweep.sweep(config_file, root, vectorize=True) == 0
+    for name in RUN_NAMES:
+        resumed, uninterrupted = os.path.join(root, name), os.path.join(vectorised_root, name)
+        jax.tree.map(np.testing.assert_array_equal, final_state(resumed), final_state(uninterrupted))
+        assert read_jsonl(os.path.join(resumed, train.EVALS_FILE)) == read_jsonl(os.path.join(uninterrupted, train.EVALS_FILE))
+        without_speed = lambda records: [{k: v for k, v in r.items() if k != "pairs_per_s"} for r in records]
+        assert without_speed(read_jsonl(os.path.join(resumed, train.METRICS_FILE))) == without_speed(
+            read_jsonl(os.path.join(uninterrupted, train.METRICS_FILE))
+        )
+
+
+def test_rerun_skips_finished_runs_and_groups_the_rest(config_file, vectorised_root, tmp_path, monkeypatch, capsys):
+    root = str(tmp_path / "root")
+    shutil.copytree(vectorised_root, root)
+    groups = []
+
+    def train_group(configs, workdirs, group_dir, run_loop=None):
+        groups.append((list(workdirs), group_dir))
+        for workdir in workdirs:
+            with open(os.path.join(workdir, train.DONE_FILE), "w") as f:
+                json.dump({"steps": TOTAL_STEPS, "results": {}}, f)
+        return train_vectorised.GroupOutcome(results={w: {} for w in workdirs}, failed={})
+
+    monkeypatch.setattr(train_vectorised, "train_and_evaluate_vectorised", train_group)
+    assert sweep.sweep(config_file, root, vectorize=True) == 0
+    assert groups == []
+    assert "2 runs, 2 finished, 0 to run" in capsys.readouterr().out
+
+    os.remove(os.path.join(root, RUN_NAMES[1], train.DONE_FILE))
+    assert sweep.sweep(config_file, root, vectorize=True) == 0
+    assert groups == [([os.path.join(root, RUN_NAMES[1])], sweep.vectorised_group_dir(root, sweep.expand_sweep(root, SWEEP[1:])))]
+    assert "2 runs, 1 finished, 1 to run" in capsys.readouterr().out
+
+
+def test_a_diverged_run_fails_alone(world_and_pretrained, vectorised_root, tmp_path, capsys):
+    sweep_source = '[{"optim.learning_rate": 1e-3}, {"optim.learning_rate": float("nan")}]'
+    config_file = write_sweep_config(tmp_path / "config.py", world_and_pretrained, sweep_source)
+    root = str(tmp_path / "root")
+    assert sweep.sweep(config_file, root, vectorize=True) == 1
+    stderr = capsys.readouterr().err
+    assert "run lr=nan failed" in stderr and "1 run(s) failed: lr=nan" in stderr
+    assert not os.path.exists(os.path.join(root, "lr=nan", train.DONE_FILE))
+    group_dir = os.path.join(root, sweep.VECTORISED_DIR, os.listdir(os.path.join(root, sweep.VECTORISED_DIR))[0])
+    with open(os.path.join(group_dir, train_vectorised.FAILED_FILE)) as f:
+        assert json.load(f) == {"lr=nan": "parameters became non-finite in step 1"}
+    # The healthy run is the same run as in the sweep without the diverging one.
+    healthy, reference = os.path.join(root, RUN_NAMES[0]), os.path.join(vectorised_root, RUN_NAMES[0])
+    assert read_jsonl(os.path.join(healthy, train.EVALS_FILE)) == read_jsonl(os.path.join(reference, train.EVALS_FILE))
+    jax.tree.map(np.testing.assert_array_equal, final_state(healthy), final_state(reference))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps that cannot be vectorised
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sweep_source, extra, named",
+    [
+        (
+            '[{"optim.learning_rate": 1e-3}, {"data.batch_size": 32, "cleaning.shrink": 0.95}]',
+            "",
+            ["data.batch_size differs between runs (lr=0.001: 16, bs=32_shrink=0.95: 32)", "cleaning.shrink"],
+        ),
+        ("[{}]", "config.objective.cluster_weight = 5.0", ["objective.cluster_weight is set: deep clustering"]),
+    ],
+)
+def test_sweep_that_cannot_be_vectorised_is_an_error_naming_the_keys(
+    world_and_pretrained, tmp_path, capsys, sweep_source, extra, named
+):
+    config_file = write_sweep_config(tmp_path / "config.py", world_and_pretrained, sweep_source, extra)
+    root = tmp_path / "root"
+    assert sweep.main(["--config", config_file, "--workdir", str(root), "--vectorize"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: these runs cannot train as one vectorised program")
+    for text in named:
+        assert text in error
+    assert "run this sweep without --vectorize" in error
+    assert not root.exists()  # nothing started, nothing written
+
+
+def test_vectorize_needs_local_in_process_mode(config_file, tmp_path, capsys):
+    for flags in (["--parallel", "2"], ["--mode", "slurm"]):
+        assert sweep.main(["--config", config_file, "--workdir", str(tmp_path), "--vectorize", *flags]) == 2
+        assert "--vectorize trains the runs in this process" in capsys.readouterr().err
+
+
+def test_vectorised_dry_run_names_the_group_and_writes_nothing(config_file, tmp_path, capsys):
+    root = tmp_path / "root"
+    assert sweep.main(["--config", config_file, "--workdir", str(root), "--vectorize", "--dry_run"]) == 0
+    out = capsys.readouterr().out
+    assert f"would train 2 runs as one vectorised program, group state in {root}/{sweep.VECTORISED_DIR}/2runs-" in out
+    assert not root.exists()
+
+
+def test_clean_tiny_sweep_can_be_vectorised():
+    config_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "clean_tiny.py")
+    config, entries = sweep.load_sweep(f"{config_path}:runs/world,runs/tiny,4")
+    assert config.train.init_from == "runs/tiny" and config.data.train_csv == "runs/world/train/train.csv"
+    runs = sweep.expand_sweep("root", entries)
+    assert [run.name for run in runs] == [f"lr={lr}_ssl_weight=1" for lr in ("2e-04", "5e-04", "0.001", "0.002")]
+    sweep.check_vectorisable(config, runs)
+    assert len(sweep.load_sweep(f"{config_path}:runs/world,runs/tiny")[1]) == 8
