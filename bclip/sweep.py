@@ -458,6 +458,8 @@ def sweep(
         return 0
 
     if mode == "local":
+        if not dry_run:
+            write_plan(root, config_path, runs)  # So the sweep report lists runs not started yet.
         if vectorize:
             if dry_run:
                 print(f"would train {len(pending)} runs as one vectorised program, group state in "

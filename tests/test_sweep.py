@@ -183,6 +183,9 @@ def test_local_sequential_runs_with_stub_trainer_and_skips_finished(config_file,
     assert json.loads((root / EXPECTED_NAMES[2] / "overrides.json").read_text()) == {
         "optim.learning_rate": 5e-4, "objective.ssl_weight": 2.0}
     assert not (root / EXPECTED_NAMES[1] / "overrides.json").exists()  # Finished before: untouched.
+    # The plan lists every run, so the sweep report can name runs that never started.
+    _, planned = sweep.read_plan(str(root / "sweep.json"))
+    assert [run.name for run in planned] == EXPECTED_NAMES
 
     # A second pass only retries the failed run.
     seen.clear()
