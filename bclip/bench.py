@@ -10,6 +10,7 @@ import json
 import multiprocessing
 import os
 import pathlib
+import resource
 import sys
 import time
 
@@ -129,13 +130,13 @@ DATA_SETTINGS = {
 
 
 def cpu_seconds() -> float:
-    """CPU seconds used so far by this process (all its threads) and its live child processes.
-
-    Grain's workers are children; their time is read from /proc (Linux), so elsewhere only the
-    main process counts.
-    """
-    total = time.process_time()
-    for child in multiprocessing.active_children():
+    """CPU seconds used so far by this process (all its threads) and its child processes: the
+    ended ones once joined, and the live ones read from /proc (Linux; elsewhere live children
+    are not counted)."""
+    live = multiprocessing.active_children()  # also joins the children that have ended
+    ended = resource.getrusage(resource.RUSAGE_CHILDREN)
+    total = time.process_time() + ended.ru_utime + ended.ru_stime
+    for child in live:
         try:
             with open(f"/proc/{child.pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
@@ -143,6 +144,22 @@ def cpu_seconds() -> float:
             continue
         total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
     return total
+
+
+def wait_until_idle(poll_s: float = 0.05, idle_cpu_s: float = 0.012, timeout_s: float = 60.0) -> float:
+    """Waits until this process and its children use almost no CPU (under `idle_cpu_s`, about a
+    /proc clock tick, during one poll): the pipeline's prefetch buffers are full, and its threads
+    and workers wait for the consumer. Returns the time (time.perf_counter) at which that quiet
+    poll began, which is when the work ended, to within `poll_s`."""
+    deadline = time.perf_counter() + timeout_s
+    last_time, last_cpu = time.perf_counter(), cpu_seconds()
+    while last_time < deadline:
+        time.sleep(poll_s)
+        now_time, now_cpu = time.perf_counter(), cpu_seconds()
+        if now_cpu - last_cpu < idle_cpu_s:
+            break
+        last_time, last_cpu = now_time, now_cpu
+    return last_time
 
 
 class Stopwatch:
@@ -157,25 +174,38 @@ class Stopwatch:
 
 def bare_decode_seconds(paths: list[str], image_size: int) -> tuple[float, float]:
     """(wall, CPU) seconds to read, decode, resize and centre-crop `paths` with Pillow alone, in a
-    plain loop: the floor any pipeline that decodes these files pays."""
+    plain loop: the floor any pipeline that decodes these files pays.
+
+    It is the cheapest plain Pillow route to the same pixels: JPEG draft decoding (as the pipeline
+    does), and a convert, resize or crop only where it changes the image (each one copies it).
+    """
     watch = Stopwatch()
     watch.start()
     for path in paths:
         with open(path, "rb") as f:
             image = Image.open(io.BytesIO(f.read()))
         image.draft("RGB", (image_size, image_size))
-        image = image.convert("RGB")
+        if image.mode != "RGB":
+            image = image.convert("RGB")
         width, height = image.size
         new_height, new_width = decode.resized_shape(height, width, image_size)
-        image = image.resize((new_width, new_height), Image.Resampling.BICUBIC)
-        top, left = decode.centre_crop_offsets(new_height, new_width, image_size)
-        np.asarray(image.crop((left, top, left + image_size, top + image_size)))
+        if (new_width, new_height) != (width, height):
+            image = image.resize((new_width, new_height), Image.Resampling.BICUBIC)
+        if (new_width, new_height) != (image_size, image_size):
+            top, left = decode.centre_crop_offsets(new_height, new_width, image_size)
+            image = image.crop((left, top, left + image_size, top + image_size))
+        np.asarray(image)
     return watch.stop()
 
 
 def pipeline_seconds(source, setting: str, num_workers: int, num_batches: int, args, tokenizer, synonyms) -> tuple[float, float]:
-    """(wall, CPU) seconds the training pipeline takes to deliver `num_batches` batches, after a
-    batch from each worker (so that start-up, which workers go through in turn, is not counted)."""
+    """(wall, CPU) seconds the training pipeline takes to deliver `num_batches` batches.
+
+    Timed in steady state, between two moments at which every prefetch buffer is full and every
+    thread and worker idle: so what is counted is the work of exactly the batches taken, without
+    start-up (workers go through it in turn) and without batches prefetched before the start or
+    left over at the end.
+    """
     poison_overrides, with_views = DATA_SETTINGS[setting]
     data = pipeline.data_config(batch_size=args.batch_size, num_workers=num_workers)
     train = pipeline.make_train_pipeline(
@@ -191,11 +221,12 @@ def pipeline_seconds(source, setting: str, num_workers: int, num_batches: int, a
     try:
         for _ in range(max(1, num_workers)):
             next(train)
-        watch = Stopwatch()
-        watch.start()
+        wait_until_idle()
+        start_wall, start_cpu = time.perf_counter(), cpu_seconds()
         for _ in range(num_batches):
             next(train)
-        return watch.stop()
+        end_wall = wait_until_idle()  # the buffers refilled: the same state as at the start
+        return end_wall - start_wall, cpu_seconds() - start_cpu
     finally:
         train.close()
 
@@ -228,12 +259,14 @@ def _lexicon(path):
 def bench_data(args) -> list[dict]:
     """Images/s of a bare Pillow loop and of the training pipeline per setting and worker count.
 
-    Every pipeline measurement is paired with a bare-loop measurement taken just before it, in this
-    process, and their ratio is the overhead; `--repeats` interleaved rounds, medians reported. So
-    load from other users of the machine hits both sides of each ratio alike. Per-core figures
-    come two ways: images/s divided by max(1, workers) and images per CPU-second actually used
-    (main process, its threads and the workers), which stays honest when reading threads or
-    other users make wall time a poor measure of cores.
+    Every pipeline measurement follows a bare-loop measurement in this process, over `--repeats`
+    interleaved rounds, so that load from other users of the machine hits both alike; medians are
+    reported, and an overhead is the ratio of the bare loop's median (over every round) to the
+    setting's. (Single bare loops on a shared machine vary by up to a third, too much to divide
+    each measurement by the one before it.) Per-core figures come two ways: images/s divided by
+    max(1, workers) and images per CPU-second actually used (main process, its threads and the
+    workers), which stays honest when reading threads or other users make wall time a poor
+    measure of cores.
     """
     source, tokenizer, synonyms = _bench_dataset(args)
     num_images = min(args.num_images, len(source))
@@ -265,37 +298,33 @@ def bench_data(args) -> list[dict]:
         return float(np.median(list(values)))
 
     every_round = [m for key in keys for m in rounds[key]]
+    bare_per_s = median(m["bare_per_s"] for m in every_round)
+    bare_per_cpu_s = median(m["bare_per_cpu_s"] for m in every_round)
     results = [{
         "bench": "data", "setting": "bare_pillow", "workers": 0, "image_size": args.image_size,
-        "images": num_images, "images_per_s": median(m["bare_per_s"] for m in every_round),
-        "images_per_s_per_core": median(m["bare_per_s"] for m in every_round),
-        "images_per_cpu_s": median(m["bare_per_cpu_s"] for m in every_round),
+        "images": num_images, "images_per_s": bare_per_s, "images_per_s_per_core": bare_per_s,
+        "images_per_cpu_s": bare_per_cpu_s,
     }]
     summary = {"bench": "data_summary", "cpu_count": os.cpu_count(), "load_average_1min": os.getloadavg()[0]}
     for setting, workers in keys:
         measured = rounds[setting, workers]
         per_core = median(m["per_s"] / max(1, workers) for m in measured)
+        per_cpu_s = median(m["per_cpu_s"] for m in measured)
         results.append({
             "bench": "data", "setting": setting, "workers": workers, "image_size": args.image_size,
             "batch_size": args.batch_size, "images": images,
             "images_per_s": median(m["per_s"] for m in measured), "images_per_s_per_core": per_core,
-            "images_per_cpu_s": median(m["per_cpu_s"] for m in measured),
+            "images_per_cpu_s": per_cpu_s,
         })
-        # Cost per image beyond decoding alone (Grain, tokenising, batching, poisoning, views),
-        # each pipeline measurement against the bare loop timed just before it.
-        summary[f"overhead_per_core/{setting}/w{workers}"] = median(
-            m["bare_per_s"] / (m["per_s"] / max(1, workers)) - 1 for m in measured)
-        summary[f"overhead_per_cpu_s/{setting}/w{workers}"] = median(
-            m["bare_per_cpu_s"] / m["per_cpu_s"] - 1 for m in measured)
+        # Cost per image beyond decoding alone (Grain, tokenising, batching, poisoning, views).
+        summary[f"overhead_per_core/{setting}/w{workers}"] = bare_per_s / per_core - 1
+        summary[f"overhead_per_cpu_s/{setting}/w{workers}"] = bare_per_cpu_s / per_cpu_s - 1
     for workers in worker_counts:
         if {"badnets_1pct", "ssl_badnets_1pct"} <= set(settings):
-            # Relative to the bare loop each was paired with, so load changes between them cancel.
-            single = summary[f"overhead_per_cpu_s/badnets_1pct/w{workers}"] + 1
-            views = summary[f"overhead_per_cpu_s/ssl_badnets_1pct/w{workers}"] + 1
-            summary[f"ssl_cost_ratio_per_cpu_s/w{workers}"] = views / single
-            single = summary[f"overhead_per_core/badnets_1pct/w{workers}"] + 1
-            views = summary[f"overhead_per_core/ssl_badnets_1pct/w{workers}"] + 1
-            summary[f"ssl_cost_ratio_per_core/w{workers}"] = views / single
+            for unit in ("per_cpu_s", "per_core"):
+                single = summary[f"overhead_{unit}/badnets_1pct/w{workers}"] + 1
+                views = summary[f"overhead_{unit}/ssl_badnets_1pct/w{workers}"] + 1
+                summary[f"ssl_cost_ratio_{unit}/w{workers}"] = views / single
     results.append(summary)
     return results
 

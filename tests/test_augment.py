@@ -1,12 +1,14 @@
 """Tests for the SSL views: image policies (AutoAugment, SimCLR, none) and EDA caption views."""
 
 import collections
+import itertools
+import math
 import sys
 import types
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageOps
 
 from bclip.data import image_augment, text_augment
 from bclip.data.image_augment import (AUTOAUGMENT_IMAGENET_SUBPOLICIES, AUTOAUGMENT_OPERATIONS,
@@ -157,6 +159,77 @@ def test_autoaugment_rotation_fills_corners():
     view = autoaugment_imagenet(image, np.random.default_rng(0), subpolicies=rotate_30, fill=7)
     assert view[0, 0].tolist() == [7, 7, 7]
     assert view[16, 16].tolist() == [200, 200, 200]
+
+
+# The operations as Pillow's ImageOps / ImageEnhance compute them, one call per step.
+PILLOW_REFERENCE = {
+    "Posterize": lambda image, magnitude: ImageOps.posterize(image, int(magnitude)),
+    "Solarize": lambda image, magnitude: image.point(
+        [v if v < math.ceil(magnitude) else 255 - v for v in range(256)] * 3),
+    "Invert": lambda image, magnitude: ImageOps.invert(image),
+    "AutoContrast": lambda image, magnitude: ImageOps.autocontrast(image),
+    "Equalize": lambda image, magnitude: ImageOps.equalize(image),
+    "Brightness": lambda image, magnitude: ImageEnhance.Brightness(image).enhance(1 + magnitude),
+    "Contrast": lambda image, magnitude: ImageEnhance.Contrast(image).enhance(1 + magnitude),
+    "Color": lambda image, magnitude: ImageEnhance.Color(image).enhance(1 + magnitude),
+    "Rotate": lambda image, magnitude: image.rotate(magnitude, fillcolor=(0, 0, 0)),
+}
+
+
+def _edge_case_images():
+    rng = np.random.default_rng(1)
+    return [
+        textured_image(),
+        rng.integers(0, 256, (21, 17, 3), dtype=np.uint8),
+        np.full((9, 9, 3), 77, np.uint8),  # one value per channel: equalize/autocontrast do nothing
+        (rng.integers(0, 2, (12, 12, 3)) * 200 + 20).astype(np.uint8),  # two values
+        np.clip(rng.normal(120, 6, (16, 16, 3)), 0, 255).astype(np.uint8),  # narrow histogram
+    ]
+
+
+def test_runs_of_operations_match_pillow_applied_one_by_one():
+    # Runs of per-value operations are folded into one lookup table; that must not change a pixel.
+    magnitudes = {"Posterize": [4, 7], "Solarize": [28.3, 255.0], "Invert": [0.0],
+                  "AutoContrast": [0.0], "Equalize": [0.0], "Brightness": [-0.6, 0.9],
+                  "Contrast": [-0.9, 0.4], "Color": [0.5], "Rotate": [12.0]}
+    for image in _edge_case_images():
+        pil = Image.fromarray(image)
+        for operations in itertools.product(PILLOW_REFERENCE, repeat=2):
+            for steps in itertools.product(*([(op, m) for m in magnitudes[op]] for op in operations)):
+                steps = list(steps) + [("Equalize", 0.0), ("Posterize", 6)]
+                expected = pil
+                for operation, magnitude in steps:
+                    expected = PILLOW_REFERENCE[operation](expected, magnitude)
+                view = image_augment.apply_autoaugment_steps(pil, steps)
+                np.testing.assert_array_equal(np.asarray(view), np.asarray(expected), err_msg=str(steps))
+
+
+def test_autoaugment_imagenet_matches_pillow_applied_one_by_one():
+    reference = dict(AUTOAUGMENT_OPERATIONS, **{op: (lambda f: lambda image, magnitude, fill: f(image, magnitude))(f)
+                                                for op, f in PILLOW_REFERENCE.items() if op != "Rotate"})
+    image = textured_image()
+    for seed in range(300):
+        rng = np.random.default_rng(seed)
+        expected = Image.fromarray(image)
+        subpolicy = AUTOAUGMENT_IMAGENET_SUBPOLICIES[int(rng.integers(25))]
+        for operation, probability, magnitude_bin in subpolicy:
+            applies, mirrored = rng.random() < probability, rng.random() < 0.5
+            if applies:
+                magnitude = autoaugment_magnitude(operation, magnitude_bin, 40, 48)
+                if mirrored and operation not in ("Posterize", "Solarize", "Equalize", "AutoContrast", "Invert"):
+                    magnitude = -magnitude
+                expected = reference[operation](expected, magnitude, 0)
+        np.testing.assert_array_equal(augment_image(image, "autoaugment_imagenet", seed), np.asarray(expected))
+
+
+def test_pil_views_leave_their_input_alone_and_match_the_array_api():
+    image = textured_image()
+    for policy in sorted(POLICIES):
+        for seed in range(8):
+            pil = Image.fromarray(image)
+            view = image_augment.augment_pil_image(pil, policy, seed)
+            np.testing.assert_array_equal(np.asarray(pil), image)
+            np.testing.assert_array_equal(np.asarray(view), augment_image(image, policy, seed))
 
 
 def test_simclr_full_crop_is_image_or_its_mirror():

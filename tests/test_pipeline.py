@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from bclip import checkpointing
-from bclip.data import decode, pipeline, poisoning, sources, synthetic, text_augment, triggers
+from bclip.data import decode, image_augment, pipeline, poisoning, sources, synthetic, text_augment, triggers
 from bclip.data.tokenizer import WordTokenizer
 
 IMAGE_SIZE = 32
@@ -372,6 +372,107 @@ def test_gaps_left_by_bad_records_resume_exactly_and_do_not_depend_on_workers(br
         assert with_workers.bad_records.bad.keys() == set(MISSING + TRUNCATED + EMPTY_CAPTION)
     finally:
         with_workers.close()
+
+
+def _tracker_state(iterator_state: dict) -> dict:
+    """The bad-record tracker's part of a training iterator's (nested) state."""
+    while "bad_records" not in iterator_state:
+        iterator_state = iterator_state["parent"]
+    return iterator_state["bad_records"]
+
+
+def test_bad_record_counts_travel_with_the_checkpointed_iterator(broken_csv, tokenizer, tmp_path):
+    source = sources.CsvImageTextSource(broken_csv)
+    bad = set(MISSING + TRUNCATED + EMPTY_CAPTION)
+    first_run = tmp_path / "first"
+    first_run.mkdir()
+    uninterrupted = _pipeline(source, tokenizer, batch_size=4, max_bad_fraction=0.2, run_dir=str(first_run))
+    _take(uninterrupted, 4)  # 16 usable examples: past indices 5 and 11 in stream order or not
+    manager = checkpointing.make_manager(str(tmp_path / "checkpoints"))
+    checkpointing.save(manager, 4, {"step": jnp.int32(4)}, uninterrupted.iterator)
+    manager.wait_until_finished()
+    manager.close()
+    saved = _tracker_state(json.loads(json.dumps(uninterrupted.iterator.get_state())))
+    assert saved["num_examined"] >= 16 and {index for index, _ in saved["bad"]} <= bad
+    rest = _take(uninterrupted, 12)  # into the second epoch
+
+    resumed_run = tmp_path / "resumed"
+    resumed_run.mkdir()
+    resumed = _pipeline(source, tokenizer, batch_size=4, max_bad_fraction=0.2, run_dir=str(resumed_run))
+    manager = checkpointing.make_manager(str(tmp_path / "checkpoints"))
+    checkpointing.restore_latest(manager, {"step": jax.ShapeDtypeStruct((), jnp.int32)}, resumed.iterator)
+    manager.close()
+    # A fresh tracker has taken over what the saved one had examined and found.
+    assert resumed.bad_records.get_state() == saved
+    _assert_batches_equal(rest, _take(resumed, 12))
+    assert resumed.bad_records.num_examined == uninterrupted.bad_records.num_examined
+    assert resumed.bad_records.bad == uninterrupted.bad_records.bad
+    assert resumed.bad_records.bad.keys() == bad
+    logged = [json.loads(line)["index"] for line in (resumed_run / "bad_records.jsonl").read_text().splitlines()]
+    assert sorted(logged) == sorted(bad)  # each once, the restored ones included
+
+
+def test_bad_records_log_is_rewritten_whole_where_files_cannot_be_appended(tmp_path, monkeypatch):
+    log = tmp_path / "bad_records.jsonl"
+    tracker = pipeline.BadRecordTracker(num_records=100, max_bad_fraction=0.5, log_path=log)
+    tracker(_tracker_batch([1, 2, 3], bad={2}))
+    monkeypatch.setattr(pipeline, "_is_remote", lambda path: True)  # as for gs://
+    log.write_text("")  # an appending writer would now leave only the new line
+    tracker(_tracker_batch([4, 5, 2], bad={5, 2}))
+    assert [json.loads(line) for line in log.read_text().splitlines()] == [
+        {"index": 2, "why": "2.jpg: broken"}, {"index": 5, "why": "5.jpg: broken"}]
+
+
+def test_tracker_state_round_trips_through_json():
+    tracker = pipeline.BadRecordTracker(num_records=100, max_bad_fraction=0.5)
+    tracker(_tracker_batch([7, 8, 9, 10], bad={8, 10}))
+    snapshot = tracker.get_state()
+    tracker(_tracker_batch([11, 12], bad={12}))  # a snapshot does not change afterwards
+    assert snapshot == {"num_examined": 4, "bad": [[8, "8.jpg: broken"], [10, "10.jpg: broken"]]}
+    restored = pipeline.BadRecordTracker(num_records=100, max_bad_fraction=0.5)
+    restored.set_state(json.loads(json.dumps(snapshot)))
+    assert restored.num_examined == 4 and restored.bad == {8: "8.jpg: broken", 10: "10.jpg: broken"}
+
+
+def test_views_and_redrawn_triggers_are_seeded_by_the_records_epoch_in_the_stream(broken_csv, tokenizer):
+    # Bad records shift which batch an epoch ends in, so an epoch counted in batches or steps would
+    # be wrong here; the k-th time a record comes round is its epoch k.
+    source = sources.CsvImageTextSource(broken_csv)
+    poison = _poison(redraw_each_epoch=True)
+    poison.count, poison.trigger.size = 8, 4
+    train = _pipeline(source, tokenizer, poison=poison, with_views=True, batch_size=5,
+                      max_bad_fraction=0.2, image_augment="simclr")
+    plan = train.plan
+    seen = {}
+    for example in _examples(_take(train, 3 * 35 // 5)):  # 35 usable records, 3 epochs
+        index = int(example["index"])
+        epoch = seen[index] = seen.get(index, -1) + 1
+        image = example["image"]
+        if example["is_poisoned"]:
+            clean = decode.decode_and_resize(source[index]["image_bytes"], IMAGE_SIZE)
+            expected = triggers.apply_trigger(clean, poison.trigger, plan.trigger_seed(index, epoch))
+            np.testing.assert_array_equal(image, expected)
+        view = image_augment.augment_image(image, "simclr", [7, 1, index, epoch])  # shuffle_seed 7
+        np.testing.assert_array_equal(example["aug_image"], view)
+    assert set(seen.values()) == {2} and len(seen) == 35
+    assert 0 < sum(index in plan for index in seen) <= 8
+
+
+def test_process_shards_seed_views_by_the_global_epoch(source, tokenizer):
+    by_index = {}
+    for process_index in range(2):
+        shard = _pipeline(source, tokenizer, with_views=True, image_augment="simclr",
+                          process_index=process_index, process_count=2)
+        for example in _examples(_take(shard, 2 * BATCHES_PER_EPOCH)):  # 2 epochs of the global stream
+            by_index.setdefault(int(example["index"]), []).append(example)
+    assert sorted(by_index) == list(range(NUM_TRAIN))
+    for index, examples in by_index.items():
+        epochs = sorted(
+            epoch for example in examples for epoch in range(3)
+            if np.array_equal(example["aug_image"],
+                              image_augment.augment_image(example["image"], "simclr", [7, 1, index, epoch]))
+        )
+        assert epochs == [0, 1], index
 
 
 def test_caption_without_words_is_a_bad_record_only_when_views_are_needed(broken_csv, tokenizer):

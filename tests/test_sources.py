@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from bclip.data import records
-from bclip.data.decode import BadRecordError, decode_and_resize, resize_array
+from bclip.data.decode import BadRecordError, decode_and_resize, decode_and_resize_image, resize_array
 from bclip.data.sources import (
     ArrayRecordImageTextSource,
     CsvImageTextSource,
@@ -134,6 +134,17 @@ def test_decode_and_resize_returns_uint8_rgb_of_the_requested_size(mode):
     pixels = decode_and_resize(buffer.getvalue(), 16)
     assert pixels.shape == (16, 16, 3) and pixels.dtype == np.uint8
     pixels[0, 0] = 1  # triggers are pasted in place: the array must be writable
+
+
+@pytest.mark.parametrize(
+    "mode, size", [("RGB", (16, 16)), ("RGB", (50, 20)), ("L", (50, 20)), ("RGBA", (20, 50)), ("P", (16, 16))]
+)
+def test_decode_and_resize_image_is_the_same_pixels_as_a_pillow_image(mode, size):
+    buffer = io.BytesIO()
+    Image.effect_noise(size, 60).convert(mode).save(buffer, format="PNG")
+    image = decode_and_resize_image(buffer.getvalue(), 16)
+    assert image.mode == "RGB" and image.size == (16, 16)
+    np.testing.assert_array_equal(np.asarray(image), decode_and_resize(buffer.getvalue(), 16))
 
 
 def test_decode_and_resize_scales_shorter_side_then_centre_crops():

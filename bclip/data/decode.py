@@ -55,14 +55,19 @@ def centre_crop_offsets(height: int, width: int, size: int) -> tuple[int, int]:
     return int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
 
 
-def _resize_and_centre_crop(image: Image.Image, size: int) -> np.ndarray:
+def _resize_and_centre_crop(image: Image.Image, size: int) -> Image.Image:
+    """The RGB `size` x `size` image; steps with nothing to do are skipped, as each one copies
+    the whole image (a 224-px JPEG decoded at 224 px needs neither a resize nor a crop)."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
     width, height = image.size
     new_height, new_width = resized_shape(height, width, size)
     if (new_width, new_height) != (width, height):
         image = image.resize((new_width, new_height), Image.Resampling.BICUBIC)
     top, left = centre_crop_offsets(new_height, new_width, size)
-    image = image.crop((left, top, left + size, top + size))
-    return np.array(image, dtype=np.uint8)
+    if (new_width, new_height) != (size, size):
+        image = image.crop((left, top, left + size, top + size))
+    return image
 
 
 def resize_array(image: np.ndarray, size: int) -> np.ndarray:
@@ -84,7 +89,40 @@ def resize_array(image: np.ndarray, size: int) -> np.ndarray:
         raise ValueError(f"expected an image of shape [H, W, 3], [H, W, 1] or [H, W], got {image.shape}")
     if size <= 0:
         raise ValueError(f"size must be positive, got {size}")
-    return _resize_and_centre_crop(Image.fromarray(image).convert("RGB"), size)
+    return np.array(_resize_and_centre_crop(Image.fromarray(image), size), dtype=np.uint8)
+
+
+def decode_and_resize_image(
+    image_bytes: bytes,
+    size: int,
+    *,
+    path: str | None = None,
+    index: int | None = None,
+) -> Image.Image:
+    """`decode_and_resize` as a Pillow RGB image of `size` x `size`, for code that goes on with
+    Pillow (augmentations) or copies the pixels straight into a batch."""
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {size}")
+    if not image_bytes:
+        raise BadRecordError("empty image bytes", path=path, index=index)
+    try:
+        image = Image.open(io.BytesIO(image_bytes))
+        if image.format == "JPEG":
+            # Let libjpeg decode at 1/2, 1/4 or 1/8 scale while the shorter side stays
+            # >= size: decoding a large photo this way is several times faster.
+            image.draft("RGB", (size, size))
+        image.load()
+        image = _resize_and_centre_crop(image, size)
+    except Exception as error:  # Pillow signals bad data with many exception types.
+        raise BadRecordError(
+            f"cannot decode image: {type(error).__name__}: {error}", path=path, index=index
+        ) from error
+    if image.size != (size, size) or image.mode != "RGB":
+        raise BadRecordError(
+            f"decoded to a {image.mode} image of {image.size}, expected RGB {(size, size)}",
+            path=path, index=index,
+        )
+    return image
 
 
 def decode_and_resize(
@@ -107,24 +145,5 @@ def decode_and_resize(
     Raises:
       BadRecordError: the bytes are empty, truncated, or not a decodable image.
     """
-    if size <= 0:
-        raise ValueError(f"size must be positive, got {size}")
-    if not image_bytes:
-        raise BadRecordError("empty image bytes", path=path, index=index)
-    try:
-        image = Image.open(io.BytesIO(image_bytes))
-        if image.format == "JPEG":
-            # Let libjpeg decode at 1/2, 1/4 or 1/8 scale while the shorter side stays
-            # >= size: decoding a large photo this way is several times faster.
-            image.draft("RGB", (size, size))
-        image.load()
-        pixels = _resize_and_centre_crop(image.convert("RGB"), size)
-    except Exception as error:  # Pillow signals bad data with many exception types.
-        raise BadRecordError(
-            f"cannot decode image: {type(error).__name__}: {error}", path=path, index=index
-        ) from error
-    if pixels.shape != (size, size, 3):
-        raise BadRecordError(
-            f"decoded to shape {pixels.shape}, expected {(size, size, 3)}", path=path, index=index
-        )
-    return pixels
+    image = decode_and_resize_image(image_bytes, size, path=path, index=index)
+    return np.array(image, dtype=np.uint8)

@@ -1,11 +1,14 @@
 """Random image views for the in-modal SSL term: AutoAugment (ImageNet policy) and SimCLR views.
 
-Runs in Grain worker processes, so it uses numpy and Pillow only. Every view is a pure function
-of the input image and a seed: the same (image, policy, seed) always gives the same view.
+Runs in Grain worker processes, so it uses numpy and Pillow only. Policies work on Pillow images
+(`augment_pil_image`), so the pipeline passes the image it decoded and copies the view once, into
+its batch; `augment_image` wraps them for arrays. Every view is a pure function of the input image
+and a seed: the same (image, policy, seed) always gives the same view.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -59,6 +62,126 @@ def _check_image(image: np.ndarray) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Per-channel value maps. Most AutoAugment operations change each channel value independently of
+# where it is: such an operation is a uint8 [3, 256] table, consecutive ones compose into a single
+# table, and the histogram an Equalize or AutoContrast needs follows from the histogram before
+# them. So a run of them costs at most one histogram and one lookup pass over the pixels. Each
+# table reproduces the Pillow function named in its docstring exactly. Tables that depend only on
+# a magnitude are cached: AutoAugment draws magnitudes from 10 bins.
+# ----------------------------------------------------------------------------------------------
+
+_VALUES = np.arange(256)
+
+
+def _histogram(image: Image.Image) -> np.ndarray:
+    """int64 [3, 256]: pixel counts of each value in each channel of an RGB image."""
+    return np.fromiter(image.histogram(), np.int64, 3 * 256).reshape(3, 256)
+
+
+def _apply_table(image: Image.Image, table: np.ndarray) -> Image.Image:
+    """The RGB image with channel c's values v replaced by table[c, v] (uint8 [3, 256])."""
+    # Image.point rounds each of the 768 table entries in Python first, which takes as long as
+    # the lookup itself; the table here is uint8 already.
+    return image._new(image.im.point(table.tobytes(), None))
+
+
+def _remapped_histogram(histogram: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """int64 [3, 256]: the histogram of an image with `histogram` after `table` is applied."""
+    offsets = 256 * np.arange(3)[:, None]
+    flat = np.bincount((table.astype(np.int64) + offsets).ravel(), weights=histogram.ravel(),
+                       minlength=3 * 256)
+    return flat.astype(np.int64).reshape(3, 256)
+
+
+def _per_channel(table: np.ndarray) -> np.ndarray:
+    """uint8 [3, 256] (read-only) from one [256] table of integers, clipped as Image.point does."""
+    return np.broadcast_to(np.clip(table, 0, 255).astype(np.uint8), (3, 256))
+
+
+@functools.lru_cache(maxsize=256)
+def _posterize_table(magnitude: float) -> np.ndarray:
+    """ImageOps.posterize(image, int(magnitude)): keeps the top `bits` bits."""
+    bits = int(magnitude)
+    return _per_channel(_VALUES & ~(2 ** (8 - bits) - 1))
+
+
+@functools.lru_cache(maxsize=256)
+def _solarize_table(magnitude: float) -> np.ndarray:
+    """Inverts every value >= the (fractional) threshold `magnitude`."""
+    threshold = math.ceil(magnitude)
+    return _per_channel(np.where(_VALUES < threshold, _VALUES, 255 - _VALUES))
+
+
+@functools.lru_cache(maxsize=256)
+def _invert_table(magnitude: float) -> np.ndarray:
+    """ImageOps.invert."""
+    return _per_channel(255 - _VALUES)
+
+
+@functools.lru_cache(maxsize=4096)
+def _blend_table(constant: int, factor: float) -> np.ndarray:
+    """uint8 [3, 256]: Image.blend(flat image of `constant`, image, factor) on each value.
+
+    Read off Pillow's own blend of a ramp of all 256 values, so its float rounding is matched
+    exactly. ImageEnhance's Brightness (constant 0) and Contrast (the grey mean) are such blends.
+    """
+    ramp = Image.frombytes("RGB", (256, 1), np.repeat(_VALUES.astype(np.uint8), 3).tobytes())
+    flat = Image.new("RGB", (256, 1), (constant,) * 3)
+    blended = np.asarray(Image.blend(flat, ramp, factor))[0]
+    return _read_only(np.ascontiguousarray(blended.T))
+
+
+def _brightness_table(magnitude: float) -> np.ndarray:
+    """ImageEnhance.Brightness(image).enhance(1 + magnitude)."""
+    return _blend_table(0, 1.0 + magnitude)
+
+
+def _equalize_table(histogram: np.ndarray) -> np.ndarray:
+    """ImageOps.equalize, per channel, from the image's int64 [3, 256] histogram."""
+    below = np.cumsum(histogram, axis=1) - histogram  # pixels with a smaller value
+    # Pillow's step: the pixels below the highest value present, // 255. It leaves a channel
+    # alone when the step is 0, which covers a channel of one value.
+    step = np.max(np.where(histogram > 0, below, 0), axis=1) // 255
+    divisor = np.maximum(step, 1)[:, None]
+    # Value v maps to (step // 2 + the pixels below v) // step.
+    tables = np.minimum((divisor // 2 + below) // divisor, 255)
+    return np.where(step[:, None] > 0, tables, _VALUES).astype(np.uint8)
+
+
+def _autocontrast_table(histogram: np.ndarray) -> np.ndarray:
+    """ImageOps.autocontrast (no cutoff), per channel, from the int64 [3, 256] histogram."""
+    present = histogram > 0
+    lowest = np.argmax(present, axis=1)
+    highest = 255 - np.argmax(present[:, ::-1], axis=1)
+    stretches = highest > lowest  # otherwise (one value, or none) Pillow leaves the channel alone
+    scale = 255.0 / np.where(stretches, highest - lowest, 1)
+    offset = -lowest * scale
+    # As Pillow: int(v * scale + offset) (truncation), clipped to 0..255.
+    tables = np.clip(np.trunc(_VALUES * scale[:, None] + offset[:, None]), 0, 255)
+    return np.where(stretches[:, None], tables, _VALUES).astype(np.uint8)
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    # Cached tables are shared by every call; freezing them turns accidental mutation into an error.
+    array.setflags(write=False)
+    return array
+
+
+# Operations that are a table depending only on the magnitude, and those whose table depends on
+# the histogram of the image they see.
+_MAGNITUDE_TABLES: dict[str, Callable[[float], np.ndarray]] = {
+    "Posterize": _posterize_table,
+    "Solarize": _solarize_table,
+    "Invert": _invert_table,
+    "Brightness": _brightness_table,
+}
+_HISTOGRAM_TABLES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "Equalize": _equalize_table,
+    "AutoContrast": _autocontrast_table,
+}
+
+
+# ----------------------------------------------------------------------------------------------
 # AutoAugment operations. Each takes a PIL RGB image, a signed magnitude (already looked up from
 # its bin) and a fill value for pixels moved in from outside the frame.
 # ----------------------------------------------------------------------------------------------
@@ -91,43 +214,27 @@ def _rotate(image, magnitude, fill):
     return image.rotate(magnitude, resample=Image.Resampling.NEAREST, fillcolor=(fill, fill, fill))
 
 
-def _brightness(image, magnitude, fill):
-    return ImageEnhance.Brightness(image).enhance(1.0 + magnitude)
-
-
 def _color(image, magnitude, fill):
     return ImageEnhance.Color(image).enhance(1.0 + magnitude)
 
 
 def _contrast(image, magnitude, fill):
-    return ImageEnhance.Contrast(image).enhance(1.0 + magnitude)
+    """ImageEnhance.Contrast(image).enhance(1 + magnitude): a blend with the rounded mean grey."""
+    grey_counts = np.asarray(image.convert("L").histogram(), np.int64)
+    mean = int(int(grey_counts @ _VALUES) / int(grey_counts.sum()) + 0.5)
+    return _apply_table(image, _blend_table(mean, 1.0 + magnitude))
 
 
 def _sharpness(image, magnitude, fill):
     return ImageEnhance.Sharpness(image).enhance(1.0 + magnitude)
 
 
-def _posterize(image, magnitude, fill):
-    return ImageOps.posterize(image, int(magnitude))
+def _table_operation(make_table: Callable[[float], np.ndarray]):
+    return lambda image, magnitude, fill: _apply_table(image, make_table(magnitude))
 
 
-def _solarize(image, magnitude, fill):
-    # Invert every value >= the (fractional) threshold.
-    threshold = math.ceil(magnitude)
-    lookup = [value if value < threshold else 255 - value for value in range(256)]
-    return image.point(lookup * 3)
-
-
-def _auto_contrast(image, magnitude, fill):
-    return ImageOps.autocontrast(image)
-
-
-def _equalize(image, magnitude, fill):
-    return ImageOps.equalize(image)
-
-
-def _invert(image, magnitude, fill):
-    return ImageOps.invert(image)
+def _histogram_operation(make_table: Callable[[np.ndarray], np.ndarray]):
+    return lambda image, magnitude, fill: _apply_table(image, make_table(_histogram(image)))
 
 
 AUTOAUGMENT_OPERATIONS: dict[str, Callable[[Image.Image, float, int], Image.Image]] = {
@@ -136,15 +243,15 @@ AUTOAUGMENT_OPERATIONS: dict[str, Callable[[Image.Image, float, int], Image.Imag
     "TranslateX": _translate_x,
     "TranslateY": _translate_y,
     "Rotate": _rotate,
-    "Brightness": _brightness,
+    "Brightness": _table_operation(_brightness_table),
     "Color": _color,
     "Contrast": _contrast,
     "Sharpness": _sharpness,
-    "Posterize": _posterize,
-    "Solarize": _solarize,
-    "AutoContrast": _auto_contrast,
-    "Equalize": _equalize,
-    "Invert": _invert,
+    "Posterize": _table_operation(_posterize_table),
+    "Solarize": _table_operation(_solarize_table),
+    "AutoContrast": _histogram_operation(_autocontrast_table),
+    "Equalize": _histogram_operation(_equalize_table),
+    "Invert": _table_operation(_invert_table),
 }
 
 # Operations with a direction: their magnitude is negated with probability 1/2.
@@ -185,20 +292,50 @@ def autoaugment_magnitude(operation: str, magnitude_bin: int | None, height: int
     raise KeyError(f"unknown AutoAugment operation {operation!r}")
 
 
-def autoaugment_imagenet(
-        image: np.ndarray, rng: np.random.Generator, *,
+def apply_autoaugment_steps(image: Image.Image, steps: Sequence[tuple[str, float]],
+                            fill: int = 0) -> Image.Image:
+    """`image` (PIL RGB) after each (operation, signed magnitude) step in turn.
+
+    The pixels are those of calling AUTOAUGMENT_OPERATIONS one after the other, but a run of
+    per-value operations (Posterize, Solarize, Invert, Brightness, Equalize, AutoContrast) is
+    applied as one composed table. Returns `image` itself when `steps` is empty.
+    """
+    table = None  # uint8 [3, 256] composed so far and not yet applied to `image`
+    histogram = None  # int64 [3, 256] of `image`, once an operation has needed it
+    for operation, magnitude in steps:
+        if operation in _MAGNITUDE_TABLES:
+            step_table = _MAGNITUDE_TABLES[operation](magnitude)
+        elif operation in _HISTOGRAM_TABLES:
+            if histogram is None:
+                histogram = _histogram(image)
+            seen = histogram if table is None else _remapped_histogram(histogram, table)
+            step_table = _HISTOGRAM_TABLES[operation](seen)
+        else:
+            if table is not None:
+                image, table = _apply_table(image, table), None
+            image, histogram = AUTOAUGMENT_OPERATIONS[operation](image, magnitude, fill), None
+            continue
+        if table is None:
+            table = step_table
+        else:
+            table = np.take_along_axis(step_table, table.astype(np.intp), axis=1)
+    return image if table is None else _apply_table(image, table)
+
+
+def autoaugment_view(
+        image: Image.Image, rng: np.random.Generator, *,
         subpolicies: Sequence[AutoAugmentSubpolicy] = AUTOAUGMENT_IMAGENET_SUBPOLICIES,
-        fill: int = 0) -> np.ndarray:
-    """AutoAugment view: one sub-policy drawn uniformly, each of its two steps applied with its
-    probability. [H, W, 3] uint8 -> [H, W, 3] uint8 at the same size (the model resolution).
+        fill: int = 0) -> Image.Image:
+    """AutoAugment view of a PIL RGB image: one sub-policy drawn uniformly, each of its two steps
+    applied with its probability. Same size as the input (the model resolution); the input
+    itself when no step applies.
 
     `fill` is the grey level of pixels that rotations and shears bring in (0, black, as in
     torchvision; the original TensorFlow code used 128).
     """
-    _check_image(image)
-    height, width = image.shape[:2]
+    width, height = image.size
     subpolicy = subpolicies[int(rng.integers(len(subpolicies)))]
-    view = Image.fromarray(image)
+    steps = []
     for operation, probability, magnitude_bin in subpolicy:
         # Draw both numbers whether or not the step runs, so one step's outcome never shifts the
         # random stream of the next.
@@ -209,8 +346,18 @@ def autoaugment_imagenet(
         magnitude = autoaugment_magnitude(operation, magnitude_bin, height, width)
         if mirrored and operation in _SIGNED_OPERATIONS:
             magnitude = -magnitude
-        view = AUTOAUGMENT_OPERATIONS[operation](view, magnitude, fill)
-    return np.asarray(view, dtype=np.uint8).copy()
+        steps.append((operation, magnitude))
+    return apply_autoaugment_steps(image, steps, fill)
+
+
+def autoaugment_imagenet(
+        image: np.ndarray, rng: np.random.Generator, *,
+        subpolicies: Sequence[AutoAugmentSubpolicy] = AUTOAUGMENT_IMAGENET_SUBPOLICIES,
+        fill: int = 0) -> np.ndarray:
+    """`autoaugment_view` on arrays: [H, W, 3] uint8 -> new [H, W, 3] uint8."""
+    _check_image(image)
+    view = autoaugment_view(Image.fromarray(image), rng, subpolicies=subpolicies, fill=fill)
+    return np.array(view, dtype=np.uint8)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,19 +448,16 @@ def color_jitter(image: Image.Image, rng: np.random.Generator, brightness: float
     return image
 
 
-def simclr_view(image: np.ndarray, rng: np.random.Generator, *,
-                crop_scale: tuple[float, float] = (0.2, 1.0),
-                crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                flip_probability: float = 0.5,
-                jitter_probability: float = 0.8,
-                jitter_strength: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
-                grayscale_probability: float = 0.2) -> np.ndarray:
-    """SimCLR view: random resized crop back to the input size (bilinear), horizontal flip,
-    colour jitter (brightness, contrast, saturation, hue) and grayscale.
-    [H, W, 3] uint8 -> [H, W, 3] uint8.
-    """
-    _check_image(image)
-    height, width = image.shape[:2]
+def simclr_pil_view(image: Image.Image, rng: np.random.Generator, *,
+                    crop_scale: tuple[float, float] = (0.2, 1.0),
+                    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                    flip_probability: float = 0.5,
+                    jitter_probability: float = 0.8,
+                    jitter_strength: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
+                    grayscale_probability: float = 0.2) -> Image.Image:
+    """SimCLR view of a PIL RGB image: random resized crop back to the input size (bilinear),
+    horizontal flip, colour jitter (brightness, contrast, saturation, hue) and grayscale."""
+    width, height = image.size
     top, left, crop_height, crop_width = random_resized_crop_box(rng, height, width, crop_scale,
                                                                  crop_ratio)
     # Draw the flip/jitter/grayscale decisions before any jitter factor, so the random stream of
@@ -322,7 +466,7 @@ def simclr_view(image: np.ndarray, rng: np.random.Generator, *,
     jitters = rng.random() < jitter_probability
     grays = rng.random() < grayscale_probability
 
-    view = Image.fromarray(image)
+    view = image
     box = (left, top, left + crop_width, top + crop_height)
     if box != (0, 0, width, height):
         view = view.resize((width, height), resample=Image.Resampling.BILINEAR, box=box)
@@ -332,30 +476,53 @@ def simclr_view(image: np.ndarray, rng: np.random.Generator, *,
         view = color_jitter(view, rng, *jitter_strength)
     if grays:
         view = view.convert("L").convert("RGB")
-    return np.asarray(view, dtype=np.uint8).copy()
+    return view
 
 
-def identity_view(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """No augmentation: a copy of the [H, W, 3] uint8 image."""
+def simclr_view(image: np.ndarray, rng: np.random.Generator, **options) -> np.ndarray:
+    """`simclr_pil_view` on arrays: [H, W, 3] uint8 -> new [H, W, 3] uint8."""
     _check_image(image)
-    return image.copy()
+    return np.array(simclr_pil_view(Image.fromarray(image), rng, **options), dtype=np.uint8)
 
 
-POLICIES: dict[str, Callable[..., np.ndarray]] = {
-    "none": identity_view,
-    "autoaugment_imagenet": autoaugment_imagenet,
-    "simclr": simclr_view,
+def identity_pil_view(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """No augmentation: the image itself."""
+    return image
+
+
+# Policies work on PIL RGB images: the training pipeline hands over the image it decoded and
+# copies the view straight into its batch. Each takes (image, rng, **options) and returns an
+# image of the same size, possibly the input itself, never modifying it.
+POLICIES: dict[str, Callable[..., Image.Image]] = {
+    "none": identity_pil_view,
+    "autoaugment_imagenet": autoaugment_view,
+    "simclr": simclr_pil_view,
 }
+
+
+def _policy(policy: str) -> Callable[..., Image.Image]:
+    if policy not in POLICIES:
+        raise KeyError(f"unknown image augmentation policy {policy!r}; known: {sorted(POLICIES)}")
+    return POLICIES[policy]
+
+
+def augment_pil_image(image: Image.Image, policy: str, seed: int | Sequence[int],
+                      **policy_options) -> Image.Image:
+    """`augment_image` for a PIL RGB image; the result may be `image` itself (an unchanged
+    view), which is never modified."""
+    return _policy(policy)(image, np.random.default_rng(seed), **policy_options)
 
 
 def augment_image(image: np.ndarray, policy: str, seed: int | Sequence[int],
                   **policy_options) -> np.ndarray:
     """Augmented view of a [H, W, 3] uint8 image under `policy` (a key of POLICIES).
 
-    The output is [H, W, 3] uint8, a pure function of (image, policy, seed, policy_options);
-    `seed` is anything np.random.default_rng accepts, e.g. [run_seed, example_index].
-    `policy_options` go to the policy function (e.g. crop_scale=(0.08, 1.0) for "simclr").
+    The output is a new [H, W, 3] uint8 array, a pure function of (image, policy, seed,
+    policy_options); `seed` is anything np.random.default_rng accepts, e.g.
+    [run_seed, example_index]. `policy_options` go to the policy function (e.g.
+    crop_scale=(0.08, 1.0) for "simclr").
     """
-    if policy not in POLICIES:
-        raise KeyError(f"unknown image augmentation policy {policy!r}; known: {sorted(POLICIES)}")
-    return POLICIES[policy](image, np.random.default_rng(seed), **policy_options)
+    policy_function = _policy(policy)
+    _check_image(image)
+    view = policy_function(Image.fromarray(image), np.random.default_rng(seed), **policy_options)
+    return np.array(view, dtype=np.uint8)

@@ -9,12 +9,14 @@ next batch. Bad records are dropped in the main process, after the workers, wher
 import dataclasses
 import json
 import os
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator
 
 import grain
 import ml_collections
 import numpy as np
 from absl import flags
+from etils import epath
+from PIL import Image
 
 from bclip.data import decode, image_augment, poisoning, sources, text_augment, triggers
 
@@ -69,10 +71,28 @@ def poison_config(**overrides) -> ml_collections.ConfigDict:
     return config
 
 
+# Freed Pillow image buffers each process keeps for reuse. Pillow returns every buffer to the
+# system allocator by default, and at 224 px the SSL views' short-lived images then cost page
+# faults on every new buffer (about a tenth of their time). A few MB at 224 px; Pillow's block
+# size (16 MB) bounds it for large images.
+_PILLOW_REUSED_BUFFERS = 16
+
+
+def _reuse_pillow_buffers() -> None:
+    """Lets Pillow keep freed image buffers for reuse in this process (never lowering a larger
+    PILLOW_BLOCKS_MAX the user set)."""
+    if Image.core.get_blocks_max() < _PILLOW_REUSED_BUFFERS:
+        Image.core.set_blocks_max(_PILLOW_REUSED_BUFFERS)
+
+
 # Per process (the main one, or each worker): threads that prepare whole batches ahead, and
 # how many batches they may hold. Grain's defaults (16 threads, 500 elements) are meant for
-# light elements; here an element is a batch of images.
-_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)
+# light elements; here an element is a batch of images. Training builds batches in one thread per
+# process: with a second one each image cost 5-15 % more CPU (bclip.bench data, 224 px), and
+# more cores are what data.num_workers is for. Evaluation keeps two, so that
+# in-process eval decodes on two cores.
+_TRAIN_READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
+_EVAL_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)
 
 
 def _worker_options(num_workers: int) -> grain.MultiprocessingOptions:
@@ -88,6 +108,19 @@ def _worker_options(num_workers: int) -> grain.MultiprocessingOptions:
     return grain.MultiprocessingOptions(num_workers=num_workers)
 
 
+def _with_small_arrays_pickled(dataset: grain.IterDataset) -> grain.IterDataset:
+    """`dataset` passing only large arrays (the images) from worker processes through shared
+    memory: by default every array gets its own shared-memory segment, whose set-up and clean-up
+    on both sides cost more than pickling a batch's tokens, flags and indices."""
+    options = grain.experimental.DatasetOptions(min_shm_size=_MIN_SHARED_MEMORY_BYTES)
+    return grain.experimental.WithOptionsIterDataset(dataset, options)
+
+
+# Arrays smaller than this cross from workers to the main process pickled (at 224 px and batch
+# 256, the token rows are 79 KB and the images 38 MB).
+_MIN_SHARED_MEMORY_BYTES = 1 << 20
+
+
 def is_poisoning(poison: ml_collections.ConfigDict) -> bool:
     return bool(poison.count) or poison.rate is not None
 
@@ -97,25 +130,33 @@ def is_poisoning(poison: ml_collections.ConfigDict) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-# The key of `TrainTransform`'s outputs that says why an example is unusable ("" when it is not).
+# The key of `TrainBatchTransform`'s outputs that says why a row is unusable ("" when it is not).
 BAD_RECORD_KEY = "bad_record"
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainTransform(grain.transforms.MapWithIndex):
-    """Decode, resize, poison, tokenize and (optionally) build SSL views of one record.
+class TrainBatchTransform(grain.transforms.Map):
+    """Builds one process's local batch number b: reads, decodes, poisons, tokenizes and
+    (optionally) makes SSL views of its examples, writing each straight into the batch arrays.
 
-    The index Grain passes is the position in the repeated, shuffled stream, so
-    `index // num_records` is the epoch.
+    The batch holds the examples at positions p + P * (b * B + j), j < B, of the global stream
+    `order` (record indices, shuffled and repeated), for process p of P and local batch size B:
+    its contents depend neither on the number of workers nor on which batches came before, and
+    `position // num_records` is the epoch an example belongs to, which seeds its SSL views and
+    (with redrawn triggers) its poison.
 
-    Every output has the same arrays, so that examples can be batched inside the worker processes:
-    image uint8 [S, S, 3], text int32 [L], is_poisoned bool, index int64 (plus aug_image and
-    aug_text with views) and bad_record, a str that is empty for a usable example. An unusable
-    record (from the source, undecodable, or with no words for an EDA view) comes back as zeros
-    with bad_record saying where and why; `BadRecordTracker` drops it after the workers.
+    Output, for the n <= B positions left in the stream: image uint8 [n, S, S, 3], text int32
+    [n, L], is_poisoned bool [n], index int64 [n] (plus aug_image and aug_text with views) and
+    bad_record str [n], empty for a usable row. An unusable record (from the source, undecodable,
+    or with no words for an EDA view) is a row of zeros with bad_record saying where and why;
+    `BadRecordTracker` drops it after the workers.
     """
 
-    num_records: int
+    source: Any
+    order: grain.MapDataset
+    process_index: int
+    process_count: int
+    batch_size: int
     image_size: int
     context_length: int
     tokenizer: Any
@@ -127,26 +168,61 @@ class TrainTransform(grain.transforms.MapWithIndex):
     text_augment: dict
     synonyms: Any
 
-    def map_with_index(self, stream_index: int, record: dict) -> dict:
+    def map(self, batch_index: int) -> dict:
+        _reuse_pillow_buffers()  # here rather than when building the pipeline: this runs in the workers
+        first = self.process_index + self.process_count * self.batch_size * batch_index
+        end = min(first + self.process_count * self.batch_size, len(self.order))
+        positions = range(first, end, self.process_count)
+        size, num_rows = self.image_size, len(positions)
+        batch = {
+            "image": np.empty((num_rows, size, size, 3), np.uint8),
+            "is_poisoned": np.zeros(num_rows, bool),
+            "index": np.empty(num_rows, np.int64),
+        }
+        if self.with_views:
+            batch["aug_image"] = np.empty((num_rows, size, size, 3), np.uint8)
+        why = [""] * num_rows
+        captions = [""] * num_rows
+        aug_captions = [""] * num_rows
+        for row, position in enumerate(positions):
+            record = self.source[self.order[position]]
+            batch["index"][row] = record["index"]
+            try:
+                self._fill_row(batch, row, record, position, captions, aug_captions)
+            except _UnusableRecord as unusable:
+                # Never empty, even for a reason-less failure: emptiness marks usable rows.
+                why[row] = f"{record.get('path') or '?'}: {unusable}"
+                batch["image"][row] = 0
+                if self.with_views:
+                    batch["aug_image"][row] = 0
+        batch["text"] = self._tokenize(captions, why)
+        if self.with_views:
+            batch["aug_text"] = self._tokenize(aug_captions, why)
+        batch[BAD_RECORD_KEY] = np.array(why)
+        return batch
+
+    def _fill_row(self, batch: dict, row: int, record: dict, position: int, captions: list,
+                  aug_captions: list) -> None:
+        """Writes example `record` into row `row` of `batch` and its captions into the lists;
+        raises _UnusableRecord for a record that cannot be used."""
         if sources.is_bad_record(record):
-            return self._bad_example(record["error"], record)
-        epoch = stream_index // self.num_records
+            raise _UnusableRecord(record["error"])
         index = record["index"]
+        epoch = position // len(self.source)
         try:
-            image = decode.decode_and_resize(
+            image = decode.decode_and_resize_image(
                 record["image_bytes"], self.image_size, path=record.get("path"), index=index
             )
         except decode.BadRecordError as error:
-            return self._bad_example(error.reason, record)
+            raise _UnusableRecord(error.reason) from error
         caption = record["caption"]
         if self.with_views and not text_augment.caption_words(caption):
             # Nothing for EDA to work on (e.g. a caption of emoji or punctuation only): the pair
             # cannot give a text view, so it is dropped and counted like a broken image.
-            return self._bad_example("caption has no words to augment", record)
-        poisoned = self.plan is not None and self.plan.contains(index)
-        if poisoned:
-            image, caption = poisoning.poison_example(
-                image,
+            raise _UnusableRecord("caption has no words to augment")
+        if self.plan is not None and self.plan.contains(index):
+            pixels, caption = poisoning.poison_example(
+                np.asarray(image),
                 caption,
                 index=index,
                 epoch=epoch,
@@ -155,63 +231,80 @@ class TrainTransform(grain.transforms.MapWithIndex):
                 label=self.poison["target_label"],
                 label_consistent=self.poison["label_consistent"],
             )
-        example = {
-            "image": image,
-            "text": self.tokenizer.encode(caption, self.context_length),
-            "is_poisoned": np.bool_(poisoned),
-            "index": np.int64(index),
-        }
+            batch["image"][row] = pixels
+            batch["is_poisoned"][row] = True
+            if self.with_views:
+                image = Image.fromarray(pixels)
+        else:
+            batch["image"][row] = np.asarray(image)
+        captions[row] = caption
         if self.with_views:
-            example["aug_image"] = image_augment.augment_image(
+            view = image_augment.augment_pil_image(
                 image, self.image_augment, [self.seed, _IMAGE_VIEW_STREAM, index, epoch]
             )
-            aug_caption = text_augment.eda(
+            # An unchanged view is the image already in the batch: copy that, not the Pillow one.
+            batch["aug_image"][row] = batch["image"][row] if view is image else np.asarray(view)
+            aug_captions[row] = text_augment.eda(
                 caption, self.synonyms, [self.seed, _TEXT_VIEW_STREAM, index, epoch], **self.text_augment
             )
-            example["aug_text"] = self.tokenizer.encode(aug_caption, self.context_length)
-        example[BAD_RECORD_KEY] = np.str_("")
-        return example
 
-    def _bad_example(self, why: str, record: dict) -> dict:
-        image = np.zeros((self.image_size, self.image_size, 3), np.uint8)
-        text = np.zeros(self.context_length, np.int32)
-        example = {"image": image, "text": text, "is_poisoned": np.bool_(False), "index": np.int64(record["index"])}
-        if self.with_views:
-            example.update(aug_image=image, aug_text=text)
-        # Never empty, even for a reason-less failure: emptiness marks usable examples.
-        example[BAD_RECORD_KEY] = np.str_(f"{record.get('path') or '?'}: {why}")
-        return example
+    def _tokenize(self, captions: list[str], why: list[str]) -> np.ndarray:
+        """int32 [n, L] token rows of the usable rows' captions; unusable rows are zeros."""
+        tokens = np.zeros((len(captions), self.context_length), np.int32)
+        usable = [row for row, reason in enumerate(why) if not reason]
+        if usable:
+            tokens[usable] = self.tokenizer.encode_batch([captions[row] for row in usable], self.context_length)
+        return tokens
+
+
+class _UnusableRecord(Exception):
+    """Raised while building a batch row whose record cannot be used; the message says why."""
+
+
+def _is_remote(path: epath.Path) -> bool:
+    return "://" in os.fspath(path)
+
+
+def _json_lines(entries: list) -> str:
+    return "".join(json.dumps({"index": index, "why": why}) + "\n" for index, why in entries)
 
 
 class BadRecordTracker:
     """Drops the bad rows of batches in the main process, remembers them, and stops the run when
     too many are bad.
 
-    It runs after the workers, so counts are exact whatever the worker count.
+    It runs after the workers, so counts are exact whatever the worker count. Its state (records
+    examined, bad records found) is part of the training iterator's checkpointed state, so a
+    resumed run keeps counting where the saved one was.
 
     With several processes each one sees only its share of the stream: in the first epoch about
     num_records / process_count records, so its bad count is compared with that share rather than
     with the whole dataset (which would let P processes accept P times too many bad records for
     the whole first epoch). As a process reads on into later epochs and meets more distinct
     records, the allowance grows with the records it has examined, up to the whole dataset.
+
+    Bad records are listed, one JSON line each, in `log_path` (local or remote, e.g. gs://).
     """
 
     def __init__(
         self,
         num_records: int,
         max_bad_fraction: float,
-        log_path: str | None = None,
+        log_path: str | os.PathLike | None = None,
         process_count: int = 1,
     ):
         self.num_records = num_records
         self.max_bad_fraction = max_bad_fraction
-        self.log_path = log_path
+        self.log_path = epath.Path(log_path) if log_path else None
         self.process_count = process_count
         self.num_examined = 0
         self.bad: dict[int, str] = {}
+        # [index, why] pairs in the order found: `get_state` copies a list rather than rebuilding
+        # one from `bad` (it runs once per batch).
+        self._found: list[list] = []
 
     def __call__(self, batch: dict) -> dict:
-        """The batch ([B, ...] arrays from `TrainTransform`) without its bad rows and without
+        """The batch ([B, ...] arrays from `TrainBatchTransform`) without its bad rows and without
         the bad_record column; raises RuntimeError when too many records have been bad."""
         why = batch[BAD_RECORD_KEY]
         self.num_examined += len(why)
@@ -219,19 +312,41 @@ class BadRecordTracker:
         usable = {key: value for key, value in batch.items() if key != BAD_RECORD_KEY}
         if not bad_rows.size:
             return usable
+        newly_found = len(self._found)
         for row in bad_rows:
-            self._add(int(batch["index"][row]), str(why[row]))
+            index = int(batch["index"][row])
+            if index not in self.bad:
+                self.bad[index] = str(why[row])
+                self._found.append([index, str(why[row])])
+        self._write_log(self._found[newly_found:])
         self._check()
         keep = np.ones(len(why), bool)
         keep[bad_rows] = False
         return {key: value[keep] for key, value in usable.items()}
 
-    def _add(self, index: int, why: str) -> None:
-        if index not in self.bad:
-            self.bad[index] = why
-            if self.log_path:
-                with open(self.log_path, "a") as f:
-                    f.write(json.dumps({"index": index, "why": why}) + "\n")
+    def get_state(self) -> dict:
+        """A JSON-able snapshot: {"num_examined": int, "bad": [[index, why], ...]}."""
+        return {"num_examined": self.num_examined, "bad": self._found[:]}
+
+    def set_state(self, state: dict) -> None:
+        """Continues from a `get_state` snapshot; the log file is rewritten to list exactly its
+        bad records (a crashed run may have logged some that the resumed run meets again)."""
+        self.num_examined = int(state["num_examined"])
+        self._found = [[int(index), str(why)] for index, why in state["bad"]]
+        self.bad = dict((index, why) for index, why in self._found)
+        self._write_log([], rewrite=True)
+
+    def _write_log(self, new_entries: list, rewrite: bool = False) -> None:
+        """Appends `new_entries` ([index, why] pairs) to the log, or writes the whole list."""
+        if not self.log_path or not (new_entries or rewrite):
+            return
+        if rewrite or _is_remote(self.log_path):
+            # Object stores cannot append to a file: there it is rewritten whole (it lists at
+            # most max_bad_fraction of the records, and only changes when one is found bad).
+            self.log_path.write_text(_json_lines(self._found))
+        else:
+            with self.log_path.open("a") as log:
+                log.write(_json_lines(new_entries))
 
     def _check(self) -> None:
         share = self.num_records / self.process_count
@@ -248,6 +363,39 @@ class BadRecordTracker:
     @property
     def num_bad(self) -> int:
         return len(self.bad)
+
+
+class _UsableBatches(grain.IterDataset):
+    """The parent's batches passed through a `BadRecordTracker`, empty ones skipped."""
+
+    def __init__(self, parent: grain.IterDataset, tracker: BadRecordTracker):
+        super().__init__(parent)
+        self._tracker = tracker
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _UsableBatchIterator(self._parent.__iter__(), self._tracker)
+
+
+class _UsableBatchIterator(grain.DatasetIterator):
+    """Its state is the parent's plus the tracker's, so that checkpointing the training
+    iterator (through Grain's Orbax handler) saves and restores the bad-record counts with it."""
+
+    def __init__(self, parent: grain.DatasetIterator, tracker: BadRecordTracker):
+        super().__init__(parent)
+        self._tracker = tracker
+
+    def __next__(self) -> dict:
+        while True:
+            batch = self._tracker(next(self._parent))
+            if len(batch["index"]):
+                return batch
+
+    def get_state(self) -> dict:
+        return {"parent": self._parent.get_state(), "bad_records": self._tracker.get_state()}
+
+    def set_state(self, state: dict) -> None:
+        self._parent.set_state(state["parent"])
+        self._tracker.set_state(state["bad_records"])
 
 
 def training_source(data: ml_collections.ConfigDict):
@@ -277,7 +425,8 @@ def make_poison_plan(source, poison: ml_collections.ConfigDict) -> poisoning.Poi
 
 @dataclasses.dataclass
 class TrainPipeline:
-    """A checkpointable iterator of host-local batches and what built it."""
+    """A checkpointable iterator of host-local batches and what built it. The iterator's state
+    includes the bad-record tracker's counts."""
 
     iterator: Any
     num_records: int
@@ -313,7 +462,7 @@ def make_train_pipeline(
     process_index: int = 0,
     process_count: int = 1,
     num_epochs: int | None = None,
-    run_dir: str | None = None,
+    run_dir: str | os.PathLike | None = None,
     plan: poisoning.PoisonPlan | None = None,
 ) -> TrainPipeline:
     """Shuffled, repeated, poisoned, augmented, host-local training batches.
@@ -323,10 +472,10 @@ def make_train_pipeline(
     with a leading axis of `data.batch_size // process_count`; bad records are left out (the
     examples after them move up), so every batch is full.
 
-    Examples are batched before they reach the worker processes: a batch crosses the process
-    boundary once, where single examples would each pay Grain's queue hand-off (at 224 px that
-    costs more than decoding the JPEG). Batches are formed over consecutive stream positions, so
-    their contents do not depend on the number of workers.
+    Whole batches are built in the worker processes: a batch crosses the process boundary once,
+    where single examples would each pay Grain's queue hand-off (at 224 px that costs more than
+    decoding the JPEG), and each example is written straight into its batch. Batches are formed
+    over consecutive stream positions, so their contents do not depend on the number of workers.
     """
     if data.batch_size % process_count:
         raise ValueError(f"data.batch_size={data.batch_size} must divide over {process_count} processes")
@@ -335,8 +484,15 @@ def make_train_pipeline(
         plan = make_poison_plan(source, poison)
     if with_views and synonyms is None:
         raise ValueError("SSL views need a synonym source for caption augmentation")
-    transform = TrainTransform(
-        num_records=len(source),
+    # The record index at each position of the global stream: an epoch is a permutation of the
+    # records, a different one each epoch.
+    order = grain.MapDataset.range(len(source)).shuffle(seed=data.shuffle_seed).repeat(num_epochs)
+    transform = TrainBatchTransform(
+        source=source,
+        order=order,
+        process_index=process_index,
+        process_count=process_count,
+        batch_size=local_batch_size,
         image_size=image_size,
         context_length=context_length,
         tokenizer=tokenizer,
@@ -348,14 +504,14 @@ def make_train_pipeline(
         text_augment=dict(data.text_augment),
         synonyms=synonyms,
     )
-    dataset = grain.MapDataset.source(source).shuffle(seed=data.shuffle_seed).repeat(num_epochs)
-    dataset = dataset.map_with_index(transform)[process_index::process_count]
-    dataset = dataset.batch(local_batch_size).to_iter_dataset(_READ_OPTIONS)
+    num_local_examples = len(range(process_index, len(order), process_count))
+    num_batches = _ceil_div(num_local_examples, local_batch_size)
+    dataset = grain.MapDataset.range(num_batches).map(transform).to_iter_dataset(_TRAIN_READ_OPTIONS)
     if data.num_workers > 0:
-        dataset = dataset.mp_prefetch(_worker_options(data.num_workers))
-    log_path = os.path.join(run_dir, _bad_records_file(process_index)) if run_dir else None
+        dataset = _with_small_arrays_pickled(dataset).mp_prefetch(_worker_options(data.num_workers))
+    log_path = epath.Path(run_dir) / _bad_records_file(process_index) if run_dir else None
     tracker = BadRecordTracker(len(source), data.max_bad_fraction, log_path, process_count)
-    dataset = dataset.map(tracker).filter(lambda batch: len(batch["index"]) > 0)
+    dataset = _UsableBatches(dataset, tracker)
     # Fills the gaps bad records leave; a batch without any passes through uncopied.
     dataset = grain.experimental.RebatchIterDataset(dataset, local_batch_size, drop_remainder=True)
     return TrainPipeline(iter(dataset), len(source), plan, tracker)
@@ -433,7 +589,7 @@ def eval_batches(
     )
     # Batched before the workers, as in training: one process hand-off per batch.
     dataset = grain.MapDataset.source(source)[process_index::process_count].map(transform)
-    dataset = dataset.batch(local, drop_remainder=False).to_iter_dataset(_READ_OPTIONS)
+    dataset = dataset.batch(local, drop_remainder=False).to_iter_dataset(_EVAL_READ_OPTIONS)
     if num_workers > 0:
         dataset = dataset.mp_prefetch(_worker_options(num_workers))
     iterator = iter(dataset)

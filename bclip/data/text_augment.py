@@ -8,6 +8,7 @@ never swallowed.
 from __future__ import annotations
 
 import re
+import weakref
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -61,8 +62,16 @@ def _synonyms_of(word: str, synonyms: SynonymSource) -> list[list[str]]:
     return distinct
 
 
+# Each source's normalised synonyms, kept across calls (a source must answer the same for a word
+# every time anyway, or no view could be reproduced from its seed).
+_NORMALISED_SYNONYMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _cached(synonyms: SynonymSource) -> Callable[[str], list[list[str]]]:
-    cache: dict[str, list[list[str]]] = {}
+    try:
+        cache = _NORMALISED_SYNONYMS.setdefault(synonyms, {})
+    except TypeError:  # not weak-referenceable: a cache for this call only
+        cache = {}
 
     def lookup(word: str) -> list[list[str]]:
         if word not in cache:
