@@ -25,6 +25,7 @@ setup(
         "numpy>=1.26",
         "pillow>=10",
         "tokenizers>=0.19",
+        "ftfy>=6",  # the text repair CLIP applies before its BPE
         "matplotlib>=3.8",
     ],
     extras_require={

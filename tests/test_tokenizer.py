@@ -185,3 +185,15 @@ def test_tokenizers_survive_copying_for_worker_processes(bpe, words):
 def test_clean_caption_matches_clip_cleaning():
     assert tok.clean_caption("  A &amp;amp; B\n\tC  ") == "a & b c"
     assert re.fullmatch(r"[a-z ]+", tok.clean_caption("Photo OF  a\u00a0Banana"))
+
+
+def test_clip_bpe_repairs_text_like_clip_first(bpe):
+    """Ligatures, curly quotes, full-width letters and mojibake tokenise as their plain text."""
+    for broken, plain in [
+        ("\ufb01ne", "fine"),
+        ("\u201cdog\u201d", '"dog"'),
+        ("\uff24\uff2f\uff27", "dog"),
+        ("caf\u00c3\u00a9", "caf\u00e9"),
+    ]:
+        np.testing.assert_array_equal(bpe.encode(broken, 16), bpe.encode(plain, 16))
+    assert not np.array_equal(bpe.encode("\ufb01ne", 16), bpe.encode("one", 16))

@@ -14,6 +14,7 @@ import re
 import unicodedata
 from collections.abc import Callable, Sequence
 
+import ftfy
 import ml_collections
 import numpy as np
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
@@ -43,7 +44,8 @@ def clean_caption(caption: str) -> str:
 
     HTML entities are unescaped (twice: web captions are often double-escaped), text is
     NFC-normalised, whitespace runs collapse to one space, and everything is lowercased.
-    CLIP also runs `ftfy.fix_text` (mojibake repair); that step is not reproduced.
+    `ClipBpeTokenizer` first repairs the text with `ftfy.fix_text`, as CLIP does (mojibake,
+    ligatures, curly quotes, full-width forms).
     """
     caption = html.unescape(html.unescape(caption))
     caption = unicodedata.normalize("NFC", caption)
@@ -160,6 +162,10 @@ class ClipBpeTokenizer(_FixedLengthTokenizer):
                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
             ]
         )
+
+    def token_ids(self, caption: str) -> list[int]:
+        """Ids of a caption's tokens after CLIP's ftfy repair and cleaning, without start/end-of-text."""
+        return super().token_ids(ftfy.fix_text(caption))
 
     @classmethod
     def from_file(cls, path: str | pathlib.Path, max_merges: int = CLIP_NUM_MERGES) -> ClipBpeTokenizer:
