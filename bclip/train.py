@@ -108,6 +108,34 @@ def read_excluded_indices(path: str | os.PathLike) -> np.ndarray:
     return poisoning.PoisonPlan.from_record(record, os.fspath(path)).indices
 
 
+def make_training_input(config, objective, tokenizer, process_index: int, process_count: int, log_dir):
+    """The clean training source, its poison plan (None when clean) and the checkpointable batch
+    pipeline over it for this process; bad records are logged under `log_dir` (None: not logged).
+
+    Returns:
+      (source, plan, pipeline)
+    """
+    with_views = objectives.needs_augmented_views(objective)
+    synonyms = make_synonyms(config.data) if with_views else None
+    source = clean_training_source(pipeline.training_source(config.data), config.train)
+    plan = pipeline.make_poison_plan(source, config.poison)
+    data = pipeline.make_train_pipeline(
+        source,
+        image_size=config.model.image.size,
+        context_length=config.model.text.context_length,
+        tokenizer=tokenizer,
+        data=config.data,
+        poison=config.poison,
+        with_views=with_views,
+        synonyms=synonyms,
+        process_index=process_index,
+        process_count=process_count,
+        run_dir=log_dir,
+        plan=plan,
+    )
+    return source, plan, data
+
+
 class Evaluator:
     """Zero-shot top-1/top-5 and ASR on one eval set; every device encodes its share."""
 
@@ -316,26 +344,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # ---- Data ----------------------------------------------------------------------------------
     tokenizer = make_tokenizer(config)
-    with_views = objectives.needs_augmented_views(config.objective)
-    synonyms = make_synonyms(config.data) if with_views else None
-    source = clean_training_source(pipeline.training_source(config.data), config.train)
-    plan = pipeline.make_poison_plan(source, config.poison)
+    source, plan, data = make_training_input(
+        config, config.objective, tokenizer, process_index, process_count, workdir if is_chief else None
+    )
     if plan is not None and is_chief:
         plan.write(run_dir / POISON_FILE)
-    data = pipeline.make_train_pipeline(
-        source,
-        image_size=config.model.image.size,
-        context_length=config.model.text.context_length,
-        tokenizer=tokenizer,
-        data=config.data,
-        poison=config.poison,
-        with_views=with_views,
-        synonyms=synonyms,
-        process_index=process_index,
-        process_count=process_count,
-        run_dir=workdir if is_chief else None,
-        plan=plan,
-    )
     steps_per_epoch = len(source) // config.data.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"{len(source)} training examples cannot fill one batch of {config.data.batch_size}")

@@ -30,7 +30,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from bclip import checkpointing, cleaning, evaluation, objectives, sharding, train, train_step, vmap_sweep
+from bclip import checkpointing, cleaning, evaluation, sharding, train, train_step, vmap_sweep
 from bclip.data import pipeline
 from bclip.models import clip
 
@@ -223,27 +223,12 @@ def train_and_evaluate_vectorised(
 
     # ---- Data: one stream for every run --------------------------------------------------------
     tokenizer = train.make_tokenizer(config)
-    with_views = objectives.needs_augmented_views(template)
-    synonyms = train.make_synonyms(config.data) if with_views else None
-    source = train.clean_training_source(pipeline.training_source(config.data), config.train)
-    plan = pipeline.make_poison_plan(source, config.poison)
+    source, plan, data = train.make_training_input(
+        config, template, tokenizer, process_index, process_count, os.fspath(group_dir) if is_chief else None
+    )
     if plan is not None and is_chief:
         for run_dir in run_dirs:
             plan.write(run_dir / train.POISON_FILE)
-    data = pipeline.make_train_pipeline(
-        source,
-        image_size=config.model.image.size,
-        context_length=config.model.text.context_length,
-        tokenizer=tokenizer,
-        data=config.data,
-        poison=config.poison,
-        with_views=with_views,
-        synonyms=synonyms,
-        process_index=process_index,
-        process_count=process_count,
-        run_dir=os.fspath(group_dir) if is_chief else None,
-        plan=plan,
-    )
     steps_per_epoch = len(source) // config.data.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"{len(source)} training examples cannot fill one batch of {config.data.batch_size}")
