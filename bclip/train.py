@@ -163,9 +163,20 @@ class Evaluator:
         self.counts = jax.jit(counts)
 
     def __call__(self, variables) -> dict[str, float]:
-        class_emb = evaluation.class_embeddings(
-            lambda tokens: self.encode_text(variables, tokens), self.tokenize, self.classnames, self.templates
-        )
+        return self.evaluate_runs([variables])[0]
+
+    def evaluate_runs(self, run_variables) -> list[dict[str, float]]:
+        """The figures of `__call__` for each of several runs' variables, decoding and triggering
+        the eval images once for all of them (a vectorised sweep's runs)."""
+        class_embeddings = [
+            evaluation.class_embeddings(
+                lambda tokens, variables=variables: self.encode_text(variables, tokens),
+                self.tokenize,
+                self.classnames,
+                self.templates,
+            )
+            for variables in run_variables
+        ]
         batches = pipeline.eval_batches(
             self.source,
             image_size=self.config.model.image.size,
@@ -177,11 +188,12 @@ class Evaluator:
             num_workers=self.config.eval.num_workers,
         )
         keys = ("image", "triggered", "label", "valid")
-        per_batch = []
+        per_run = [[] for _ in run_variables]
         for batch in batches:
             global_batch = sharding.global_batch_from_local({k: batch[k] for k in keys}, self.mesh)
-            per_batch.append(self.counts(variables, global_batch, class_emb, self.target))
-        return evaluation.summarise_counts(jax.device_get(per_batch))
+            for counts, variables, class_emb in zip(per_run, run_variables, class_embeddings):
+                counts.append(self.counts(variables, global_batch, class_emb, self.target))
+        return [evaluation.summarise_counts(jax.device_get(counts)) for counts in per_run]
 
 
 def _read_override(path: str) -> list[str] | None:

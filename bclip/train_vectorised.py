@@ -30,14 +30,12 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from bclip import checkpointing, cleaning, evaluation, sharding, train, train_step, vmap_sweep
-from bclip.data import pipeline
+from bclip import checkpointing, cleaning, sharding, train, train_step, vmap_sweep
 from bclip.models import clip
 
 CHECKPOINTS_DIR = "checkpoints"
 FAILED_FILE = "failed.json"
 MODEL_BATCH_KEYS = ("image", "text", "aug_image", "aug_text")
-EVAL_BATCH_KEYS = ("image", "triggered", "label", "valid")
 
 
 class NotVectorisableError(ValueError):
@@ -143,40 +141,6 @@ def with_finite_check(step):
         return states, {**metrics, "params_finite": _finite_per_run(states["params"])}
 
     return checked_step
-
-
-def evaluate_runs(evaluator: train.Evaluator, run_variables: Sequence[dict]) -> list[dict[str, float]]:
-    """`evaluator(variables)` for every run's variables, reading the eval set once for all runs.
-
-    The evaluator's own jitted encoders and counts do the work, so each run's figures are those a
-    lone run's evaluation gives; only decoding and triggering the eval images is shared. The data
-    settings are `Evaluator.__call__`'s (the tests compare the figures with lone runs').
-    """
-    class_embeddings = [
-        evaluation.class_embeddings(
-            lambda tokens, variables=variables: evaluator.encode_text(variables, tokens),
-            evaluator.tokenize,
-            evaluator.classnames,
-            evaluator.templates,
-        )
-        for variables in run_variables
-    ]
-    batches = pipeline.eval_batches(
-        evaluator.source,
-        image_size=evaluator.config.model.image.size,
-        batch_size=evaluator.config.eval.batch_size,
-        trigger=evaluator.config.poison.trigger,
-        seed=evaluator.config.eval.seed,
-        process_index=evaluator.process_index,
-        process_count=evaluator.process_count,
-        num_workers=evaluator.config.eval.num_workers,
-    )
-    per_run = [[] for _ in run_variables]
-    for batch in batches:
-        global_batch = sharding.global_batch_from_local({k: batch[k] for k in EVAL_BATCH_KEYS}, evaluator.mesh)
-        for counts, variables, class_emb in zip(per_run, run_variables, class_embeddings):
-            counts.append(evaluator.counts(variables, global_batch, class_emb, evaluator.target))
-    return [evaluation.summarise_counts(jax.device_get(counts)) for counts in per_run]
 
 
 def train_and_evaluate_vectorised(
@@ -338,7 +302,7 @@ def train_and_evaluate_vectorised(
         variables = [run_variables(i) for i in evaluated]
         results = [{} for _ in evaluated]
         for name, evaluator in evaluators.items():
-            for run_results, figures in zip(results, evaluate_runs(evaluator, variables)):
+            for run_results, figures in zip(results, evaluator.evaluate_runs(variables)):
                 run_results.update({f"{name}/{key}": value for key, value in figures.items()})
         if identical:
             results = results * len(runs)
