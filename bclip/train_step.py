@@ -122,19 +122,30 @@ def make_train_step(
         del rng  # No stochastic layers yet; the argument keeps the signature stable.
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, (terms, batch_stats)), grads = grad_fn(state["params"], state["batch_stats"], batch)
-        updates, opt_state = tx.update(grads, state["opt"], state["params"])
-        params = clamp_logit_scale(optax.apply_updates(state["params"], updates))
-        new_state = {"params": params, "batch_stats": batch_stats, "opt": opt_state, "step": state["step"] + 1}
-        metrics = {
-            "loss": loss,
-            **terms,
-            "temperature": jnp.exp(params["logit_scale"]),
-            "grad_norm": optax.tree.norm(grads),
-            "learning_rate": optim.current_learning_rate(opt_state),
-        }
-        return new_state, metrics
+        return apply_gradients(tx, state, state["opt"], grads, batch_stats, loss, terms)
 
     return train_step
+
+
+def apply_gradients(tx, state, opt_state, grads, batch_stats, loss, terms):
+    """The optimiser update, the temperature clamp and the step's metrics, shared by the train
+    step and the vectorised sweep's per-run step (which passes `opt_state` with its own
+    hyperparameters injected).
+
+    Returns:
+      (new state, metrics)
+    """
+    updates, opt_state = tx.update(grads, opt_state, state["params"])
+    params = clamp_logit_scale(optax.apply_updates(state["params"], updates))
+    new_state = {"params": params, "batch_stats": batch_stats, "opt": opt_state, "step": state["step"] + 1}
+    metrics = {
+        "loss": loss,
+        **terms,
+        "temperature": jnp.exp(params["logit_scale"]),
+        "grad_norm": optax.tree.norm(grads),
+        "learning_rate": optim.current_learning_rate(opt_state),
+    }
+    return new_state, metrics
 
 
 def shard_and_jit_train_step(train_step: Callable, state_shardings, mesh: Mesh) -> Callable:

@@ -309,17 +309,7 @@ def make_vectorised_train_step(
         )
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, (terms, batch_stats)), grads = grad_fn(state["params"], state["batch_stats"], batch, hparams)
-        updates, opt_state = tx.update(grads, opt_state, state["params"])
-        params = train_step.clamp_logit_scale(optax.apply_updates(state["params"], updates))
-        new_state = {"params": params, "batch_stats": batch_stats, "opt": opt_state, "step": state["step"] + 1}
-        metrics = {
-            "loss": loss,
-            **terms,
-            "temperature": jnp.exp(params["logit_scale"]),
-            "grad_norm": optax.tree.norm(grads),
-            "learning_rate": optim.current_learning_rate(opt_state),
-        }
-        return new_state, metrics
+        return train_step.apply_gradients(tx, state, opt_state, grads, batch_stats, loss, terms)
 
     if run_loop == "vmap":
         return jax.vmap(run_step, in_axes=(0, None, None, 0))
