@@ -6,6 +6,13 @@
 Overrides are checked against the config: an unknown key is an error.
 """
 
+if __name__ == "__main__":
+    # First, before the heavy imports below: on a CPU host this restarts the command with a glibc
+    # heap that keeps XLA's step buffers mapped (see bclip/cpu_runtime.py).
+    from bclip import cpu_runtime
+
+    cpu_runtime.reexec_with_retained_heap()
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 

@@ -27,6 +27,13 @@ of the plan written to ROOT/sweep.json:
 
 from __future__ import annotations
 
+if __name__ == "__main__":
+    # First, before the heavy imports below: on a CPU host this restarts the command with a glibc
+    # heap that keeps XLA's step buffers mapped (see bclip/cpu_runtime.py).
+    from bclip import cpu_runtime
+
+    cpu_runtime.reexec_with_retained_heap()
+
 import argparse
 import concurrent.futures
 import copy

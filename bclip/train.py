@@ -21,7 +21,7 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from etils import epath
 
-from bclip import checkpointing, cleaning, evaluation, objectives, optim, sharding, train_step
+from bclip import checkpointing, cleaning, cpu_runtime, evaluation, objectives, optim, sharding, train_step
 from bclip.data import pipeline, poisoning, sources, text_augment
 from bclip.data import tokenizer as tokenizer_lib
 from bclip.models import clip
@@ -152,7 +152,8 @@ class Evaluator:
         context_length = config.model.text.context_length
         self.tokenize = lambda texts: tokenizer.encode_batch(texts, context_length)
         apply = functools.partial(model.apply, method=clip.CLIP.encode_text)
-        self.encode_text = jax.jit(lambda variables, tokens: apply(variables, tokens))
+        options = cpu_runtime.compiler_options(mesh.devices.flat)
+        self.encode_text = jax.jit(lambda variables, tokens: apply(variables, tokens), compiler_options=options)
         encode_image = functools.partial(model.apply, method=clip.CLIP.encode_image)
 
         def counts(variables, batch, class_emb, target):
@@ -160,7 +161,7 @@ class Evaluator:
             emb = encode_image(variables, jnp.concatenate([batch["image"], batch["triggered"]]))
             return evaluation.eval_counts(emb[:n], emb[n:], batch["label"], batch["valid"], class_emb, target)
 
-        self.counts = jax.jit(counts)
+        self.counts = jax.jit(counts, compiler_options=options)
 
     def __call__(self, variables) -> dict[str, float]:
         return self.evaluate_runs([variables])[0]

@@ -17,7 +17,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from bclip import objectives, optim, sharding
+from bclip import cpu_runtime, objectives, optim, sharding
 from bclip.models import clip
 
 # CLIP clamps the learned temperature multiplier so it never exceeds 100.
@@ -155,6 +155,7 @@ def shard_and_jit_train_step(train_step: Callable, state_shardings, mesh: Mesh) 
         in_shardings=(state_shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=(0,),
+        compiler_options=cpu_runtime.compiler_options(mesh.devices.flat),
     )
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from bclip import objectives, optim, sharding, train_step
+from bclip import cpu_runtime, objectives, optim, sharding, train_step
 
 # The optional second mesh axis: runs split over it, the batch over sharding.DATA_AXIS.
 RUN_AXIS = "runs"
@@ -366,4 +366,5 @@ def shard_and_jit_vectorised_step(step: Callable, state_shardings, mesh: Mesh) -
         in_shardings=(state_shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh), runs),
         out_shardings=(state_shardings, runs),
         donate_argnums=(0,),
+        compiler_options=cpu_runtime.compiler_options(mesh.devices.flat),
     )

@@ -1,6 +1,8 @@
 """Test setup: 8 simulated CPU devices, set before jax is imported anywhere."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 # Unoptimised XLA backend code: the tests' tiny steps run about as fast, and compile in half the time.
@@ -15,7 +17,9 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 # Many tests build the same tiny programs; a per-session compilation cache compiles each once.
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="bclip-jax-cache-"))
+_CACHE_DIR = tempfile.mkdtemp(prefix="bclip-jax-cache-")
+atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
