@@ -9,13 +9,6 @@ directory with a done.json is finished and is not redone when the command runs a
 may be on GCS (gs://…) when the study reads no synthetic world, which is written locally.
 """
 
-if __name__ == "__main__":
-    # First, before the heavy imports below: on a CPU host this restarts the command with a glibc
-    # heap that keeps XLA's step buffers mapped (see bclip/cpu_runtime.py).
-    from bclip import cpu_runtime
-
-    cpu_runtime.reexec_with_retained_heap()
-
 import json
 import math
 import os
