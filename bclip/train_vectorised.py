@@ -90,10 +90,10 @@ def check_vectorisable(configs: Sequence[ml_collections.ConfigDict], names: Sequ
         )
 
 
-def default_run_loop() -> str:
-    """How the step goes over the runs: "map" on CPU, where every run's work is already bound by
-    compute and a loop keeps each op at single-run size; "vmap" on accelerators."""
-    return "map" if jax.default_backend() == "cpu" else "vmap"
+# How the step goes over the runs (vmap_sweep.RUN_LOOPS). "vmap" on every backend: with YNNPACK
+# taking only the matrix products on CPU (bclip.cpu_runtime), batching the runs' ops beat looping
+# over them there too (8 micro-vit runs' steps: 1.36x the speed of separate runs, the loop 0.74x).
+DEFAULT_RUN_LOOP = "vmap"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,7 +159,7 @@ def train_and_evaluate_vectorised(
     Args:
       configs, workdirs: one per run (local folders or gs://…).
       group_dir: the group's own folder (stacked checkpoints, bad-records log, failed.json).
-      run_loop: "vmap" or "map" (see vmap_sweep.RUN_LOOPS); default `default_run_loop()`.
+      run_loop: "vmap" or "map" (see vmap_sweep.RUN_LOOPS); default DEFAULT_RUN_LOOP.
     """
     if len(configs) != len(workdirs):
         raise ValueError(f"{len(configs)} configs but {len(workdirs)} workdirs")
@@ -253,7 +253,7 @@ def train_and_evaluate_vectorised(
         states = stack(variables)
     live = [i for i in range(num_runs) if names[i] not in failed_by_name]
 
-    step = vmap_sweep.make_vectorised_train_step(model, template, optim_config, total_steps, run_loop or default_run_loop())
+    step = vmap_sweep.make_vectorised_train_step(model, template, optim_config, total_steps, run_loop or DEFAULT_RUN_LOOP)
     step_fn = vmap_sweep.shard_and_jit_vectorised_step(with_finite_check(step), stacked_shardings, mesh)
     hparams = jax.device_put(hparams, vmap_sweep.run_sharding(mesh))
     take_run_state = jax.jit(lambda states, i: jax.tree.map(lambda x: x[i], states), out_shardings=run_shardings)

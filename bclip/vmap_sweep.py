@@ -16,7 +16,7 @@ else (model, schedule shape, batch size, which loss terms exist) is one value fo
 It pays where a single run's step is bound by fixed per-step costs (op launches, collectives, small
 per-device batches): those are paid once for all N runs, and the N runs compile once instead of N
 times. Where a step is already compute-bound (a small CPU), the work is N runs' work either way and
-the N-fold working set can make each run slower (there "map" does better than "vmap");
+the N-fold working set can make each run slower, where "map" may do better than "vmap";
 `python -m bclip.bench_sweep` measures both. bclip.train_vectorised trains a whole sweep this way.
 """
 
