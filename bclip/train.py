@@ -403,38 +403,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         metrics_log.keep_through(-1)
         evals_log.keep_through(-1)
         start_step = 0
-        shrink_and_perturb = config.cleaning.shrink != 1.0 or config.cleaning.perturb != 0.0
-        if init_from is None or shrink_and_perturb:
-            variables = jax.jit(init_variables, out_shardings=variable_shardings)(rng)
-        if init_from is not None:
-            params = dict(init_from["params"])
-            if shrink_and_perturb:
-                mix = functools.partial(cleaning.shrink_and_perturb, shrink=config.cleaning.shrink, perturb=config.cleaning.perturb)
-                mix = jax.jit(mix, out_shardings=_model_params(shardings["params"]))
-                params = {**variables["params"], **mix(params, _model_params(variables["params"]))}
-            elif deep_clustering:
-                init_head = functools.partial(cleaning.init_cluster_head, embed_dim=config.model.embed_dim, num_clusters=num_clusters)
-                params["cluster_head"] = jax.jit(init_head, out_shardings=shardings["params"]["cluster_head"])(rng)
-            variables = {"params": params, "batch_stats": init_from["batch_stats"]}
+        variables = initial_variables(config, init_from, init_variables, variable_shardings, rng, num_clusters)
         # The optimiser always starts fresh, also from a pretrained checkpoint.
         make_state = jax.jit(functools.partial(_state_from_variables, tx=tx), out_shardings=shardings, donate_argnums=0)
         state = make_state(variables)
     step_fn = train_step.shard_and_jit_train_step(train_step.make_train_step(model, tx, config.objective), shardings, mesh)
 
     # ---- Evaluators ----------------------------------------------------------------------------
-    evaluators = {
-        name: Evaluator(
-            name,
-            make_eval_source(set_config),
-            model=model,
-            tokenizer=tokenizer,
-            config=config,
-            mesh=mesh,
-            process_index=process_index,
-            process_count=process_count,
-        )
-        for name, set_config in config.eval.sets.items()
-    }
+    evaluators = make_evaluators(config, model, tokenizer, mesh, process_index, process_count)
 
     def run_evals(step: int) -> dict[str, float]:
         results = {}
@@ -539,6 +515,44 @@ def _state_from_variables(variables: dict, tx) -> dict:
         "opt": tx.init(variables["params"]),
         "step": jnp.zeros((), jnp.int32),
     }
+
+
+def make_evaluators(config, model, tokenizer, mesh, process_index: int, process_count: int) -> dict[str, Evaluator]:
+    """One Evaluator per config.eval.sets entry, by name."""
+    return {
+        name: Evaluator(
+            name,
+            make_eval_source(set_config),
+            model=model,
+            tokenizer=tokenizer,
+            config=config,
+            mesh=mesh,
+            process_index=process_index,
+            process_count=process_count,
+        )
+        for name, set_config in config.eval.sets.items()
+    }
+
+
+def initial_variables(config, init_from, init_variables, variable_shardings, rng, num_clusters: int) -> dict:
+    """The variables a run without a checkpoint starts from: `init_variables(rng)`, or the
+    pretrained `init_from` variables, shrunk and perturbed towards that random init when
+    config.cleaning asks for it, or given a fresh deep-clustering head when the variables have
+    one (`num_clusters` centroids). variable_shardings: {"params", "batch_stats"} of the result."""
+    shrink_and_perturb = config.cleaning.shrink != 1.0 or config.cleaning.perturb != 0.0
+    if init_from is None or shrink_and_perturb:
+        variables = jax.jit(init_variables, out_shardings=variable_shardings)(rng)
+    if init_from is None:
+        return variables
+    params = dict(init_from["params"])
+    if shrink_and_perturb:
+        mix = functools.partial(cleaning.shrink_and_perturb, shrink=config.cleaning.shrink, perturb=config.cleaning.perturb)
+        mix = jax.jit(mix, out_shardings=_model_params(variable_shardings["params"]))
+        params = {**variables["params"], **mix(params, _model_params(variables["params"]))}
+    elif "cluster_head" in variable_shardings["params"]:
+        init_head = functools.partial(cleaning.init_cluster_head, embed_dim=config.model.embed_dim, num_clusters=num_clusters)
+        params["cluster_head"] = jax.jit(init_head, out_shardings=variable_shardings["params"]["cluster_head"])(rng)
+    return {"params": params, "batch_stats": init_from["batch_stats"]}
 
 
 def _model_params(params: dict) -> dict:

@@ -30,7 +30,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from bclip import checkpointing, cleaning, sharding, train, train_step, vmap_sweep
+from bclip import checkpointing, sharding, train, train_step, vmap_sweep
 from bclip.models import clip
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -233,19 +233,9 @@ def train_and_evaluate_vectorised(
         for log in metrics_logs + evals_logs:
             log.keep_through(-1)
         start_step = 0
-        # As bclip.train starts a lone run: the same variables for every run of the group.
-        shrink_and_perturb = config.cleaning.shrink != 1.0 or config.cleaning.perturb != 0.0
-        if init_from is None or shrink_and_perturb:
-            variables = jax.jit(init_variables, out_shardings=variable_shardings)(rng)
-        if init_from is not None:
-            params = dict(init_from["params"])
-            if shrink_and_perturb:
-                mix = jax.jit(
-                    lambda p, p0: cleaning.shrink_and_perturb(p, p0, config.cleaning.shrink, config.cleaning.perturb),
-                    out_shardings=variable_shardings["params"],
-                )
-                params = mix(params, variables["params"])
-            variables = {"params": params, "batch_stats": init_from["batch_stats"]}
+        # As bclip.train starts a lone run: the same variables for every run of the group (deep
+        # clustering is never vectorised, so there is no cluster head).
+        variables = train.initial_variables(config, init_from, init_variables, variable_shardings, rng, num_clusters=0)
         stack = jax.jit(
             lambda v: vmap_sweep.stack_states(vmap_sweep.init_sweep_state(tx, v), num_runs),
             out_shardings=stacked_shardings,
@@ -280,19 +270,7 @@ def train_and_evaluate_vectorised(
                 fail(i, f"parameters became non-finite in step {step + 1}")
 
     # ---- Evaluators: one set, compiled once, used for every run --------------------------------
-    evaluators = {
-        name: train.Evaluator(
-            name,
-            train.make_eval_source(set_config),
-            model=model,
-            tokenizer=tokenizer,
-            config=config,
-            mesh=mesh,
-            process_index=process_index,
-            process_count=process_count,
-        )
-        for name, set_config in config.eval.sets.items()
-    }
+    evaluators = train.make_evaluators(config, model, tokenizer, mesh, process_index, process_count)
     last_results: list[dict | None] = [None] * num_runs
 
     def run_evals(step: int, runs: Sequence[int], identical: bool = False) -> None:
