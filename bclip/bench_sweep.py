@@ -355,7 +355,8 @@ def bench_end_to_end(args) -> dict:
 
     config, _ = sweep.load_sweep(config_arg)
 
-    run_loops = tuple(dict.fromkeys([train_vectorised.DEFAULT_RUN_LOOP, "vmap", "map"]))
+    default_loop = train_vectorised.default_run_loop(jax.devices())
+    run_loops = tuple(dict.fromkeys([default_loop, "vmap", "dispatch"]))
     step_only = bench_steps(
         config.model,
         config.objective,
@@ -381,7 +382,7 @@ def bench_end_to_end(args) -> dict:
         "speedup_wall": round(timings["sequential"]["wall_s"] / timings["vectorised"]["wall_s"], 2),
         "speedup_cpu": round(timings["sequential"]["cpu_s"] / timings["vectorised"]["cpu_s"], 2),
         "results_max_abs_diff": max(differences),
-        "vectorised_run_loop": train_vectorised.DEFAULT_RUN_LOOP,
+        "vectorised_run_loop": default_loop,
         "step_only": {
             "steps": args.steps,
             "sequential_s": round(step_only["sequential_s"], 3),

@@ -152,7 +152,7 @@ class Evaluator:
         context_length = config.model.text.context_length
         self.tokenize = lambda texts: tokenizer.encode_batch(texts, context_length)
         apply = functools.partial(model.apply, method=clip.CLIP.encode_text)
-        options = cpu_runtime.compiler_options(mesh.devices.flat)
+        options = cpu_runtime.compiler_options(mesh.devices.flat, forward_only=True)
         self.encode_text = jax.jit(lambda variables, tokens: apply(variables, tokens), compiler_options=options)
         encode_image = functools.partial(model.apply, method=clip.CLIP.encode_image)
 

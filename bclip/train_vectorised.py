@@ -30,7 +30,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from bclip import checkpointing, sharding, train, train_step, vmap_sweep
+from bclip import checkpointing, cpu_runtime, sharding, train, train_step, vmap_sweep
 from bclip.models import clip
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -90,10 +90,19 @@ def check_vectorisable(configs: Sequence[ml_collections.ConfigDict], names: Sequ
         )
 
 
-# How the step goes over the runs (vmap_sweep.RUN_LOOPS). "vmap" on every backend: with YNNPACK
-# taking only the matrix products on CPU (bclip.cpu_runtime), batching the runs' ops beat looping
-# over them there too (8 micro-vit runs' steps: 1.36x the speed of separate runs, the loop 0.74x).
-DEFAULT_RUN_LOOP = "vmap"
+def default_run_loop(devices) -> str:
+    """How a vectorised group's step goes over its runs (vmap_sweep.RUN_LOOPS) on `devices`.
+
+    "vmap" on GPUs and TPUs, whose fixed per-op costs batching the runs spreads, and on CPUs with
+    AVX-512, where YNNPACK's batched products were faster: 8 micro-vit runs' steps at 1.36x the
+    speed of separate runs (the in-program loop: 0.74x). "dispatch" on other CPUs: on a 2-core AMD
+    EPYC (AVX2) the clean_tiny.py runs' vmapped step ran at 0.71-0.76x the speed of separate runs,
+    the N-fold working set costing more than batching saves, and "dispatch" at 0.93x (compiled
+    once, at single-run size).
+    """
+    if all(device.platform == "cpu" for device in devices) and not cpu_runtime.has_avx512():
+        return "dispatch"
+    return "vmap"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,8 +142,19 @@ def _finite_per_run(params) -> jax.Array:
 
 
 def with_finite_check(step):
-    """The vectorised step, its metrics also holding "params_finite" bool [N] (part of the one
+    """The vectorised step, its metrics also holding "params_finite" bool [N] (part of the
     compiled program, so the check costs neither a dispatch nor a compile of its own)."""
+    if isinstance(step, vmap_sweep.PerRunStep):
+
+        def checked_run(run_step):
+            def checked(state, batch, rng, hparams):
+                state, metrics = run_step(state, batch, rng, hparams)
+                finite = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(state["params"])]
+                return state, {**metrics, "params_finite": jnp.all(jnp.stack(finite))}
+
+            return checked
+
+        return step.wrap(checked_run)
 
     def checked_step(states, batch, rng, hparams):
         states, metrics = step(states, batch, rng, hparams)
@@ -159,7 +179,7 @@ def train_and_evaluate_vectorised(
     Args:
       configs, workdirs: one per run (local folders or gs://…).
       group_dir: the group's own folder (stacked checkpoints, bad-records log, failed.json).
-      run_loop: "vmap" or "map" (see vmap_sweep.RUN_LOOPS); default DEFAULT_RUN_LOOP.
+      run_loop: one of vmap_sweep.RUN_LOOPS; default `default_run_loop` of the mesh's devices.
     """
     if len(configs) != len(workdirs):
         raise ValueError(f"{len(configs)} configs but {len(workdirs)} workdirs")
@@ -243,14 +263,19 @@ def train_and_evaluate_vectorised(
         states = stack(variables)
     live = [i for i in range(num_runs) if names[i] not in failed_by_name]
 
-    step = vmap_sweep.make_vectorised_train_step(model, template, optim_config, total_steps, run_loop or DEFAULT_RUN_LOOP)
+    run_loop = run_loop or default_run_loop(mesh.devices.flat)
+    step = vmap_sweep.make_vectorised_train_step(model, template, optim_config, total_steps, run_loop)
     step_fn = vmap_sweep.shard_and_jit_vectorised_step(with_finite_check(step), stacked_shardings, mesh)
     hparams = jax.device_put(hparams, vmap_sweep.run_sharding(mesh))
     take_run_state = jax.jit(lambda states, i: jax.tree.map(lambda x: x[i], states), out_shardings=run_shardings)
+    # Evaluations need only the model variables, not the optimizer state (twice their size).
+    take_run_variables = jax.jit(
+        lambda variables, i: jax.tree.map(lambda x: x[i], variables), out_shardings=variable_shardings
+    )
 
     def run_variables(i: int) -> dict:
-        state = take_run_state(states, i)
-        return {"params": state["params"], **({"batch_stats": state["batch_stats"]} if state["batch_stats"] else {})}
+        variables = take_run_variables({"params": states["params"], "batch_stats": states["batch_stats"]}, i)
+        return variables if variables["batch_stats"] else {"params": variables["params"]}
 
     def fail(i: int, why: str) -> None:
         live.remove(i)

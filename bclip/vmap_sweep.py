@@ -1,8 +1,8 @@
 """Vectorised sweeps: N runs that differ only in scalar hyperparameters train as one jitted program.
 
 Each run's state is stacked on a leading run axis [N, ...] and the single-run step is `jax.vmap`ped
-over it (or looped over it inside the program, `run_loop="map"`), so every run sees the same
-(shared, unstacked) batch. What may differ per run is a float
+over it (or looped over it inside the program, `run_loop="map"`, or compiled once and called per
+run, `run_loop="dispatch"`), so every run sees the same (shared, unstacked) batch. What may differ per run is a float
 [N] array each: the peak learning rate, the weight decay and the objective's term weights. Anything
 else (model, schedule shape, batch size, which loss terms exist) is one value for the whole sweep.
 
@@ -16,8 +16,8 @@ else (model, schedule shape, batch size, which loss terms exist) is one value fo
 It pays where a single run's step is bound by fixed per-step costs (op launches, collectives, small
 per-device batches): those are paid once for all N runs, and the N runs compile once instead of N
 times. Where a step is already compute-bound (a small CPU), the work is N runs' work either way and
-the N-fold working set can make each run slower, where "map" may do better than "vmap";
-`python -m bclip.bench_sweep` measures both. bclip.train_vectorised trains a whole sweep this way.
+the N-fold working set can make each run slower, where "dispatch" may do better than "vmap";
+`python -m bclip.bench_sweep --run_loops vmap,map,dispatch` measures them. bclip.train_vectorised trains a whole sweep this way.
 """
 
 import copy
@@ -47,8 +47,9 @@ OPTIM_HYPERPARAMS = ("learning_rate", "weight_decay")
 HYPERPARAMS = OPTIM_HYPERPARAMS + tuple(TERM_WEIGHTS.values())
 # Dotted config keys that may differ between the runs of one vectorised sweep.
 # How the step goes over the run axis: "vmap" batches every op over the runs; "map" is a loop
-# inside the one program (lax.map), each run's ops at single-run size.
-RUN_LOOPS = ("vmap", "map")
+# inside the one program (lax.map), each run's ops at single-run size; "dispatch" compiles one
+# run's step once (the run index and its hyperparameters are arguments) and calls it per run.
+RUN_LOOPS = ("vmap", "map", "dispatch")
 SWEEPABLE_KEYS = tuple(f"optim.{k}" for k in OPTIM_HYPERPARAMS) + tuple(
     f"objective.{k}" for k in TERM_WEIGHTS.values()
 )
@@ -319,7 +320,60 @@ def make_vectorised_train_step(
             return jax.lax.map(lambda run: run_step(run[0], batch, rng, run[1]), (states, hparams))
 
         return mapped
+    if run_loop == "dispatch":
+        return PerRunStep(run_step)
     raise ValueError(f"run_loop must be one of {RUN_LOOPS}, got {run_loop!r}")
+
+
+class PerRunStep:
+    """The "dispatch" run loop before jitting: `run_step(state, batch, rng, hparams)` of one run,
+    for `shard_and_jit_vectorised_step` to compile once and call once per run."""
+
+    def __init__(self, run_step: Callable):
+        self.run_step = run_step
+
+    def wrap(self, wrapper: Callable[[Callable], Callable]) -> "PerRunStep":
+        """The same, with `wrapper` applied to the single-run step."""
+        return PerRunStep(wrapper(self.run_step))
+
+    def on_stacked(self, states, run, batch, rng, hparams):
+        """Run `run`'s step on the stacked states: its slice is read, stepped and written back
+        (in place once the states are donated)."""
+        take = lambda tree: jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, run, keepdims=False), tree)
+        new_state, metrics = self.run_step(take(states), batch, rng, take(hparams))
+        put = lambda stacked, new: jax.lax.dynamic_update_index_in_dim(stacked, new, run, 0)
+        return jax.tree.map(put, states, new_state), metrics
+
+
+class DispatchedStep:
+    """A jitted `PerRunStep` called like the other run loops' steps: (states, batch, rng, hparams)
+    -> (states, metrics [N]). Each call dispatches the one compiled single-run program N times, so
+    every run's ops run at single-run size, as N separate runs' would (on a CPU host where the
+    batched ops of "vmap" run slower than one run's), while the N runs still compile once."""
+
+    def __init__(self, jitted: Callable):
+        self.jitted = jitted
+
+    def __call__(self, states, batch, rng, hparams):
+        num_runs = jax.tree.leaves(hparams)[0].shape[0]
+        per_run = []
+        for run in range(num_runs):
+            states, metrics = self.jitted(states, np.int32(run), batch, rng, hparams)
+            per_run.append(metrics)
+        return states, jax.tree.map(lambda *values: jnp.stack(values), *per_run)
+
+    def lower(self, states, batch, rng, hparams):
+        """Mirrors jax.jit's lower(...).compile(): a DispatchedStep of the compiled program."""
+        lowered = self.jitted.lower(states, np.int32(0), batch, rng, hparams)
+        return _LoweredDispatch(lowered)
+
+
+class _LoweredDispatch:
+    def __init__(self, lowered):
+        self.lowered = lowered
+
+    def compile(self) -> DispatchedStep:
+        return DispatchedStep(self.lowered.compile())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,10 +415,24 @@ def shard_and_jit_vectorised_step(step: Callable, state_shardings, mesh: Mesh) -
     """`jit` the vectorised step: states and hparams split by run (or replicated), the batch over
     DATA_AXIS, metrics [N] like the hparams; states donated."""
     runs = run_sharding(mesh)
+    options = cpu_runtime.compiler_options(mesh.devices.flat)
+    if isinstance(step, PerRunStep):
+        if RUN_AXIS in mesh.axis_names:
+            raise ValueError('run_loop "dispatch" steps one run at a time on every device: use run_shards=1')
+        replicated = sharding.replicated(mesh)
+        return DispatchedStep(
+            jax.jit(
+                step.on_stacked,
+                in_shardings=(state_shardings, replicated, sharding.batch_sharding(mesh), replicated, runs),
+                out_shardings=(state_shardings, replicated),
+                donate_argnums=(0,),
+                compiler_options=options,
+            )
+        )
     return jax.jit(
         step,
         in_shardings=(state_shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh), runs),
         out_shardings=(state_shardings, runs),
         donate_argnums=(0,),
-        compiler_options=cpu_runtime.compiler_options(mesh.devices.flat),
+        compiler_options=options,
     )

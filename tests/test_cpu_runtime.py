@@ -9,8 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bclip import cpu_runtime, sharding, train_step
-from bclip.models import vit
+from bclip import config as run_configs
+from bclip import cpu_runtime, sharding, train, train_step
+from bclip.data import synthetic
+from bclip.models import clip, vit
 
 
 def test_compiler_options_only_for_cpu_devices():
@@ -18,7 +20,9 @@ def test_compiler_options_only_for_cpu_devices():
         platform = "gpu"
 
     assert cpu_runtime.compiler_options(jax.devices()) == cpu_runtime.CPU_COMPILER_OPTIONS
+    assert cpu_runtime.compiler_options(jax.devices(), forward_only=True) == cpu_runtime.FORWARD_CPU_COMPILER_OPTIONS
     assert cpu_runtime.compiler_options([jax.devices()[0], FakeGpu()]) is None
+    assert cpu_runtime.compiler_options([jax.devices()[0], FakeGpu()], forward_only=True) is None
 
 
 def _block_and_grad():
@@ -49,6 +53,32 @@ def test_compiler_options_compile_and_keep_results():
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(tuned)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     assert _non_dot_library_fusions(tuned_fn.lower(params, x).compile().as_text()) == []
+
+
+def test_forward_options_keep_matrix_products_with_xla_and_results_unchanged():
+    block = vit.ResidualAttentionBlock(heads=2, num_layers=2)
+    x = jax.random.normal(jax.random.key(0), (8, 9, 32))
+    params = block.init(jax.random.key(1), x)
+    forward = jax.jit(block.apply, compiler_options=cpu_runtime.compiler_options(jax.devices(), forward_only=True))
+    np.testing.assert_allclose(forward(params, x), jax.jit(block.apply)(params, x), rtol=1e-5, atol=1e-5)
+    text = forward.lower(params, x).compile().as_text()
+    assert " dot(" in text and "__ynn_fusion" not in text
+    # XLA's default on this jaxlib does hand these products to YNNPACK: the option is what removes them.
+    assert "__ynn_fusion" in jax.jit(block.apply).lower(params, x).compile().as_text()
+
+
+def test_evaluator_jits_use_the_forward_options(tmp_path):
+    world = synthetic.write_world(tmp_path / "world", image_size=32, num_train=8, num_test=16, num_selection=0)
+    config = run_configs.run_config("micro-vit", text={"vocab_size": 256, "context_length": 24})
+    config.data.tokenizer.path = os.path.join(world, synthetic.VOCAB_FILE)
+    with config.unlocked():
+        config.eval.sets = {"test": run_configs.eval_set_config("folder", os.path.join(world, "test"))}
+    model = clip.build_model(config.model)
+    tokenizer = train.make_tokenizer(config)
+    evaluator = train.make_evaluators(config, model, tokenizer, sharding.make_mesh(), 0, 1)["test"]
+    variables = train_step.init_variables(model, jax.random.key(0), 32, config.model.text.context_length)
+    tokens = np.zeros((4, config.model.text.context_length), np.int32)
+    assert "__ynn_fusion" not in evaluator.encode_text.lower(variables, tokens).compile().as_text()
 
 
 def test_jitted_train_step_carries_the_options():

@@ -11,12 +11,13 @@ import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 from bclip import config as run_configs
-from bclip import experiment, sweep, train, train_step, train_vectorised, vmap_sweep
+from bclip import cpu_runtime, experiment, sharding, sweep, train, train_step, train_vectorised, vmap_sweep
 from bclip.models import clip
 
 TOTAL_STEPS = 4
@@ -314,3 +315,34 @@ def test_clean_tiny_sweep_can_be_vectorised():
     assert [run.name for run in runs] == [f"lr={lr}_ssl_weight=1" for lr in ("2e-04", "5e-04", "0.001", "0.002")]
     sweep.check_vectorisable(config, runs)
     assert len(sweep.load_sweep(f"{config_path}:runs/world,runs/tiny")[1]) == 8
+
+
+@pytest.mark.parametrize("run_loop", ["vmap", "dispatch"])
+def test_finite_check_flags_each_run(run_loop):
+    def run_step(state, batch, rng, hparams):
+        params = {"w": state["params"]["w"] * hparams["scale"] + jnp.sum(batch["x"])}
+        return {"params": params}, {"loss": jnp.sum(params["w"])}
+
+    step = jax.vmap(run_step, in_axes=(0, None, None, 0)) if run_loop == "vmap" else vmap_sweep.PerRunStep(run_step)
+    mesh = sharding.make_mesh()
+    states = {"params": {"w": jnp.ones((3, 4))}}
+    jitted = vmap_sweep.shard_and_jit_vectorised_step(
+        train_vectorised.with_finite_check(step), vmap_sweep.sweep_state_shardings(states, mesh), mesh
+    )
+    batch = {"x": np.zeros((8, 1), np.float32)}
+    states, metrics = jitted(states, batch, jax.random.key(0), {"scale": np.array([2.0, np.inf, 0.5], np.float32)})
+    assert metrics["params_finite"].tolist() == [True, False, True]
+    np.testing.assert_allclose(metrics["loss"], [8.0, np.inf, 2.0])
+    np.testing.assert_allclose(states["params"]["w"][2], np.full(4, 0.5))
+
+
+def test_default_run_loop(monkeypatch):
+    class FakeGpu:
+        platform = "gpu"
+
+    cpu = jax.devices()
+    monkeypatch.setattr(cpu_runtime, "has_avx512", lambda: False)
+    assert train_vectorised.default_run_loop(cpu) == "dispatch"
+    assert train_vectorised.default_run_loop([FakeGpu()]) == "vmap"
+    monkeypatch.setattr(cpu_runtime, "has_avx512", lambda: True)
+    assert train_vectorised.default_run_loop(cpu) == "vmap"

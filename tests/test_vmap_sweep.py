@@ -202,11 +202,12 @@ def test_runs_split_over_a_second_mesh_axis_match_replicated_runs(sweep, vectori
     _assert_trees_close(jax.device_get(states["params"]), jax.tree.map(lambda x: x[:num_runs], replicated_params), rtol=1e-4, atol=2e-6)
 
 
-def test_run_loop_map_gives_what_vmap_gives(sweep, vectorised):
-    """The runs looped over inside the program (lax.map, the CPU default) train exactly as the
-    vmapped runs do."""
+@pytest.mark.parametrize("run_loop", ["map", "dispatch"])
+def test_other_run_loops_give_what_vmap_gives(sweep, vectorised, run_loop):
+    """The runs looped over inside the program (lax.map), or stepped one at a time by one compiled
+    single-run program, train exactly as the vmapped runs do."""
     step = vmap_sweep.make_vectorised_train_step(
-        sweep["model"], sweep["template"], sweep["optim_config"], TOTAL_STEPS, run_loop="map"
+        sweep["model"], sweep["template"], sweep["optim_config"], TOTAL_STEPS, run_loop=run_loop
     )
     states, shardings = sweep["start"](len(LEARNING_RATES))
     jitted = vmap_sweep.shard_and_jit_vectorised_step(step, shardings, sweep["mesh"])
