@@ -7,8 +7,8 @@ scalars, so they can train as one vectorised program.
   python -m bclip.sweep --config configs/clean_tiny.py:runs/world,runs/tiny --workdir runs/tiny_clean --vectorize
 
 `arg` is "WORLD,PRETRAINED[,NUM_RUNS]": the world's directory, the pretraining run's directory and
-optionally how many of the sweep's 8 runs to keep (the first ones). On 2 CPU cores, 4 runs take
-60–85 s one after another (without --vectorize) and 30–45 s with it, 8 runs 130–150 s and 50–70 s;
+optionally how many of the sweep's 8 runs to keep (the first ones). On 2 CPU cores, 8 runs take
+130–290 s one after another (without --vectorize) and 50–105 s with it, depending on the host;
 `python -m bclip.bench_sweep --end_to_end --num_runs N` times both ways.
 """
 
