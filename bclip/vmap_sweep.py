@@ -2,9 +2,10 @@
 
 Each run's state is stacked on a leading run axis [N, ...] and the single-run step is `jax.vmap`ped
 over it (or looped over it inside the program, `run_loop="map"`, or compiled once and called per
-run, `run_loop="dispatch"`), so every run sees the same (shared, unstacked) batch. What may differ per run is a float
-[N] array each: the peak learning rate, the weight decay and the objective's term weights. Anything
-else (model, schedule shape, batch size, which loss terms exist) is one value for the whole sweep.
+run, `run_loop="dispatch"`), so every run sees the same (shared, unstacked) batch. What may differ
+per run is a float [N] array each: the peak learning rate, the weight decay and the objective's
+term weights. Anything else (model, schedule shape, batch size, which loss terms exist) is one
+value for the whole sweep.
 
   tx = make_sweep_optimizer(optim_config)
   states = stack_states(init_sweep_state(tx, variables), num_runs)
@@ -17,7 +18,8 @@ It pays where a single run's step is bound by fixed per-step costs (op launches,
 per-device batches): those are paid once for all N runs, and the N runs compile once instead of N
 times. Where a step is already compute-bound (a small CPU), the work is N runs' work either way and
 the N-fold working set can make each run slower, where "dispatch" may do better than "vmap";
-`python -m bclip.bench_sweep --run_loops vmap,map,dispatch` measures them. bclip.train_vectorised trains a whole sweep this way.
+`python -m bclip.bench_sweep --run_loops vmap,map,dispatch` measures them. bclip.train_vectorised
+trains a whole sweep this way.
 """
 
 import copy
