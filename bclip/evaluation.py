@@ -16,11 +16,17 @@ def normalise(x: jax.Array, axis: int = -1) -> jax.Array:
     return x / jnp.linalg.norm(x, axis=axis, keepdims=True)
 
 
+def prompt_tokens(
+    tokenize: Callable[[list[str]], np.ndarray], classnames: Sequence[str], templates: Sequence[str]
+) -> np.ndarray:
+    """int32 [C * T, L]: every template filled with every class name, class-major."""
+    return np.asarray(tokenize([template.format(name) for name in classnames for template in templates]))
+
+
 def class_embeddings(
     encode_text: Callable[[np.ndarray], jax.Array],
-    tokenize: Callable[[list[str]], np.ndarray],
-    classnames: Sequence[str],
-    templates: Sequence[str],
+    tokens: np.ndarray,
+    num_classes: int,
     chunk_size: int = 1024,
 ) -> jax.Array:
     """Zero-shot classifier weights [C, D]: per class, the normalised mean of its prompts' embeddings.
@@ -28,22 +34,19 @@ def class_embeddings(
     Args:
       encode_text: int32 tokens [N, L] -> text embeddings [N, D]; called with N = chunk_size
         (the last chunk is padded) so a jitted encoder compiles once.
-      tokenize: list of N strings -> int32 tokens [N, L].
-      classnames: C class names, in label order.
-      templates: T prompt templates, each with one "{}" for the class name.
+      tokens: the prompts of `prompt_tokens`, class-major: C classes x T templates.
+      num_classes: C.
     """
-    prompts = [template.format(name) for name in classnames for template in templates]
-    tokens = np.asarray(tokenize(prompts))
-    chunk_size = min(chunk_size, len(prompts))
+    chunk_size = min(chunk_size, len(tokens))
     pieces = []
-    for start in range(0, len(prompts), chunk_size):
+    for start in range(0, len(tokens), chunk_size):
         chunk = tokens[start : start + chunk_size]
         n = len(chunk)
         if n < chunk_size:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], chunk_size - n, axis=0)])
         pieces.append(np.asarray(encode_text(chunk))[:n])
     per_prompt = normalise(jnp.asarray(np.concatenate(pieces)))
-    per_class = per_prompt.reshape(len(classnames), len(templates), -1).mean(axis=1)
+    per_class = per_prompt.reshape(num_classes, len(tokens) // num_classes, -1).mean(axis=1)
     return normalise(per_class)
 
 

@@ -150,7 +150,10 @@ class Evaluator:
         self.process_index, self.process_count = process_index, process_count
         self.tokenizer = tokenizer
         context_length = config.model.text.context_length
-        self.tokenize = lambda texts: tokenizer.encode_batch(texts, context_length)
+        # Tokenised once, for every run and evaluation.
+        self.prompt_tokens = evaluation.prompt_tokens(
+            lambda texts: tokenizer.encode_batch(texts, context_length), self.classnames, self.templates
+        )
         apply = functools.partial(model.apply, method=clip.CLIP.encode_text)
         options = cpu_runtime.compiler_options(mesh.devices.flat, forward_only=True)
         self.encode_text = jax.jit(lambda variables, tokens: apply(variables, tokens), compiler_options=options)
@@ -172,9 +175,8 @@ class Evaluator:
         class_embeddings = [
             evaluation.class_embeddings(
                 lambda tokens, variables=variables: self.encode_text(variables, tokens),
-                self.tokenize,
-                self.classnames,
-                self.templates,
+                self.prompt_tokens,
+                len(self.classnames),
             )
             for variables in run_variables
         ]

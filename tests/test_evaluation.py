@@ -65,7 +65,7 @@ def test_class_embeddings_average_templates_per_class():
         offset = jnp.where(tokens[:, 1:2] == 0, 0.1, -0.1) * jnp.eye(4)[3]
         return evaluation.normalise(base + offset)
 
-    emb = evaluation.class_embeddings(encode_text, tokenize, classnames, templates)
+    emb = evaluation.class_embeddings(encode_text, evaluation.prompt_tokens(tokenize, classnames, templates), len(classnames))
     np.testing.assert_allclose(np.asarray(emb), np.eye(4)[:3], atol=1e-6)
 
 

@@ -327,3 +327,26 @@ def test_text_tower_equals_normalising_every_token_then_pooling():
     hidden = vit.layer_norm(jnp.float32, jnp.float32, "ln").apply({"params": params["ln_final"]}, hidden)
     expected = hidden[jnp.arange(2), jnp.array([3, 7])] @ params["text_projection"]
     np.testing.assert_allclose(tower.apply({"params": params}, tokens), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_dot_product_attention_matches_the_textbook_formula(is_causal):
+    from bclip.models.vit import dot_product_attention
+
+    rng = np.random.default_rng(0)
+    batch, length, heads, head_dim = 2, 5, 3, 4
+    query, key, value = (rng.normal(size=(batch, length, heads, head_dim)).astype(np.float32) for _ in range(3))
+    got = np.asarray(dot_product_attention(jnp.asarray(query), jnp.asarray(key), jnp.asarray(value), is_causal))
+    # softmax(q k^T / sqrt(d)) v per batch element and head, in float64.
+    want = np.empty_like(got)
+    for b in range(batch):
+        for h in range(heads):
+            logits = query[b, :, h].astype(np.float64) @ key[b, :, h].T.astype(np.float64) / math.sqrt(head_dim)
+            if is_causal:
+                logits = np.where(np.tril(np.ones((length, length), bool)), logits, -np.inf)
+            weights = np.exp(logits - logits.max(axis=-1, keepdims=True))
+            weights /= weights.sum(axis=-1, keepdims=True)
+            want[b, :, h] = weights @ value[b, :, h]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    if is_causal:  # the first query sees only the first key
+        np.testing.assert_allclose(got[:, 0], value[:, 0], atol=1e-6)
