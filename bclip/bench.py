@@ -2,6 +2,7 @@
 
   python -m bclip.bench step --model tiny-vit --batch_size 128 --objective mmcl
   python -m bclip.bench data --data_dir /tmp/bench_world --image_size 224 --num_images 2000 --workers 0,1,2
+  python -m bclip.bench views --image_size 224 --batch_size 64
 """
 
 if __name__ == "__main__":
@@ -26,7 +27,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from bclip import cpu_runtime, objectives, optim, sharding, train_step
+from bclip import cpu_runtime, device_augment, objectives, optim, sharding, train_step
 from bclip.data import decode, pipeline, sources, synthetic, text_augment
 from bclip.data import tokenizer as tokenizer_lib
 from bclip.models import clip
@@ -133,12 +134,15 @@ def bench_step(args) -> dict:
 # Input pipeline
 # ---------------------------------------------------------------------------------------------
 
-# name -> (poison overrides or None for a clean run, SSL views)
+# name -> (poison overrides or None for a clean run, SSL views, image views made on device)
 DATA_SETTINGS = {
-    "clean": (None, False),
-    "badnets_1pct": ({"rate": 0.01}, False),
-    "badnets_all": ({"rate": 1.0}, False),  # worst case: every image gets the trigger
-    "ssl_badnets_1pct": ({"rate": 0.01}, True),  # the study's MMCL+SSL pretraining input
+    "clean": (None, False, False),
+    "badnets_1pct": ({"rate": 0.01}, False, False),
+    "badnets_all": ({"rate": 1.0}, False, False),  # worst case: every image gets the trigger
+    "ssl_badnets_1pct": ({"rate": 0.01}, True, False),  # the study's MMCL+SSL pretraining input
+    # The same with the image views left to the train step (data.views_on_device): what the host
+    # still does is caption views and view keys; `bench views` times the step's side.
+    "ssl_device_views_badnets_1pct": ({"rate": 0.01}, True, True),
 }
 
 
@@ -219,8 +223,8 @@ def pipeline_seconds(source, setting: str, num_workers: int, num_batches: int, a
     start-up (workers go through it in turn) and without batches prefetched before the start or
     left over at the end.
     """
-    poison_overrides, with_views = DATA_SETTINGS[setting]
-    data = pipeline.data_config(batch_size=args.batch_size, num_workers=num_workers)
+    poison_overrides, with_views, views_on_device = DATA_SETTINGS[setting]
+    data = pipeline.data_config(batch_size=args.batch_size, num_workers=num_workers, views_on_device=views_on_device)
     train = pipeline.make_train_pipeline(
         source,
         image_size=args.image_size,
@@ -333,13 +337,41 @@ def bench_data(args) -> list[dict]:
         summary[f"overhead_per_core/{setting}/w{workers}"] = bare_per_s / per_core - 1
         summary[f"overhead_per_cpu_s/{setting}/w{workers}"] = bare_per_cpu_s / per_cpu_s - 1
     for workers in worker_counts:
-        if {"badnets_1pct", "ssl_badnets_1pct"} <= set(settings):
-            for unit in ("per_cpu_s", "per_core"):
-                single = summary[f"overhead_{unit}/badnets_1pct/w{workers}"] + 1
-                views = summary[f"overhead_{unit}/ssl_badnets_1pct/w{workers}"] + 1
-                summary[f"ssl_cost_ratio_{unit}/w{workers}"] = views / single
+        for views_setting, name in (("ssl_badnets_1pct", "ssl"), ("ssl_device_views_badnets_1pct", "ssl_device_views")):
+            if {"badnets_1pct", views_setting} <= set(settings):
+                for unit in ("per_cpu_s", "per_core"):
+                    single = summary[f"overhead_{unit}/badnets_1pct/w{workers}"] + 1
+                    views = summary[f"overhead_{unit}/{views_setting}/w{workers}"] + 1
+                    summary[f"{name}_cost_ratio_{unit}/w{workers}"] = views / single
     results.append(summary)
     return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Views made on device
+# ---------------------------------------------------------------------------------------------
+
+
+def bench_views(args) -> dict:
+    """Images/s of AutoAugment views made in the train step (data.views_on_device) on this
+    backend's first device: the cost a step pays for the host's saving in `bench data`."""
+    rng = np.random.default_rng(0)
+    images = jax.device_put(rng.integers(0, 256, (args.batch_size, args.image_size, args.image_size, 3), np.uint8))
+    keys = jax.device_put(pipeline.view_keys(0, 1, np.arange(args.batch_size), np.zeros(args.batch_size, np.int64)))
+    make_views = jax.jit(device_augment.autoaugment_views)
+    start = time.perf_counter()
+    compiled = make_views.lower(images, keys).compile()
+    compile_s = time.perf_counter() - start
+    compiled(images, keys).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        views = compiled(images, keys)
+    views.block_until_ready()
+    s_per_batch = (time.perf_counter() - start) / args.steps
+    return {
+        "bench": "views", "device_kind": jax.devices()[0].device_kind, "image_size": args.image_size,
+        "batch_size": args.batch_size, "images_per_s": args.batch_size / s_per_batch, "compile_s": compile_s,
+    }
 
 
 def main(argv=None):
@@ -368,9 +400,15 @@ def main(argv=None):
     data.add_argument("--workers", default="0,1,2", help="comma-separated Grain worker counts")
     data.add_argument("--settings", default=",".join(DATA_SETTINGS), help="comma-separated, from: " + ", ".join(DATA_SETTINGS))
     data.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported")
+    views = commands.add_parser("views", help="time AutoAugment views made on device (data.views_on_device)")
+    views.add_argument("--image_size", type=int, default=224)
+    views.add_argument("--batch_size", type=int, default=64)
+    views.add_argument("--steps", type=int, default=5)
     args = parser.parse_args(argv)
     if args.command == "step":
         print(json.dumps(bench_step(args)), flush=True)
+    elif args.command == "views":
+        print(json.dumps(bench_views(args)), flush=True)
     elif args.command == "data":
         for result in bench_data(args):
             print(json.dumps(result), flush=True)

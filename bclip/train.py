@@ -456,7 +456,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     if is_chief:
                         _save_cluster_table(run_dir, epoch, cluster_table)
             batch = next(data)
-            model_batch = {key: batch[key] for key in ("image", "text", "aug_image", "aug_text") if key in batch}
+            model_batch = {key: batch[key] for key in train_step.MODEL_BATCH_KEYS if key in batch}
             if deep_clustering:
                 ids = np.asarray(batch["index"])
                 model_batch["cluster"] = np.where(ids < len(cluster_table), cluster_table[np.minimum(ids, len(cluster_table) - 1)], -1)

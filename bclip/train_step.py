@@ -17,7 +17,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from bclip import cpu_runtime, objectives, optim, sharding
+from bclip import cpu_runtime, device_augment, objectives, optim, sharding
 from bclip.models import clip
 
 # CLIP clamps the learned temperature multiplier so it never exceeds 100.
@@ -55,19 +55,28 @@ def encode_pair(model: nn.Module, params, batch_stats, images, tokens, train: bo
     return image_emb, text_emb, model_state.get("batch_stats", {})
 
 
+# The batch fields the train steps read (the pipeline's other fields stay on the host).
+MODEL_BATCH_KEYS = ("image", "text", "aug_image", "aug_text", "view_key")
+
+
 def compute_embeddings(model, params, batch_stats, batch, with_views: bool, train: bool = True):
     """Embeddings of a batch; augmented views go through the towers in the same forward pass.
 
     Args:
-      batch: "image" uint8 [B, H, W, 3], "text" int32 [B, L]; with views also "aug_image",
-        "aug_text" of the same shapes.
+      batch: "image" uint8 [B, H, W, 3], "text" int32 [B, L]; with views also "aug_text" and
+        "aug_image" of the same shapes, or "view_key" uint32 [B, 2] to make aug_image from.
 
     Returns:
       ({"image", "text"[, "aug_image", "aug_text"]: [B, D]}, new batch_stats)
     """
     images, tokens = batch["image"], batch["text"]
     if with_views:
-        images = jnp.concatenate([images, batch["aug_image"]], axis=0)
+        # Views made here, on device, when the pipeline sent their keys instead (data.views_on_device).
+        if "aug_image" in batch:
+            aug_images = batch["aug_image"]
+        else:
+            aug_images = device_augment.autoaugment_views(images, batch["view_key"])
+        images = jnp.concatenate([images, aug_images], axis=0)
         tokens = jnp.concatenate([tokens, batch["aug_text"]], axis=0)
     image_emb, text_emb, batch_stats = encode_pair(model, params, batch_stats, images, tokens, train)
     if not with_views:

@@ -35,7 +35,6 @@ from bclip.models import clip
 
 CHECKPOINTS_DIR = "checkpoints"
 FAILED_FILE = "failed.json"
-MODEL_BATCH_KEYS = ("image", "text", "aug_image", "aug_text")
 
 
 class NotVectorisableError(ValueError):
@@ -331,7 +330,7 @@ def train_and_evaluate_vectorised(
                 break
             epoch = step // steps_per_epoch
             batch = next(data)
-            global_batch = sharding.global_batch_from_local({k: batch[k] for k in MODEL_BATCH_KEYS if k in batch}, mesh)
+            global_batch = sharding.global_batch_from_local({k: batch[k] for k in train_step.MODEL_BATCH_KEYS if k in batch}, mesh)
             states, metrics = step_fn(states, global_batch, jax.random.fold_in(rng, step), hparams)
             if pending is not None:
                 check_finite(*pending)

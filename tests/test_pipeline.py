@@ -55,10 +55,11 @@ def _poison(**overrides):
 
 
 def _pipeline(source, tokenizer, *, poison=None, with_views=False, num_workers=0, batch_size=BATCH_SIZE,
-              process_index=0, process_count=1, run_dir=None, max_bad_fraction=0.01, image_augment="autoaugment_imagenet"):
+              process_index=0, process_count=1, run_dir=None, max_bad_fraction=0.01, image_augment="autoaugment_imagenet",
+              views_on_device=False):
     data = pipeline.data_config(
         batch_size=batch_size, num_workers=num_workers, shuffle_seed=7, max_bad_fraction=max_bad_fraction,
-        image_augment=image_augment,
+        image_augment=image_augment, views_on_device=views_on_device,
     )
     return pipeline.make_train_pipeline(
         source,
@@ -232,6 +233,41 @@ def test_ssl_views_are_seeded_per_example_and_epoch(source, tokenizer):
 
     rerun, _ = views_by_epoch()
     _assert_batches_equal(batches, rerun)
+
+
+def test_views_on_device_send_a_key_per_example_and_epoch_instead_of_an_image(source, tokenizer):
+    host = _take(_pipeline(source, tokenizer, with_views=True, poison=_poison()), 2 * BATCHES_PER_EPOCH)
+    device = _take(_pipeline(source, tokenizer, with_views=True, poison=_poison(), views_on_device=True), 2 * BATCHES_PER_EPOCH)
+    assert "aug_image" not in device[0] and "view_key" not in host[0]
+    assert device[0]["view_key"].shape == (BATCH_SIZE, 2) and device[0]["view_key"].dtype == np.uint32
+    keys = {}
+    for position, (want, got) in enumerate(zip(_examples(host), _examples(device))):
+        # Everything else, poisoned images and caption views included, is what the host sends.
+        for key in ("image", "text", "aug_text", "index", "is_poisoned"):
+            np.testing.assert_array_equal(want[key], got[key], err_msg=key)
+        epoch = position // NUM_TRAIN
+        expected = pipeline.view_keys(7, pipeline._IMAGE_VIEW_STREAM, np.array([got["index"]]), np.array([epoch]))[0]
+        np.testing.assert_array_equal(got["view_key"], expected)
+        keys[int(got["index"]), epoch] = tuple(got["view_key"])
+    assert len(set(keys.values())) == len(keys) == 2 * NUM_TRAIN  # a new view per example and epoch
+
+
+def test_view_keys_depend_on_every_input():
+    indices, epochs = np.arange(1000), np.zeros(1000, np.int64)
+    keys = pipeline.view_keys(3, 1, indices, epochs)
+    assert keys.dtype == np.uint32 and keys.shape == (1000, 2)
+    assert len({tuple(k) for k in keys}) == 1000
+    for other in (pipeline.view_keys(4, 1, indices, epochs), pipeline.view_keys(3, 2, indices, epochs),
+                  pipeline.view_keys(3, 1, indices, epochs + 1)):
+        assert np.all(np.any(other != keys, axis=1))
+    np.testing.assert_array_equal(pipeline.view_keys(3, 1, indices[::-1], epochs), keys[::-1])
+    # Both words vary: neither half of the key is constant or a copy of the other.
+    assert len(set(keys[:, 0])) == len(set(keys[:, 1])) == 1000
+
+
+def test_views_on_device_refuse_a_policy_they_do_not_make(source, tokenizer):
+    with pytest.raises(ValueError, match="views_on_device makes 'autoaugment_imagenet' views only.*simclr"):
+        _pipeline(source, tokenizer, with_views=True, image_augment="simclr", views_on_device=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -147,3 +147,26 @@ def test_weight_decay_mask_skips_vectors_and_temperature():
     params_flat = jax.tree.leaves(variables["params"])
     for (path, decayed), p in zip(flat, params_flat):
         assert decayed == (p.ndim >= 2), jax.tree_util.keystr(path)
+
+
+def test_views_made_on_device_train_as_the_same_views_sent_by_the_host():
+    """A batch with view keys (data.views_on_device) takes the step a batch with those views as
+    aug_image takes, on a mesh of 8 devices (the views are made on each device's share)."""
+    from bclip import device_augment
+    from bclip.data import pipeline
+
+    mesh = sharding.make_mesh(jax.devices())
+    objective = objectives.objective_config(mmcl=1.0, ssl=1.0)
+    model_config, state, step = _setup("micro-vit", mesh, objective)
+    batch = _batch(model_config, 16, views=True)
+    keyed = {k: v for k, v in batch.items() if k != "aug_image"}
+    keyed["view_key"] = pipeline.view_keys(0, 1, np.arange(16), np.zeros(16, np.int64))
+    sent = {**keyed, "aug_image": np.asarray(device_augment.autoaugment_views(batch["image"], keyed["view_key"]))}
+    del sent["view_key"]
+    assert np.mean(np.any(sent["aug_image"] != batch["image"], axis=(1, 2, 3))) > 0.5  # real views
+    state_copy = jax.tree.map(jnp.copy, state)  # the step donates its state
+    _, from_keys = step(state, jax.device_put(keyed, sharding.batch_sharding(mesh)), jax.random.key(0))
+    _, from_views = step(state_copy, jax.device_put(sent, sharding.batch_sharding(mesh)), jax.random.key(0))
+    # Compiled into the step, a blend may fuse differently and put a pixel one level off.
+    np.testing.assert_allclose(from_keys["loss"], from_views["loss"], rtol=1e-5)
+    np.testing.assert_allclose(from_keys["grad_norm"], from_views["grad_norm"], rtol=1e-4)

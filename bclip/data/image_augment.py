@@ -255,7 +255,7 @@ AUTOAUGMENT_OPERATIONS: dict[str, Callable[[Image.Image, float, int], Image.Imag
 }
 
 # Operations with a direction: their magnitude is negated with probability 1/2.
-_SIGNED_OPERATIONS = frozenset({"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate",
+SIGNED_OPERATIONS = frozenset({"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate",
                                 "Brightness", "Color", "Contrast", "Sharpness"})
 _MAGNITUDE_FREE_OPERATIONS = frozenset({"AutoContrast", "Equalize", "Invert"})
 
@@ -344,7 +344,7 @@ def autoaugment_view(
         if not applies:
             continue
         magnitude = autoaugment_magnitude(operation, magnitude_bin, height, width)
-        if mirrored and operation in _SIGNED_OPERATIONS:
+        if mirrored and operation in SIGNED_OPERATIONS:
             magnitude = -magnitude
         steps.append((operation, magnitude))
     return apply_autoaugment_steps(image, steps, fill)

@@ -42,6 +42,10 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
             "shuffle_seed": 0,
             # SSL views, used when the objective has an SSL term.
             "image_augment": "autoaugment_imagenet",
+            # Make the image views in the train step, on the accelerator (bclip.device_augment;
+            # autoaugment_imagenet only), instead of here: batches then carry a view_key per
+            # example in place of aug_image, and the host decodes each image once and augments none.
+            "views_on_device": False,
             "text_augment": {"alpha_sr": 0.1, "alpha_ri": 0.1, "alpha_rs": 0.1, "p_rd": 0.1},
             # "wordnet" (NLTK's corpus must be installed) or a JSON {word: [synonyms]} file path.
             "synonyms": "wordnet",
@@ -134,6 +138,29 @@ def is_poisoning(poison: ml_collections.ConfigDict) -> bool:
 BAD_RECORD_KEY = "bad_record"
 
 
+# The image augmentation bclip.device_augment makes in the train step (data.views_on_device).
+DEVICE_VIEW_POLICY = "autoaugment_imagenet"
+
+
+def view_keys(seed: int, stream: int, indices: np.ndarray, epochs: np.ndarray) -> np.ndarray:
+    """uint32 [N, 2] threefry key data, one per (seed, stream, example index, epoch): made on the
+    host, in numpy, so a batch carries its views' keys like any other per-example field."""
+    indices = np.asarray(indices, np.uint64)
+    epochs = np.asarray(epochs, np.uint64)
+    # A 64-bit mix (SplitMix64's finaliser) of the four numbers, split into two 32-bit words.
+    with np.errstate(over="ignore"):
+        mixed = np.full(indices.shape, _splitmix64(np.uint64(seed)) ^ np.uint64(stream), np.uint64)
+        for value in (indices, epochs):
+            mixed = _splitmix64(mixed ^ _splitmix64(value + np.uint64(0x632BE59BD9B4E019)))
+    return np.stack([(mixed >> np.uint64(32)).astype(np.uint32), mixed.astype(np.uint32)], axis=-1)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainBatchTransform(grain.transforms.Map):
     """Builds one process's local batch number b: reads, decodes, poisons, tokenizes and
@@ -146,8 +173,8 @@ class TrainBatchTransform(grain.transforms.Map):
     (with redrawn triggers) its poison.
 
     Output, for the n <= B positions left in the stream: image uint8 [n, S, S, 3], text int32
-    [n, L], is_poisoned bool [n], index int64 [n] (plus aug_image and aug_text with views) and
-    bad_record str [n], empty for a usable row. An unusable record (from the source, undecodable,
+    [n, L], is_poisoned bool [n], index int64 [n] (plus aug_text and aug_image with views, or
+    view_key uint32 [n, 2] for views made on device) and bad_record str [n], empty for a usable row. An unusable record (from the source, undecodable,
     or with no words for an EDA view) is a row of zeros with bad_record saying where and why;
     `BadRecordTracker` drops it after the workers.
     """
@@ -167,6 +194,7 @@ class TrainBatchTransform(grain.transforms.Map):
     image_augment: str
     text_augment: dict
     synonyms: Any
+    views_on_device: bool = False
 
     def map(self, batch_index: int) -> dict:
         _reuse_pillow_buffers()  # here rather than when building the pipeline: this runs in the workers
@@ -179,7 +207,7 @@ class TrainBatchTransform(grain.transforms.Map):
             "is_poisoned": np.zeros(num_rows, bool),
             "index": np.empty(num_rows, np.int64),
         }
-        if self.with_views:
+        if self.with_views and not self.views_on_device:
             batch["aug_image"] = np.empty((num_rows, size, size, 3), np.uint8)
         why = [""] * num_rows
         captions = [""] * num_rows
@@ -193,11 +221,14 @@ class TrainBatchTransform(grain.transforms.Map):
                 # Never empty, even for a reason-less failure: emptiness marks usable rows.
                 why[row] = f"{record.get('path') or '?'}: {unusable}"
                 batch["image"][row] = 0
-                if self.with_views:
+                if "aug_image" in batch:
                     batch["aug_image"][row] = 0
         batch["text"] = self._tokenize(captions, why)
         if self.with_views:
             batch["aug_text"] = self._tokenize(aug_captions, why)
+        if self.with_views and self.views_on_device:
+            epochs = np.asarray(positions, np.int64) // len(self.source)
+            batch["view_key"] = view_keys(self.seed, _IMAGE_VIEW_STREAM, batch["index"], epochs)
         batch[BAD_RECORD_KEY] = np.array(why)
         return batch
 
@@ -233,17 +264,18 @@ class TrainBatchTransform(grain.transforms.Map):
             )
             batch["image"][row] = pixels
             batch["is_poisoned"][row] = True
-            if self.with_views:
+            if self.with_views and not self.views_on_device:
                 image = Image.fromarray(pixels)
         else:
             batch["image"][row] = np.asarray(image)
         captions[row] = caption
-        if self.with_views:
+        if self.with_views and not self.views_on_device:
             view = image_augment.augment_pil_image(
                 image, self.image_augment, [self.seed, _IMAGE_VIEW_STREAM, index, epoch]
             )
             # An unchanged view is the image already in the batch: copy that, not the Pillow one.
             batch["aug_image"][row] = batch["image"][row] if view is image else np.asarray(view)
+        if self.with_views:
             aug_captions[row] = text_augment.eda(
                 caption, self.synonyms, [self.seed, _TEXT_VIEW_STREAM, index, epoch], **self.text_augment
             )
@@ -484,6 +516,11 @@ def make_train_pipeline(
         plan = make_poison_plan(source, poison)
     if with_views and synonyms is None:
         raise ValueError("SSL views need a synonym source for caption augmentation")
+    if with_views and data.views_on_device and data.image_augment != DEVICE_VIEW_POLICY:
+        raise ValueError(
+            f"data.views_on_device makes {DEVICE_VIEW_POLICY!r} views only, "
+            f"but data.image_augment is {data.image_augment!r}"
+        )
     # The record index at each position of the global stream: an epoch is a permutation of the
     # records, a different one each epoch.
     order = grain.MapDataset.range(len(source)).shuffle(seed=data.shuffle_seed).repeat(num_epochs)
@@ -503,6 +540,7 @@ def make_train_pipeline(
         image_augment=data.image_augment,
         text_augment=dict(data.text_augment),
         synonyms=synonyms,
+        views_on_device=data.views_on_device,
     )
     num_local_examples = len(range(process_index, len(order), process_count))
     num_batches = _ceil_div(num_local_examples, local_batch_size)
