@@ -31,7 +31,6 @@ from bclip.data import image_augment
 Operation = Callable[[jax.Array, jax.Array], jax.Array]
 
 
-
 def _blend(degenerate: jax.Array, image: jax.Array, factor: jax.Array) -> jax.Array:
     """Image.blend(degenerate, image, factor): float arithmetic truncated to 0..255, as Pillow."""
     return jnp.clip(jnp.trunc(degenerate + factor * (image - degenerate)), 0.0, 255.0)
@@ -199,7 +198,9 @@ class _PolicyTables:
         )
 
 
-def autoaugment_view(image: jax.Array, key: jax.Array, subpolicies=image_augment.AUTOAUGMENT_IMAGENET_SUBPOLICIES) -> jax.Array:
+def autoaugment_view(
+    image: jax.Array, key: jax.Array, subpolicies=image_augment.AUTOAUGMENT_IMAGENET_SUBPOLICIES
+) -> jax.Array:
     """AutoAugment view of one uint8 [H, W, 3] image: a sub-policy drawn uniformly, each of its two
     steps applied with its probability and its magnitude mirrored with probability 1/2 where the
     operation has a direction (as image_augment.autoaugment_view). Black fill."""

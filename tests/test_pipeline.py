@@ -236,8 +236,11 @@ def test_ssl_views_are_seeded_per_example_and_epoch(source, tokenizer):
 
 
 def test_views_on_device_send_a_key_per_example_and_epoch_instead_of_an_image(source, tokenizer):
-    host = _take(_pipeline(source, tokenizer, with_views=True, poison=_poison()), 2 * BATCHES_PER_EPOCH)
-    device = _take(_pipeline(source, tokenizer, with_views=True, poison=_poison(), views_on_device=True), 2 * BATCHES_PER_EPOCH)
+    def two_epochs(views_on_device):
+        train = _pipeline(source, tokenizer, with_views=True, poison=_poison(), views_on_device=views_on_device)
+        return _take(train, 2 * BATCHES_PER_EPOCH)
+
+    host, device = two_epochs(False), two_epochs(True)
     assert "aug_image" not in device[0] and "view_key" not in host[0]
     assert device[0]["view_key"].shape == (BATCH_SIZE, 2) and device[0]["view_key"].dtype == np.uint32
     keys = {}

@@ -174,9 +174,10 @@ class TrainBatchTransform(grain.transforms.Map):
 
     Output, for the n <= B positions left in the stream: image uint8 [n, S, S, 3], text int32
     [n, L], is_poisoned bool [n], index int64 [n] (plus aug_text and aug_image with views, or
-    view_key uint32 [n, 2] for views made on device) and bad_record str [n], empty for a usable row. An unusable record (from the source, undecodable,
-    or with no words for an EDA view) is a row of zeros with bad_record saying where and why;
-    `BadRecordTracker` drops it after the workers.
+    view_key uint32 [n, 2] for views made on device) and bad_record str [n], empty for a usable
+    row. An unusable record (from the source, undecodable, or with no words for an EDA view) is a
+    row of zeros with bad_record saying where and why; `BadRecordTracker` drops it after the
+    workers.
     """
 
     source: Any
