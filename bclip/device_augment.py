@@ -101,14 +101,7 @@ def _sharpness(image, magnitude):
 
 
 def _equalize(image, magnitude):
-    # ImageOps.equalize per channel; the same arithmetic as image_augment._equalize_table.
-    histogram = _channel_histograms(image)
-    below = jnp.cumsum(histogram, axis=1) - histogram
-    step = jnp.max(jnp.where(histogram > 0, below, 0), axis=1) // 255
-    divisor = jnp.maximum(step, 1)[:, None]
-    values = jnp.arange(256)[None, :]
-    tables = jnp.where(step[:, None] > 0, jnp.minimum((divisor // 2 + below) // divisor, 255), values)
-    return _look_up(image, tables)
+    return _look_up(image, image_augment.equalize_table(_channel_histograms(image), jnp))
 
 
 def _autocontrast(image, magnitude):

@@ -136,16 +136,20 @@ def _brightness_table(magnitude: float) -> np.ndarray:
     return _blend_table(0, 1.0 + magnitude)
 
 
-def _equalize_table(histogram: np.ndarray) -> np.ndarray:
-    """ImageOps.equalize, per channel, from the image's int64 [3, 256] histogram."""
-    below = np.cumsum(histogram, axis=1) - histogram  # pixels with a smaller value
+def equalize_table(histogram: np.ndarray, xp=np) -> np.ndarray:
+    """ImageOps.equalize, per channel, from the image's integer [3, 256] histogram: uint8 [3, 256].
+
+    `xp` is the array module, numpy here and jax.numpy for views made on device
+    (bclip.device_augment), so both compute the same tables.
+    """
+    below = xp.cumsum(histogram, axis=1) - histogram  # pixels with a smaller value
     # Pillow's step: the pixels below the highest value present, // 255. It leaves a channel
     # alone when the step is 0, which covers a channel of one value.
-    step = np.max(np.where(histogram > 0, below, 0), axis=1) // 255
-    divisor = np.maximum(step, 1)[:, None]
+    step = xp.max(xp.where(histogram > 0, below, 0), axis=1) // 255
+    divisor = xp.maximum(step, 1)[:, None]
     # Value v maps to (step // 2 + the pixels below v) // step.
-    tables = np.minimum((divisor // 2 + below) // divisor, 255)
-    return np.where(step[:, None] > 0, tables, _VALUES).astype(np.uint8)
+    tables = xp.minimum((divisor // 2 + below) // divisor, 255)
+    return xp.where(step[:, None] > 0, tables, _VALUES).astype(xp.uint8)
 
 
 def _autocontrast_table(histogram: np.ndarray) -> np.ndarray:
@@ -176,7 +180,7 @@ _MAGNITUDE_TABLES: dict[str, Callable[[float], np.ndarray]] = {
     "Brightness": _brightness_table,
 }
 _HISTOGRAM_TABLES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "Equalize": _equalize_table,
+    "Equalize": equalize_table,
     "AutoContrast": _autocontrast_table,
 }
 
@@ -250,7 +254,7 @@ AUTOAUGMENT_OPERATIONS: dict[str, Callable[[Image.Image, float, int], Image.Imag
     "Posterize": _table_operation(_posterize_table),
     "Solarize": _table_operation(_solarize_table),
     "AutoContrast": _histogram_operation(_autocontrast_table),
-    "Equalize": _histogram_operation(_equalize_table),
+    "Equalize": _histogram_operation(equalize_table),
     "Invert": _table_operation(_invert_table),
 }
 

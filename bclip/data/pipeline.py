@@ -197,6 +197,11 @@ class TrainBatchTransform(grain.transforms.Map):
     synonyms: Any
     views_on_device: bool = False
 
+    @property
+    def makes_image_views(self) -> bool:
+        """Whether the host makes the image views (aug_image), rather than the train step."""
+        return self.with_views and not self.views_on_device
+
     def map(self, batch_index: int) -> dict:
         _reuse_pillow_buffers()  # here rather than when building the pipeline: this runs in the workers
         first = self.process_index + self.process_count * self.batch_size * batch_index
@@ -208,7 +213,7 @@ class TrainBatchTransform(grain.transforms.Map):
             "is_poisoned": np.zeros(num_rows, bool),
             "index": np.empty(num_rows, np.int64),
         }
-        if self.with_views and not self.views_on_device:
+        if self.makes_image_views:
             batch["aug_image"] = np.empty((num_rows, size, size, 3), np.uint8)
         why = [""] * num_rows
         captions = [""] * num_rows
@@ -265,12 +270,12 @@ class TrainBatchTransform(grain.transforms.Map):
             )
             batch["image"][row] = pixels
             batch["is_poisoned"][row] = True
-            if self.with_views and not self.views_on_device:
+            if self.makes_image_views:
                 image = Image.fromarray(pixels)
         else:
             batch["image"][row] = np.asarray(image)
         captions[row] = caption
-        if self.with_views and not self.views_on_device:
+        if self.makes_image_views:
             view = image_augment.augment_pil_image(
                 image, self.image_augment, [self.seed, _IMAGE_VIEW_STREAM, index, epoch]
             )
