@@ -57,8 +57,9 @@ def peak_flops(device, dtype: str) -> float | None:
     return None
 
 
-def random_batch(model_config, batch_size: int, with_views: bool, seed: int = 0) -> dict:
-    """A batch of random uint8 images and token rows that each end in end-of-text."""
+def random_batch(model_config, batch_size: int, with_views: bool, seed: int = 0, views_on_device: bool = False) -> dict:
+    """A batch of random uint8 images and token rows that each end in end-of-text; with views on
+    device, view keys (as the pipeline sends them) stand in for the augmented images."""
     rng = np.random.default_rng(seed)
     size, ctx, vocab = model_config.image.size, model_config.text.context_length, model_config.text.vocab_size
 
@@ -70,8 +71,11 @@ def random_batch(model_config, batch_size: int, with_views: bool, seed: int = 0)
         return t
 
     batch = {"image": rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8), "text": tokens()}
-    if with_views:
+    if with_views and views_on_device:
+        batch["view_key"] = pipeline.view_keys(seed, 0, np.arange(batch_size), np.zeros(batch_size, np.int64))
+    elif with_views:
         batch["aug_image"] = rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
+    if with_views:
         batch["aug_text"] = tokens()
     return batch
 
@@ -87,7 +91,10 @@ def bench_step(args) -> dict:
     )
     step = train_step.shard_and_jit_train_step(train_step.make_train_step(model, tx, objective), shardings, mesh)
     batch = jax.device_put(
-        random_batch(model_config, args.batch_size, objectives.needs_augmented_views(objective)),
+        random_batch(
+            model_config, args.batch_size, objectives.needs_augmented_views(objective),
+            views_on_device=args.views_on_device,
+        ),
         sharding.batch_sharding(mesh),
     )
     start = time.perf_counter()
@@ -110,6 +117,7 @@ def bench_step(args) -> dict:
         "dtype": args.dtype,
         "batch_size": args.batch_size,
         "params_sharding": args.params_sharding,
+        "views_on_device": args.views_on_device and objectives.needs_augmented_views(objective),
         "devices": jax.device_count(),
         "device_kind": jax.devices()[0].device_kind,
         "pairs_per_s": args.batch_size / s_per_step,
@@ -384,6 +392,10 @@ def main(argv=None):
     step.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     step.add_argument("--params_sharding", default="replicated", choices=["replicated", "fsdp"])
     step.add_argument("--steps", type=int, default=10)
+    step.add_argument(
+        "--views_on_device", action="store_true",
+        help="with an SSL objective: send view keys and make the AutoAugment views in the step",
+    )
     step.add_argument(
         "--warmup_steps", type=int, default=3, help="untimed steps first; on CPU the retained heap settles in these"
     )
