@@ -29,7 +29,7 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "filelock>=3"],
         # Orbax reads and writes gs:// checkpoints through google-cloud-storage (TPU pods, GCS workdirs).
         "gcs": ["google-cloud-storage"],
     },

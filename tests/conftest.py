@@ -16,10 +16,17 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
-# Many tests build the same tiny programs; a per-session compilation cache compiles each once.
-_CACHE_DIR = tempfile.mkdtemp(prefix="bclip-jax-cache-")
-atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+# Many tests build the same tiny programs; a compilation cache for the session compiles each once.
+# The first pytest process makes it and the test processes it starts (pytest-xdist) share it, so a
+# program one of them compiled is a cache hit for the other; a size bound makes JAX lock the cache
+# while reading and writing it (the lock needs filelock).
+_CACHE_ENV = "BCLIP_TEST_JAX_CACHE"
+_CACHE_DIR = os.environ.get(_CACHE_ENV)
+if _CACHE_DIR is None:
+    _CACHE_DIR = os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="bclip-jax-cache-")
+    atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
 jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
+jax.config.update("jax_compilation_cache_max_size", 8 << 30)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
