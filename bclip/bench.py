@@ -2,6 +2,7 @@
 
   python -m bclip.bench step --model tiny-vit --batch_size 128 --objective mmcl
   python -m bclip.bench data --data_dir /tmp/bench_world --image_size 224 --num_images 2000 --workers 0,1,2
+  python -m bclip.bench data --num_images 1000 --workers 0 --threads 1,2 --settings badnets_1pct
   python -m bclip.bench views --image_size 224 --batch_size 64
 """
 
@@ -223,7 +224,8 @@ def bare_decode_seconds(paths: list[str], image_size: int) -> tuple[float, float
     return watch.stop()
 
 
-def pipeline_seconds(source, setting: str, num_workers: int, num_batches: int, args, tokenizer, synonyms) -> tuple[float, float]:
+def pipeline_seconds(source, setting: str, num_workers: int, num_threads: int, num_batches: int, args, tokenizer,
+                     synonyms) -> tuple[float, float]:
     """(wall, CPU) seconds the training pipeline takes to deliver `num_batches` batches.
 
     Timed in steady state, between two moments at which every prefetch buffer is full and every
@@ -232,7 +234,9 @@ def pipeline_seconds(source, setting: str, num_workers: int, num_batches: int, a
     left over at the end.
     """
     poison_overrides, with_views, views_on_device = DATA_SETTINGS[setting]
-    data = pipeline.data_config(batch_size=args.batch_size, num_workers=num_workers, views_on_device=views_on_device)
+    data = pipeline.data_config(
+        batch_size=args.batch_size, num_workers=num_workers, num_threads=num_threads, views_on_device=views_on_device
+    )
     train = pipeline.make_train_pipeline(
         source,
         image_size=args.image_size,
@@ -244,7 +248,7 @@ def pipeline_seconds(source, setting: str, num_workers: int, num_batches: int, a
         synonyms=synonyms if with_views else None,
     )
     try:
-        for _ in range(max(1, num_workers)):
+        for _ in range(max(1, num_workers) * num_threads):
             next(train)
         wait_until_idle()
         start_wall, start_cpu = time.perf_counter(), cpu_seconds()
@@ -282,40 +286,42 @@ def _lexicon(path):
 
 
 def bench_data(args) -> list[dict]:
-    """Images/s of a bare Pillow loop and of the training pipeline per setting and worker count.
+    """Images/s of a bare Pillow loop and of the training pipeline per setting, worker count and
+    thread count.
 
     Every pipeline measurement follows a bare-loop measurement in this process, over `--repeats`
     interleaved rounds, so that load from other users of the machine hits both alike; medians are
     reported, and an overhead is the ratio of the bare loop's median (over every round) to the
     setting's. (Single bare loops on a shared machine vary by up to a third, too much to divide
     each measurement by the one before it.) Per-core figures come two ways: images/s divided by
-    max(1, workers) and images per CPU-second actually used (main process, its threads and the
-    workers), which stays honest when reading threads or other users make wall time a poor
-    measure of cores.
+    max(1, workers) * threads and images per CPU-second actually used (main process, its threads
+    and the workers), which stays honest when threads wait on each other or other users make wall
+    time a poor measure of cores.
     """
     source, tokenizer, synonyms = _bench_dataset(args)
     num_images = min(args.num_images, len(source))
     num_batches = -(-num_images // args.batch_size)
     paths = [source[i]["path"] for i in range(num_images)]
     worker_counts = [int(w) for w in args.workers.split(",")]
+    thread_counts = [int(t) for t in args.threads.split(",")]
     settings = args.settings.split(",")
     unknown = set(settings) - DATA_SETTINGS.keys()
     if unknown:
         raise SystemExit(f"unknown --settings {sorted(unknown)}; known: {list(DATA_SETTINGS)}")
 
-    keys = [(setting, workers) for workers in worker_counts for setting in settings]
+    keys = [(setting, workers, threads) for workers in worker_counts for threads in thread_counts for setting in settings]
     images = num_batches * args.batch_size
-    rounds: dict[tuple[str, int], list[dict]] = {key: [] for key in keys}
+    rounds: dict[tuple[str, int, int], list[dict]] = {key: [] for key in keys}
     for round_index in range(args.repeats):
-        for setting, workers in keys:
+        for setting, workers, threads in keys:
             bare_wall, bare_cpu = bare_decode_seconds(paths, args.image_size)
-            wall, cpu = pipeline_seconds(source, setting, workers, num_batches, args, tokenizer, synonyms)
+            wall, cpu = pipeline_seconds(source, setting, workers, threads, num_batches, args, tokenizer, synonyms)
             measured = {
                 "bare_per_s": num_images / bare_wall, "bare_per_cpu_s": num_images / bare_cpu,
                 "per_s": images / wall, "per_cpu_s": images / cpu,
             }
-            rounds[setting, workers].append(measured)
-            print(f"round {round_index}: {setting} workers={workers}: {measured['per_s']:.0f} images/s, "
+            rounds[setting, workers, threads].append(measured)
+            print(f"round {round_index}: {setting} workers={workers} threads={threads}: {measured['per_s']:.0f} images/s, "
                   f"{measured['per_cpu_s']:.0f} per CPU-second (bare loop just before: "
                   f"{measured['bare_per_s']:.0f}/s)", file=sys.stderr, flush=True)
 
@@ -331,26 +337,30 @@ def bench_data(args) -> list[dict]:
         "images_per_cpu_s": bare_per_cpu_s,
     }]
     summary = {"bench": "data_summary", "cpu_count": os.cpu_count(), "load_average_1min": os.getloadavg()[0]}
-    for setting, workers in keys:
-        measured = rounds[setting, workers]
-        per_core = median(m["per_s"] / max(1, workers) for m in measured)
+    for setting, workers, threads in keys:
+        measured = rounds[setting, workers, threads]
+        # A core for each thread of each process: the cores the setting can keep busy.
+        per_core = median(m["per_s"] / (max(1, workers) * threads) for m in measured)
         per_cpu_s = median(m["per_cpu_s"] for m in measured)
         results.append({
-            "bench": "data", "setting": setting, "workers": workers, "image_size": args.image_size,
+            "bench": "data", "setting": setting, "workers": workers, "threads": threads, "image_size": args.image_size,
             "batch_size": args.batch_size, "images": images,
             "images_per_s": median(m["per_s"] for m in measured), "images_per_s_per_core": per_core,
             "images_per_cpu_s": per_cpu_s,
         })
         # Cost per image beyond decoding alone (Grain, tokenising, batching, poisoning, views).
-        summary[f"overhead_per_core/{setting}/w{workers}"] = bare_per_s / per_core - 1
-        summary[f"overhead_per_cpu_s/{setting}/w{workers}"] = bare_per_cpu_s / per_cpu_s - 1
+        mode = f"w{workers}t{threads}"
+        summary[f"overhead_per_core/{setting}/{mode}"] = bare_per_s / per_core - 1
+        summary[f"overhead_per_cpu_s/{setting}/{mode}"] = bare_per_cpu_s / per_cpu_s - 1
     for workers in worker_counts:
-        for views_setting, name in (("ssl_badnets_1pct", "ssl"), ("ssl_device_views_badnets_1pct", "ssl_device_views")):
-            if {"badnets_1pct", views_setting} <= set(settings):
-                for unit in ("per_cpu_s", "per_core"):
-                    single = summary[f"overhead_{unit}/badnets_1pct/w{workers}"] + 1
-                    views = summary[f"overhead_{unit}/{views_setting}/w{workers}"] + 1
-                    summary[f"{name}_cost_ratio_{unit}/w{workers}"] = views / single
+        for threads in thread_counts:
+            mode = f"w{workers}t{threads}"
+            for views_setting, name in (("ssl_badnets_1pct", "ssl"), ("ssl_device_views_badnets_1pct", "ssl_device_views")):
+                if {"badnets_1pct", views_setting} <= set(settings):
+                    for unit in ("per_cpu_s", "per_core"):
+                        single = summary[f"overhead_{unit}/badnets_1pct/{mode}"] + 1
+                        views = summary[f"overhead_{unit}/{views_setting}/{mode}"] + 1
+                        summary[f"{name}_cost_ratio_{unit}/{mode}"] = views / single
     results.append(summary)
     return results
 
@@ -410,6 +420,7 @@ def main(argv=None):
     data.add_argument("--num_images", type=int, default=2000)
     data.add_argument("--batch_size", type=int, default=64)
     data.add_argument("--workers", default="0,1,2", help="comma-separated Grain worker counts")
+    data.add_argument("--threads", default="1", help="comma-separated data.num_threads values")
     data.add_argument("--settings", default=",".join(DATA_SETTINGS), help="comma-separated, from: " + ", ".join(DATA_SETTINGS))
     data.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported")
     views = commands.add_parser("views", help="time AutoAugment views made on device (data.views_on_device)")

@@ -30,8 +30,10 @@ ImageNet from TFDS instead of a folder (the prompt files go anywhere readable):
 Hardware: 8×A100-40GB or 8×H100 (256 / 128 pairs per device), or a TPU v4-32 slice (16 chips);
 parameters stay replicated (RN50 + text tower ≈ 102M). Time, from the study's runs on 8×A100-40GB
 in fp32/TF32: CC6M MMCL 24–28 h, MMCL+SSL 36–40 h; CC3M about half (12–14 h, 18–20 h). Those runs
-are bound by JPEG decoding and SSL augmentation on the host (≈500 and ≈350 pairs/s per GPU): raise
---config.data.num_workers to about one per free CPU core. With MMCL+SSL,
+are bound by JPEG decoding and SSL augmentation on the host (≈500 and ≈350 pairs/s per GPU): this
+config runs 16 worker processes; `python -m bclip.bench data --workers 4,16 --threads 1,4` on the
+host shows whether fewer processes with several threads each (--config.data.num_threads) feed the
+GPUs for less CPU (threads skip the workers' shared-memory hand-off of every batch). With MMCL+SSL,
 --config.data.views_on_device=true makes the AutoAugment views in the train step on the GPUs
 (bclip/device_augment.py; the host then decodes each image once and augments only captions).
 `python -m bclip.bench step --model RN50 --dtype bfloat16 --batch_size 256` and

@@ -56,9 +56,10 @@ def _poison(**overrides):
 
 def _pipeline(source, tokenizer, *, poison=None, with_views=False, num_workers=0, batch_size=BATCH_SIZE,
               process_index=0, process_count=1, run_dir=None, max_bad_fraction=0.01, image_augment="autoaugment_imagenet",
-              views_on_device=False):
+              views_on_device=False, num_threads=1):
     data = pipeline.data_config(
-        batch_size=batch_size, num_workers=num_workers, shuffle_seed=7, max_bad_fraction=max_bad_fraction,
+        batch_size=batch_size, num_workers=num_workers, num_threads=num_threads, shuffle_seed=7,
+        max_bad_fraction=max_bad_fraction,
         image_augment=image_augment, views_on_device=views_on_device,
     )
     return pipeline.make_train_pipeline(
@@ -141,6 +142,7 @@ def test_poisoned_set_is_exact_and_poisoned_examples_carry_trigger_and_template(
 def test_poisoning_is_identical_across_worker_counts_and_process_shards(source, tokenizer):
     poison = _poison()
     single = _take(_pipeline(source, tokenizer, poison=poison), BATCHES_PER_EPOCH)
+    _assert_batches_equal(single, _take(_pipeline(source, tokenizer, poison=poison, num_threads=3), BATCHES_PER_EPOCH))
     with_workers = _pipeline(source, tokenizer, poison=poison, num_workers=2)
     try:
         _assert_batches_equal(single, _take(with_workers, BATCHES_PER_EPOCH))
@@ -206,8 +208,8 @@ def test_poisoned_image_is_fixed_across_epochs_unless_redrawn(source, tokenizer)
 
 
 def test_ssl_views_are_seeded_per_example_and_epoch(source, tokenizer):
-    def views_by_epoch():
-        train = _pipeline(source, tokenizer, with_views=True, image_augment="simclr")
+    def views_by_epoch(num_threads=1):
+        train = _pipeline(source, tokenizer, with_views=True, image_augment="simclr", num_threads=num_threads)
         batches = _take(train, 2 * BATCHES_PER_EPOCH)
         views = {0: {}, 1: {}}
         for position, example in enumerate(_examples(batches)):
@@ -231,7 +233,7 @@ def test_ssl_views_are_seeded_per_example_and_epoch(source, tokenizer):
         np.testing.assert_array_equal(first[i]["text"], second[i]["text"])
     assert np.mean([np.any(first[i]["aug_image"] != first[i]["image"]) for i in first]) == 1.0
 
-    rerun, _ = views_by_epoch()
+    rerun, _ = views_by_epoch(num_threads=3)  # batches built side by side: the same views
     _assert_batches_equal(batches, rerun)
 
 
@@ -266,6 +268,11 @@ def test_view_keys_depend_on_every_input():
     np.testing.assert_array_equal(pipeline.view_keys(3, 1, indices[::-1], epochs), keys[::-1])
     # Both words vary: neither half of the key is constant or a copy of the other.
     assert len(set(keys[:, 0])) == len(set(keys[:, 1])) == 1000
+
+
+def test_fewer_than_one_thread_is_a_clear_error(source, tokenizer):
+    with pytest.raises(ValueError, match="data.num_threads must be at least 1, got 0"):
+        _pipeline(source, tokenizer, num_threads=0)
 
 
 def test_views_on_device_refuse_a_policy_they_do_not_make(source, tokenizer):
@@ -404,6 +411,10 @@ def test_gaps_left_by_bad_records_resume_exactly_and_do_not_depend_on_workers(br
     resumed = _pipeline(source, tokenizer, batch_size=4, max_bad_fraction=0.2)
     resumed.iterator.set_state(json.loads(json.dumps(state)))
     _assert_batches_equal(rest, _take(resumed, 12))
+
+    threaded = _pipeline(source, tokenizer, batch_size=4, max_bad_fraction=0.2, num_threads=3)
+    threaded.iterator.set_state(json.loads(json.dumps(state)))
+    _assert_batches_equal(rest, _take(threaded, 12))
 
     with_workers = _pipeline(source, tokenizer, batch_size=4, max_bad_fraction=0.2, num_workers=2)
     try:

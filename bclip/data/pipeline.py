@@ -39,6 +39,10 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
             "tokenizer": {"kind": "word", "path": ""},
             "batch_size": 256,
             "num_workers": 0,
+            # Threads per process (the main one, or each worker) building batches side by side.
+            # Decoding and resizing release the GIL, so threads use more cores without the
+            # shared-memory hand-off that workers pay for every batch (bclip.bench data --threads).
+            "num_threads": 1,
             "shuffle_seed": 0,
             # SSL views, used when the objective has an SSL term.
             "image_augment": "autoaugment_imagenet",
@@ -91,12 +95,16 @@ def _reuse_pillow_buffers() -> None:
 
 # Per process (the main one, or each worker): threads that prepare whole batches ahead, and
 # how many batches they may hold. Grain's defaults (16 threads, 500 elements) are meant for
-# light elements; here an element is a batch of images. Training builds batches in one thread per
-# process: with a second one each image cost 5-15 % more CPU (bclip.bench data, 224 px), and
-# more cores are what data.num_workers is for. Evaluation keeps two, so that
-# in-process eval decodes on two cores.
-_TRAIN_READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
+# light elements; here an element is a batch of images. Training uses data.num_threads threads,
+# each with one batch in hand and one more waiting; evaluation keeps two, so that in-process eval
+# decodes on two cores.
 _EVAL_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)
+
+
+def _train_read_options(num_threads: int) -> grain.ReadOptions:
+    if num_threads < 1:
+        raise ValueError(f"data.num_threads must be at least 1, got {num_threads}")
+    return grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=num_threads + 1)
 
 
 def _worker_options(num_workers: int) -> grain.MultiprocessingOptions:
@@ -550,7 +558,7 @@ def make_train_pipeline(
     )
     num_local_examples = len(range(process_index, len(order), process_count))
     num_batches = _ceil_div(num_local_examples, local_batch_size)
-    dataset = grain.MapDataset.range(num_batches).map(transform).to_iter_dataset(_TRAIN_READ_OPTIONS)
+    dataset = grain.MapDataset.range(num_batches).map(transform).to_iter_dataset(_train_read_options(data.num_threads))
     if data.num_workers > 0:
         dataset = _with_small_arrays_pickled(dataset).mp_prefetch(_worker_options(data.num_workers))
     log_path = epath.Path(run_dir) / _bad_records_file(process_index) if run_dir else None

@@ -8,6 +8,7 @@ never swallowed.
 from __future__ import annotations
 
 import re
+import threading
 import weakref
 from typing import Callable, Mapping, Sequence
 
@@ -252,19 +253,31 @@ class WordNetSynonyms:
     def __init__(self):
         _check_wordnet_corpus()
         self._cache: dict[str, list[str]] = {}
+        # NLTK's reader seeks and reads shared file handles: one lookup at a time when batches
+        # are built in several threads (data.num_threads).
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        return {"cache": self._cache}
+
+    def __setstate__(self, state: dict) -> None:
+        # In a worker process: load the corpus now, before its threads look words up.
+        self.__init__()
+        self._cache = state["cache"]
 
     def __call__(self, word: str) -> list[str]:
-        if word not in self._cache:
-            wordnet = _import_wordnet()
-            names = set()
-            for synset in wordnet.synsets(word):
-                for lemma in synset.lemma_names():
-                    name = re.sub(r"[^a-z ]", "", lemma.replace("_", " ").replace("-", " ").lower())
-                    name = " ".join(name.split())
-                    if name and name != word:
-                        names.add(name)
-            self._cache[word] = sorted(names)
-        return list(self._cache[word])
+        with self._lock:
+            if word not in self._cache:
+                wordnet = _import_wordnet()
+                names = set()
+                for synset in wordnet.synsets(word):
+                    for lemma in synset.lemma_names():
+                        name = re.sub(r"[^a-z ]", "", lemma.replace("_", " ").replace("-", " ").lower())
+                        name = " ".join(name.split())
+                        if name and name != word:
+                            names.add(name)
+                self._cache[word] = sorted(names)
+            return list(self._cache[word])
 
 
 def wordnet_synonyms() -> WordNetSynonyms:
