@@ -9,7 +9,9 @@ from bclip import objectives, optim, sharding, train_step
 from bclip.models import clip
 
 
-def _setup(model_name, mesh, objective, params_sharding="replicated", lr=1e-3, warmup=2, total=50, eps=1e-8):
+# One optimiser for every test: the schedule's numbers are constants of the compiled step, so tests
+# that share them share programs (and the compilation cache).
+def _setup(model_name, mesh, objective, params_sharding="replicated", lr=1e-3, warmup=2, total=100, eps=1e-3):
     model_config = clip.model_config(model_name)
     model = clip.build_model(model_config)
     tx = optim.make_optimizer(optim.optim_config(learning_rate=lr, warmup_steps=warmup, eps=eps), total)
@@ -43,10 +45,10 @@ def _batch(model_config, batch_size, seed=0, views=False):
 def _run(model_name, devices, objective, steps=3, params_sharding="replicated", views=False):
     # Some gradients are exactly zero in exact arithmetic (e.g. the key bias, which softmax ignores);
     # with Adam's default eps of 1e-8 float round-off in them becomes a full ±lr step whose sign
-    # depends on the reduction order. eps=1e-3 turns round-off of ~1e-9 into nothing while real
-    # gradients (1e-4 and up) still move the parameters by a good part of a step.
+    # depends on the reduction order. _setup's eps=1e-3 turns round-off of ~1e-9 into nothing while
+    # real gradients (1e-4 and up) still move the parameters by a good part of a step.
     mesh = sharding.make_mesh(devices)
-    model_config, state, step = _setup(model_name, mesh, objective, params_sharding, eps=1e-3)
+    model_config, state, step = _setup(model_name, mesh, objective, params_sharding)
     history = []
     for i in range(steps):
         batch = jax.device_put(_batch(model_config, 16, seed=i, views=views), sharding.batch_sharding(mesh))
@@ -100,7 +102,7 @@ def test_fsdp_actually_splits_large_parameters():
 def test_tiny_model_overfits_a_fixed_batch():
     """MMCL on one fixed batch of 16 pairs: the loss starts near chance (ln 16) and falls more than 10×."""
     mesh = sharding.make_mesh()
-    model_config, state, step = _setup("micro-vit", mesh, objectives.objective_config(), lr=3e-3, warmup=5, total=10_000)
+    model_config, state, step = _setup("micro-vit", mesh, objectives.objective_config())
     batch = jax.device_put(_batch(model_config, 16), sharding.batch_sharding(mesh))
     losses = []
     for i in range(60):
@@ -113,25 +115,26 @@ def test_tiny_model_overfits_a_fixed_batch():
 def test_metrics_hold_each_term_temperature_grad_norm_and_lr():
     mesh = sharding.make_mesh()
     objective = objectives.objective_config(mmcl=1.0, ssl=0.5)
-    model_config, state, step = _setup("micro-vit", mesh, objective, lr=1e-3, warmup=4, total=20)
+    model_config, state, step = _setup("micro-vit", mesh, objective)
     batch = jax.device_put(_batch(model_config, 16, views=True), sharding.batch_sharding(mesh))
     _, metrics = step(state, batch, jax.random.key(0))
     metrics = jax.device_get(metrics)
     assert set(metrics) == {"loss", "mmcl", "ssl", "temperature", "grad_norm", "learning_rate"}
     np.testing.assert_allclose(metrics["loss"], metrics["mmcl"] + 0.5 * metrics["ssl"], rtol=1e-6)
     np.testing.assert_allclose(metrics["temperature"], 1 / 0.07, rtol=1e-3)
-    # First update of a 4-step linear warm-up from 0 uses lr 0.
+    # First update of a linear warm-up from 0 uses lr 0.
     assert metrics["learning_rate"] == 0.0
     assert metrics["grad_norm"] > 0
 
 
 def test_temperature_clamp_applied_inside_the_step():
     mesh = sharding.make_mesh()
-    model_config, state, step = _setup("micro-vit", mesh, objectives.objective_config(), lr=1.0, warmup=0, total=20)
+    model_config, state, step = _setup("micro-vit", mesh, objectives.objective_config())
     params = dict(state["params"])
     params["logit_scale"] = jnp.asarray(np.log(100.0) + 0.5, jnp.float32)
     state = {**state, "params": jax.device_put(params, jax.tree.map(lambda x: x.sharding, state["params"]))}
     batch = jax.device_put(_batch(model_config, 16), sharding.batch_sharding(mesh))
+    # The first update's learning rate is 0 (warm-up): only the clamp can lower the scale.
     state, metrics = step(state, batch, jax.random.key(0))
     assert float(state["params"]["logit_scale"]) <= np.log(100.0) + 1e-6
     assert float(metrics["temperature"]) <= 100.0 + 1e-4
