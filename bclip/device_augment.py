@@ -11,9 +11,10 @@ half the single-view rate (`python -m bclip.bench data` measures both ways side 
 The policy, probabilities and magnitudes are bclip.data.image_augment's; only the random stream
 differs (JAX's instead of numpy's), so the views are as deterministic but not the same images as
 the host's. Per operation, the pixels are Pillow's (as image_augment makes them), except that
-blends and AutoContrast may be one level off where float rounding falls differently, and
-geometric operations may take the neighbouring source pixel where a coordinate lies on a pixel
-boundary (tests/test_device_augment.py compares every operation). Under `jax.vmap` over a batch every
+blends and AutoContrast may be one level off where float rounding falls differently, and a
+rotation may take the neighbouring source pixel where a coordinate lies on a pixel boundary (its
+cos and sin may round differently from C's; shears and translations use Pillow's fixed-point
+integers exactly). tests/test_device_augment.py compares every operation. Under `jax.vmap` over a batch every
 operation the policy uses is computed for every image and the drawn one selected, which costs
 little on an accelerator next to the model and a lot on a CPU: views on device are for GPU/TPU.
 """
@@ -113,14 +114,22 @@ def _autocontrast(image, magnitude):
     return jnp.where(stretches, stretched, image)
 
 
+def _fixed(value: jax.Array) -> jax.Array:
+    """`value` in 16.16 fixed point, rounded as Pillow rounds it."""
+    return jnp.floor(value * 65536.0 + 0.5).astype(jnp.int32)
+
+
 def _affine(image: jax.Array, matrix: Sequence[jax.Array]) -> jax.Array:
     """Pillow's AFFINE transform with NEAREST sampling and black fill: output pixel (x, y) takes
-    the input pixel at floor(a X + b Y + c, d X + e Y + f) for its centre (X, Y) = (x + .5, y + .5)."""
+    the input pixel at floor(a X + b Y + c, d X + e Y + f) for its centre (X, Y) = (x + .5, y + .5),
+    computed as Pillow computes it, in 16.16 fixed point: integer sums leave no rounding to the
+    compiler, so the pixels do not depend on how XLA fuses or contracts the arithmetic."""
     a, b, c, d, e, f = matrix
     height, width = image.shape[:2]
-    centre_y, centre_x = jnp.meshgrid(jnp.arange(height) + 0.5, jnp.arange(width) + 0.5, indexing="ij")
-    source_x = jnp.floor(a * centre_x + b * centre_y + c).astype(jnp.int32)
-    source_y = jnp.floor(d * centre_x + e * centre_y + f).astype(jnp.int32)
+    x = jnp.arange(width, dtype=jnp.int32)[None, :]
+    y = jnp.arange(height, dtype=jnp.int32)[:, None]
+    source_x = (_fixed(c + 0.5 * a + 0.5 * b) + x * _fixed(a) + y * _fixed(b)) >> 16
+    source_y = (_fixed(f + 0.5 * d + 0.5 * e) + x * _fixed(d) + y * _fixed(e)) >> 16
     inside = (source_x >= 0) & (source_x < width) & (source_y >= 0) & (source_y < height)
     moved = image[jnp.clip(source_y, 0, height - 1), jnp.clip(source_x, 0, width - 1)]
     return jnp.where(inside[..., None], moved, 0.0)
