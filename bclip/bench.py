@@ -72,11 +72,11 @@ def random_batch(model_config, batch_size: int, with_views: bool, seed: int = 0,
         return t
 
     batch = {"image": rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8), "text": tokens()}
-    if with_views and views_on_device:
-        batch["view_key"] = pipeline.view_keys(seed, 0, np.arange(batch_size), np.zeros(batch_size, np.int64))
-    elif with_views:
-        batch["aug_image"] = rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
     if with_views:
+        if views_on_device:
+            batch["view_key"] = pipeline.view_keys(seed, 0, np.arange(batch_size), np.zeros(batch_size, np.int64))
+        else:
+            batch["aug_image"] = rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
         batch["aug_text"] = tokens()
     return batch
 
@@ -309,7 +309,8 @@ def bench_data(args) -> list[dict]:
     if unknown:
         raise SystemExit(f"unknown --settings {sorted(unknown)}; known: {list(DATA_SETTINGS)}")
 
-    keys = [(setting, workers, threads) for workers in worker_counts for threads in thread_counts for setting in settings]
+    modes = [(workers, threads) for workers in worker_counts for threads in thread_counts]
+    keys = [(setting, workers, threads) for workers, threads in modes for setting in settings]
     images = num_batches * args.batch_size
     rounds: dict[tuple[str, int, int], list[dict]] = {key: [] for key in keys}
     for round_index in range(args.repeats):
@@ -352,15 +353,14 @@ def bench_data(args) -> list[dict]:
         mode = f"w{workers}t{threads}"
         summary[f"overhead_per_core/{setting}/{mode}"] = bare_per_s / per_core - 1
         summary[f"overhead_per_cpu_s/{setting}/{mode}"] = bare_per_cpu_s / per_cpu_s - 1
-    for workers in worker_counts:
-        for threads in thread_counts:
-            mode = f"w{workers}t{threads}"
-            for views_setting, name in (("ssl_badnets_1pct", "ssl"), ("ssl_device_views_badnets_1pct", "ssl_device_views")):
-                if {"badnets_1pct", views_setting} <= set(settings):
-                    for unit in ("per_cpu_s", "per_core"):
-                        single = summary[f"overhead_{unit}/badnets_1pct/{mode}"] + 1
-                        views = summary[f"overhead_{unit}/{views_setting}/{mode}"] + 1
-                        summary[f"{name}_cost_ratio_{unit}/{mode}"] = views / single
+    for workers, threads in modes:
+        mode = f"w{workers}t{threads}"
+        for views_setting, name in (("ssl_badnets_1pct", "ssl"), ("ssl_device_views_badnets_1pct", "ssl_device_views")):
+            if {"badnets_1pct", views_setting} <= set(settings):
+                for unit in ("per_cpu_s", "per_core"):
+                    single = summary[f"overhead_{unit}/badnets_1pct/{mode}"] + 1
+                    views = summary[f"overhead_{unit}/{views_setting}/{mode}"] + 1
+                    summary[f"{name}_cost_ratio_{unit}/{mode}"] = views / single
     results.append(summary)
     return results
 
