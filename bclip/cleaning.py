@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from bclip import optim
+
 
 def cleaning_config(**overrides) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict(
@@ -83,18 +85,17 @@ def init_cluster_head(rng: jax.Array, embed_dim: int, num_clusters: int) -> dict
     }
 
 
+# The top-level parameter holding the deep-clustering head; the optimiser gives it its own Adam
+# state (optim.make_optimizer(resettable_head=CLUSTER_HEAD)) so that it can be reset alone.
+CLUSTER_HEAD = "cluster_head"
+
+
 def reset_cluster_head(state: dict, rng: jax.Array, embed_dim: int, num_clusters: int) -> dict:
-    """New head weights and zeroed optimiser moments for them, leaving everything else untouched."""
+    """New head weights and a fresh Adam state for them (zero moments, zero step count), leaving
+    everything else untouched: the head then trains as a newly created one would."""
     params = dict(state["params"])
-    params["cluster_head"] = init_cluster_head(rng, embed_dim, num_clusters)
-
-    def zero_head_moments(path, leaf):
-        if "cluster_head" in jax.tree_util.keystr(path):
-            return jnp.zeros_like(leaf)
-        return leaf
-
-    opt = jax.tree_util.tree_map_with_path(zero_head_moments, state["opt"])
-    return {**state, "params": params, "opt": opt}
+    params[CLUSTER_HEAD] = init_cluster_head(rng, embed_dim, num_clusters)
+    return {**state, "params": params, "opt": optim.reset_head_moments(state["opt"])}
 
 
 def assignment_table(indices: np.ndarray, assignments: np.ndarray, size: int) -> np.ndarray:

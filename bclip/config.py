@@ -49,8 +49,10 @@ def run_config(model_name: str = "micro-vit", **model_overrides) -> ml_collectio
             # For cleaning: a JSON list of indices (a pretraining run's poison_indices.json) that the
             # training set must not contain; the run fails if any is present.
             "exclude_indices_file": "",
-            # Use only the first N examples of the training source (after exclusion); 0 = all.
+            # Use only a random N of the training source's examples (after exclusion), drawn with
+            # subset_seed; 0 = all.
             "subset_size": 0,
+            "subset_seed": 0,
             "log_every_steps": 20,
             "checkpoint_every_steps": 500,
             "keep_checkpoints": 2,

@@ -1,6 +1,7 @@
 """The optimiser: AdamW with linear warm-up then cosine decay, weight decay on weight matrices only."""
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -45,21 +46,62 @@ def weight_decay_mask(params):
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-    """AdamW as CLIP trains it; `optax.inject_hyperparams` exposes the learning rate for logging."""
+def make_optimizer(
+    optim: ml_collections.ConfigDict, total_steps: int, resettable_head: str | None = None
+) -> optax.GradientTransformation:
+    """AdamW as CLIP trains it; `optax.inject_hyperparams` exposes the learning rate for logging.
+
+    resettable_head: a top-level parameter (e.g. deep clustering's "cluster_head") updated by its own
+    AdamW with the same settings and schedule, so that `reset_head_moments` can restart its moments
+    and bias correction alone while the rest of the model's optimiser state runs on.
+    """
     schedule = learning_rate_schedule(optim, total_steps)
+    adamw_options = dict(b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay, mask=weight_decay_mask)
     # The mask is a function of the params, not a schedule: keep it out of the injected values.
-    adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
-        learning_rate=schedule,
-        b1=optim.b1,
-        b2=optim.b2,
-        eps=optim.eps,
-        weight_decay=optim.weight_decay,
-        mask=weight_decay_mask,
-    )
+    adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(learning_rate=schedule, **adamw_options)
+    if resettable_head is not None:
+        labels = lambda params: {name: (_HEAD if name == resettable_head else _MODEL) for name in params}  # noqa: E731
+        # The head's schedule step (kept in its ScaleByScheduleState) advances with every update and
+        # is never reset, so the head follows the run's learning rate whatever its Adam count.
+        head_adamw = optax.adamw(learning_rate=schedule, **adamw_options)
+        adamw = optax.multi_transform({_MODEL: adamw, _HEAD: head_adamw}, labels)
     if optim.grad_clip_norm is None:
         return adamw
     return optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), adamw)
+
+
+_MODEL, _HEAD = "model", "resettable_head"
+
+
+def reset_head_moments(opt_state):
+    """`opt_state` of `make_optimizer(..., resettable_head=...)` with the head's Adam state fresh:
+    zero moments AND a zero step count. Zeroing the moments alone would keep the run's step count,
+    so the head's first updates would skip Adam's bias correction (about 3x too large at b1 0.9,
+    b2 0.999). The head's schedule step and every other parameter's state are left as they are."""
+    is_split = lambda node: isinstance(node, optax.MultiTransformState)  # noqa: E731
+    is_adam = lambda node: isinstance(node, optax.ScaleByAdamState)  # noqa: E731
+
+    def fresh(node):
+        if not is_adam(node):
+            return node
+        return optax.ScaleByAdamState(
+            count=jnp.zeros_like(node.count), mu=jax.tree.map(jnp.zeros_like, node.mu), nu=jax.tree.map(jnp.zeros_like, node.nu)
+        )
+
+    def reset(node):
+        if not is_split(node):
+            return node
+        if _HEAD not in node.inner_states:
+            raise ValueError("optimizer state has no resettable head: build it with make_optimizer(resettable_head=...)")
+        inner = dict(node.inner_states)
+        inner[_HEAD] = jax.tree.map(fresh, inner[_HEAD], is_leaf=is_adam)
+        return node._replace(inner_states=inner)
+
+    found = []
+    state = jax.tree.map(lambda node: found.append(node) or reset(node), opt_state, is_leaf=is_split)
+    if not any(is_split(node) for node in found):
+        raise ValueError("optimizer state has no resettable head: build it with make_optimizer(resettable_head=...)")
+    return state
 
 
 def current_learning_rate(opt_state) -> jax.Array:

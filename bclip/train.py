@@ -84,7 +84,8 @@ class IndexSubset:
 
 def clean_training_source(source, train: ml_collections.ConfigDict):
     """The training source less excluded indices (e.g. a pretraining run's poisons), optionally cut
-    to its first `subset_size` examples. Fails if an excluded index would still be read."""
+    to a random `subset_size` of the examples left, drawn with `train.subset_seed` (kept in index
+    order). Fails if an excluded index would still be read."""
     indices = np.arange(len(source), dtype=np.int64)
     if train.exclude_indices_file:
         excluded = read_excluded_indices(train.exclude_indices_file)
@@ -92,12 +93,22 @@ def clean_training_source(source, train: ml_collections.ConfigDict):
     if train.subset_size:
         if train.subset_size > len(indices):
             raise ValueError(f"train.subset_size={train.subset_size} but only {len(indices)} examples remain")
-        indices = indices[: train.subset_size]
+        indices = random_subset(indices, train.subset_size, train.subset_seed)
     if train.exclude_indices_file and np.intersect1d(indices, excluded).size:
         raise AssertionError("clean training set still holds excluded indices")
     if len(indices) == len(source):
         return source
     return IndexSubset(source, indices)
+
+
+def random_subset(indices: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """`size` of `indices` int64 [N] drawn without replacement by `seed`, sorted.
+
+    The reference cleaned on a random 100K of the non-poisoned pairs; the first 100K of a web
+    crawl's CSV would be a biased (e.g. by crawl date or domain) sample.
+    """
+    chosen = np.random.default_rng(seed).choice(len(indices), size=size, replace=False)
+    return np.sort(np.asarray(indices, np.int64)[chosen])
 
 
 def read_excluded_indices(path: str | os.PathLike) -> np.ndarray:
@@ -371,8 +382,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # ---- Model and state -----------------------------------------------------------------------
     model = clip.build_model(config.model)
-    tx = optim.make_optimizer(config.optim, total_steps)
     deep_clustering = bool(config.objective.cluster_weight)
+    tx = optim.make_optimizer(config.optim, total_steps, resettable_head=cleaning.CLUSTER_HEAD if deep_clustering else None)
     num_clusters = min(config.cleaning.num_clusters, len(source))
 
     def init_variables(rng):
@@ -395,6 +406,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         init_from, where = checkpointing.load_model_variables(config.train.init_from, variables_abstract)
         logging.info("Initialising from %s", where)
     state, start_step = checkpointing.restore_latest(manager, abstract, data.iterator)
+    original_variables = None
     if state is not None:
         logging.info("Resumed from step %d", start_step)
         # Records written after the checkpoint (before an interruption) are redone from it.
@@ -405,6 +417,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         metrics_log.keep_through(-1)
         evals_log.keep_through(-1)
         start_step = 0
+        if init_from is not None and config.eval.at_start and shrinks_start_weights(config.cleaning):
+            # The step-0 evaluation is the model being cleaned, as pretrained: reports compare
+            # every cleaning point with it. Kept (copied: the state below takes the loaded buffers)
+            # until then; the shrunk start is evaluated too and logged beside it.
+            original_variables = jax.tree.map(jnp.copy, init_from)
         variables = initial_variables(config, init_from, init_variables, variable_shardings, rng, num_clusters)
         # The optimiser always starts fresh, also from a pretrained checkpoint.
         make_state = jax.jit(functools.partial(_state_from_variables, tx=tx), out_shardings=shardings, donate_argnums=0)
@@ -414,13 +431,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # ---- Evaluators ----------------------------------------------------------------------------
     evaluators = make_evaluators(config, model, tokenizer, mesh, process_index, process_count)
 
-    def run_evals(step: int) -> dict[str, float]:
-        results = {}
-        for name, evaluator in evaluators.items():
-            for key, value in evaluator(_variables(state)).items():
-                results[f"{name}/{key}"] = value
+    def evaluate(variables) -> dict[str, float]:
+        return {f"{name}/{key}": value for name, evaluator in evaluators.items() for key, value in evaluator(variables).items()}
+
+    def run_evals(step: int, original_variables=None) -> dict[str, float]:
+        """Evaluates the state (at step 0 of a shrink-and-perturb run: the unshrunk original, with
+        the shrunk start under "after_start_transform") and logs the figures."""
+        results = evaluate(_variables(state) if original_variables is None else original_variables)
+        extra = {} if original_variables is None else {"after_start_transform": evaluate(_variables(state))}
         epoch = step // steps_per_epoch
-        evals_log.write({"step": step, "epoch": epoch, **results})
+        evals_log.write({"step": step, "epoch": epoch, **results, **extra})
         writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
         logging.info("eval at step %d (epoch %d): %s", step, epoch, results)
         return results
@@ -429,7 +449,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     try:
         results = None
         if start_step == 0 and config.eval.at_start:
-            results = run_evals(0)
+            results = run_evals(0, original_variables)
+            original_variables = None  # freed: only the step-0 evaluation reads it
         hooks = []
         if is_chief:
             hooks.append(periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer, every_steps=config.train.log_every_steps))
@@ -536,12 +557,17 @@ def make_evaluators(config, model, tokenizer, mesh, process_index: int, process_
     }
 
 
+def shrinks_start_weights(cleaning_config: ml_collections.ConfigDict) -> bool:
+    """Whether shrink-and-perturb changes the weights a cleaning run starts from."""
+    return cleaning_config.shrink != 1.0 or cleaning_config.perturb != 0.0
+
+
 def initial_variables(config, init_from, init_variables, variable_shardings, rng, num_clusters: int) -> dict:
     """The variables a run without a checkpoint starts from: `init_variables(rng)`, or the
     pretrained `init_from` variables, shrunk and perturbed towards that random init when
     config.cleaning asks for it, or given a fresh deep-clustering head when the variables have
     one (`num_clusters` centroids). variable_shardings: {"params", "batch_stats"} of the result."""
-    shrink_and_perturb = config.cleaning.shrink != 1.0 or config.cleaning.perturb != 0.0
+    shrink_and_perturb = shrinks_start_weights(config.cleaning)
     if init_from is None or shrink_and_perturb:
         variables = jax.jit(init_variables, out_shardings=variable_shardings)(rng)
     if init_from is None:

@@ -15,7 +15,7 @@ epoch, each epoch one point of the accuracy-vs-ASR plot. `get_sweep(arg)` lists 
 learning rates, 5e-5 … 5e-3; a single run uses 5e-4, the grid's geometric middle.
 
 The clean set is the pretraining CSV minus the pretraining run's poisoned indices (the run fails if
-any is left), cut to its first 100,000 pairs. Run (paths are placeholders; every one is required):
+any is left), cut to a random 100,000 of its pairs (train.subset_seed), as the reference did. Run (paths are placeholders; every one is required):
   python -m bclip.main --config configs/clean_cc.py:cleanclip \
     --workdir gs://BUCKET/bclip/cc6m_mmcl_ssl/cleanclip_lr5e-4 \
     --config.train.init_from=gs://BUCKET/bclip/cc6m_mmcl_ssl \

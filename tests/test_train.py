@@ -392,6 +392,33 @@ def test_shrink_and_perturb_mixes_pretrained_and_fresh_weights(cleaning_run, pre
             np.testing.assert_allclose(_get(first, path), expected, rtol=1e-5, atol=1e-9, err_msg=name)
 
 
+@pytest.mark.slow
+def test_shrink_and_perturb_records_the_unshrunk_original_at_step_0(world_dir, pretrained, tmp_path):
+    """The step-0 evaluation is the pretrained model itself (the point the reports compare every
+    cleaning point with); the shrunk start is logged beside it."""
+    config = cleaning_config(
+        world_dir,
+        pretrained,
+        {
+            # A strong shrink, so the shrunk model's figures cannot pass for the original's.
+            "cleaning": {"shrink": 0.3, "perturb": 0.7},
+            "eval": {"at_start": True, "sets": {"test": {"kind": "folder", "path": os.path.join(world_dir, "test")}}},
+            "train": {"subset_size": 32},
+        },
+    )
+    run_dir = str(tmp_path / "run")
+    train.train_and_evaluate(config, run_dir)
+    start = read_jsonl(os.path.join(run_dir, train.EVALS_FILE))[0]
+    # The pretraining run evaluated the same weights (its last step's) on the same set and seed.
+    pretrained_final = read_jsonl(os.path.join(pretrained, train.EVALS_FILE))[-1]
+    assert start["step"] == 0
+    figures = ("test/top1", "test/top5", "test/asr")
+    assert {key: start[key] for key in figures} == {key: pretrained_final[key] for key in figures}
+    shrunk = start["after_start_transform"]
+    assert set(shrunk) == {key for key in start if key.startswith("test/")}
+    assert (shrunk["test/top1"], shrunk["test/asr"]) != (start["test/top1"], start["test/asr"])
+
+
 def _get(tree, path):
     for entry in path:
         tree = tree[entry.key]
@@ -538,9 +565,12 @@ def test_clean_training_source_excludes_poisoned_indices(world_dir, pretrained, 
     source = pipeline.training_source(config.data)
     poisoned = poisoning.PoisonPlan.read(config.train.exclude_indices_file).indices
     assert len(poisoned) == NUM_POISONED
-    # The first 64 clean pairs reach past some poisoned ones, so excluding them matters.
-    expected = np.setdiff1d(np.arange(NUM_TRAIN), poisoned)[:CLEAN_SUBSET]
+    # A random CLEAN_SUBSET of the clean pairs, drawn by the subset seed, in index order.
+    remaining = np.setdiff1d(np.arange(NUM_TRAIN), poisoned)
+    expected = np.sort(remaining[np.random.default_rng(config.train.subset_seed).choice(len(remaining), CLEAN_SUBSET, replace=False)])
     assert np.intersect1d(poisoned, np.arange(expected[-1])).size > 0
+    # Random, not the first ones: the subset reaches past the first CLEAN_SUBSET clean pairs.
+    assert expected[-1] > remaining[CLEAN_SUBSET - 1]
 
     clean = train.clean_training_source(source, config.train)
     assert np.array_equal(clean.indices, expected)
@@ -555,6 +585,11 @@ def test_clean_training_source_excludes_poisoned_indices(world_dir, pretrained, 
         config.train.exclude_indices_file = str(plain)
     assert np.array_equal(train.clean_training_source(source, config.train).indices, expected)
 
+    # Another seed draws another subset of the same size, still free of poisons.
+    config.train.subset_seed = 1
+    other = train.clean_training_source(source, config.train).indices
+    assert len(other) == CLEAN_SUBSET and not np.array_equal(other, expected)
+    assert np.intersect1d(other, poisoned).size == 0
     config.train.subset_size = NUM_TRAIN - NUM_POISONED + 1
     with pytest.raises(ValueError, match="subset_size"):
         train.clean_training_source(source, config.train)

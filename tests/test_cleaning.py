@@ -1,0 +1,105 @@
+"""Cleaning-method internals with known answers: the deep-clustering head's optimiser reset."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from bclip import cleaning, optim
+
+B1, B2, EPS, LR = 0.9, 0.999, 1e-8, 0.01
+
+
+def _optimizer(resettable_head=cleaning.CLUSTER_HEAD, grad_clip_norm=None):
+    # Constant learning rate after a one-step warm-up: lr(0) = 0, lr(t >= 1) = LR (cosine over a
+    # long run changes it by < 1e-6 in the steps below).
+    config = optim.optim_config(learning_rate=LR, warmup_steps=1, b1=B1, b2=B2, eps=EPS, weight_decay=0.0, grad_clip_norm=grad_clip_norm)
+    return optim.make_optimizer(config, total_steps=10_000_000, resettable_head=resettable_head)
+
+
+def _params():
+    return {
+        "logit_scale": jnp.asarray(2.0),
+        "image_tower": {"kernel": jnp.ones((2, 3))},
+        cleaning.CLUSTER_HEAD: {"kernel": jnp.ones((2, 4)), "bias": jnp.zeros((4,))},
+    }
+
+
+def _adam_update(grads: list[np.ndarray], learning_rates: list[float]) -> np.ndarray:
+    """Adam's total parameter change over `grads`, written out from its definition (numpy)."""
+    mu = nu = 0.0
+    change = 0.0
+    for t, (g, lr) in enumerate(zip(grads, learning_rates), start=1):
+        mu = B1 * mu + (1 - B1) * g
+        nu = B2 * nu + (1 - B2) * g * g
+        change = change - lr * (mu / (1 - B1**t)) / (np.sqrt(nu / (1 - B2**t)) + EPS)
+    return change
+
+
+@pytest.mark.parametrize("grad_clip_norm", [None, 1e6])
+def test_head_reset_restarts_adam_bias_correction_and_keeps_the_schedule(grad_clip_norm):
+    tx = _optimizer(grad_clip_norm=grad_clip_norm)
+    params = _params()
+    state = tx.init(params)
+    rng = np.random.default_rng(0)
+    grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params) for _ in range(6)]
+
+    # Four steps (the first at learning rate 0), then the head is reset.
+    for g in grads[:4]:
+        _, state = tx.update(g, state, params)
+    state = optim.reset_head_moments(state)
+
+    head_changes, model_changes = [], []
+    for g in grads[4:]:
+        updates, state = tx.update(g, state, params)
+        head_changes.append(np.asarray(updates[cleaning.CLUSTER_HEAD]["kernel"]))
+        model_changes.append(np.asarray(updates["image_tower"]["kernel"]))
+
+    head_grads = [np.asarray(g[cleaning.CLUSTER_HEAD]["kernel"]) for g in grads[4:]]
+    # The head trains as a freshly created one: Adam steps 1 and 2, at the run's learning rate.
+    np.testing.assert_allclose(head_changes[0], _adam_update(head_grads[:1], [LR]), rtol=1e-5)
+    np.testing.assert_allclose(head_changes[0] + head_changes[1], _adam_update(head_grads, [LR, LR]), rtol=1e-5)
+    # The first step after the reset moves each head weight by about lr (bias-corrected); with the
+    # run's step count kept instead it would be (1 - b1) / sqrt(1 - b2) = 3.16 times that.
+    np.testing.assert_allclose(np.abs(head_changes[0]), LR, rtol=1e-4)
+
+    # The rest of the model carries on as if nothing happened: steps 5 and 6 of one Adam run.
+    model_grads = [np.asarray(g["image_tower"]["kernel"]) for g in grads]
+    lrs = [0.0, LR, LR, LR, LR, LR]
+    np.testing.assert_allclose(model_changes[0], _adam_update(model_grads[:5], lrs[:5]) - _adam_update(model_grads[:4], lrs[:4]), rtol=1e-4)
+
+
+def test_head_reset_needs_a_separate_head_state():
+    tx = _optimizer(resettable_head=None)
+    with pytest.raises(ValueError, match="no resettable head"):
+        optim.reset_head_moments(tx.init(_params()))
+
+
+def test_reset_cluster_head_gives_new_weights_and_fresh_moments():
+    tx = _optimizer()
+    params = _params()
+    opt = tx.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    for _ in range(3):
+        _, opt = tx.update(grads, opt, params)
+    state = {"params": params, "opt": opt, "batch_stats": {}, "step": jnp.asarray(3)}
+    reset = cleaning.reset_cluster_head(state, jax.random.key(1), embed_dim=2, num_clusters=4)
+
+    head = reset["params"][cleaning.CLUSTER_HEAD]
+    assert head["kernel"].shape == (2, 4) and not np.allclose(head["kernel"], 1.0)
+    np.testing.assert_array_equal(head["bias"], 0.0)
+    assert reset["params"]["image_tower"] is params["image_tower"]
+
+    is_adam = lambda s: isinstance(s, optax.ScaleByAdamState)  # noqa: E731
+    adam_states = [s for s in jax.tree.leaves(reset["opt"], is_leaf=is_adam) if is_adam(s)]
+    assert len(adam_states) == 2  # the model's and the head's
+    counts = sorted(int(s.count) for s in adam_states)
+    assert counts == [0, 3]
+    head_state = next(s for s in adam_states if int(s.count) == 0)
+    model_state = next(s for s in adam_states if int(s.count) == 3)
+    np.testing.assert_array_equal(head_state.mu[cleaning.CLUSTER_HEAD]["kernel"], 0.0)
+    np.testing.assert_array_equal(head_state.nu[cleaning.CLUSTER_HEAD]["bias"], 0.0)
+    # The model's moments are untouched (all gradients were 1, so mu = 1 - 0.9^3).
+    np.testing.assert_allclose(model_state.mu["image_tower"]["kernel"], 1 - B1**3, rtol=1e-6)
+
