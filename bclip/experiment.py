@@ -20,7 +20,7 @@ from absl import logging
 from etils import epath
 
 from bclip import config as run_configs
-from bclip import checkpointing, report, train
+from bclip import checkpointing, report, sweep, train
 from bclip.data import synthetic
 
 TrainFn = Callable[[ml_collections.ConfigDict, str], dict]
@@ -40,7 +40,79 @@ def study_config() -> ml_collections.ConfigDict:
     config.clean_base = ml_collections.ConfigDict()
     config.cleaning_methods = ml_collections.ConfigDict()
     config.cleaning_learning_rates = (1e-4,)
+    # The study's scale as proportions of its training set (see `apply_proportions`); num_train 0
+    # leaves the sections above as they are.
+    config.proportions = ml_collections.ConfigDict(
+        {
+            "num_train": 0,  # training pairs (the world's size)
+            "pretrain_epochs": 1,
+            "poison_rate": 0.0,  # poisoned share of the training pairs
+            "clean_share": 0.0,  # the cleaning set's share of the training pairs
+            "clean_budget": 0.0,  # cleaning pair-steps per pretraining pair-step
+            "width": 0,  # both towers' width and the embedding size; 0 keeps the model's
+            "clean_points": 4,  # evaluations per cleaning run at most (each one a report point)
+        }
+    )
     return config
+
+
+def apply_proportions(study: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `study` whose world, pretraining and cleaning sizes follow `study.proportions`.
+
+    For N = num_train pairs pretrained for E epochs (N·E pretraining pair-steps):
+      - poisoned pairs: round(poison_rate · N), at least 1;
+      - cleaning set: round(clean_share · N) pairs, at least one cleaning batch;
+      - cleaning epochs: round(clean_budget · N · E / cleaning set), at least 1, so that cleaning
+        reads about clean_budget of pretraining's pair-steps;
+      - cleaning evaluations every ceil(cleaning epochs / clean_points) epochs (and at the end);
+      - width w > 0: image and text towers of width w, embeddings of size w.
+    Unchanged when num_train is 0.
+    """
+    p = study.proportions
+    if not p.num_train:
+        return study
+    study = ml_collections.ConfigDict(study.to_dict())
+    base = study.pretrain_base
+    num_train = int(p.num_train)
+    study.world.num_train = num_train
+    base.train.num_epochs = int(p.pretrain_epochs)
+    base.poison.count = max(1, round(p.poison_rate * num_train)) if p.poison_rate > 0 else 0
+    base.poison.rate = None
+    if p.width:
+        base.model.image.width = base.model.text.width = base.model.embed_dim = int(p.width)
+    clean_batch = study.clean_base.get("data", {}).get("batch_size", base.data.batch_size)
+    clean_pairs = max(clean_batch, round(p.clean_share * num_train))
+    clean_epochs = max(1, round(p.clean_budget * num_train * p.pretrain_epochs / clean_pairs))
+    clean_base = study.clean_base.to_dict()
+    clean_base.setdefault("train", {}).update({"subset_size": clean_pairs, "num_epochs": clean_epochs})
+    clean_base.setdefault("eval", {})["every_epochs"] = max(1, math.ceil(clean_epochs / max(1, p.clean_points)))
+    study.clean_base = clean_base
+    study.lock()
+    return study
+
+
+def scale_summary(study: ml_collections.ConfigDict) -> dict:
+    """The sizes a study runs at and their ratios, as the paper's proportions are stated."""
+    base, clean = study.pretrain_base, study.clean_base
+    num_train = study.proportions.num_train or (study.world.num_train if study.world.enabled else None)
+    clean_pairs = clean["train"]["subset_size"]
+    clean_epochs = clean["train"]["num_epochs"]
+    figures = {
+        "num_train": num_train,
+        "pretrain_epochs": base.train.num_epochs,
+        "pretrain_batch_size": base.data.batch_size,
+        "num_poisoned": base.poison.count,
+        "clean_pairs": clean_pairs,
+        "clean_epochs": clean_epochs,
+        "clean_batch_size": clean.get("data", {}).get("batch_size", base.data.batch_size),
+        "cleaning_learning_rates": list(study.cleaning_learning_rates),
+        "pretrain_learning_rate": base.optim.learning_rate,
+    }
+    if num_train:
+        figures["poison_rate"] = base.poison.count / num_train
+        figures["clean_share"] = clean_pairs / num_train
+        figures["clean_budget"] = clean_pairs * clean_epochs / (num_train * base.train.num_epochs)
+    return figures
 
 
 def merge(config: ml_collections.ConfigDict, partial) -> ml_collections.ConfigDict:
@@ -164,14 +236,27 @@ def clean_run_dir(workdir: str, pretrained: str, method: str, learning_rate: flo
     return _join(workdir, "clean", pretrained, method, f"lr={learning_rate:g}")
 
 
-def run_study(study: ml_collections.ConfigDict, workdir: str, train_fn: TrainFn = train.train_and_evaluate) -> dict:
-    """Run every step not yet finished, then write the report; returns the summary."""
+def run_study(
+    study: ml_collections.ConfigDict,
+    workdir: str,
+    train_fn: TrainFn = train.train_and_evaluate,
+    *,
+    pretrain_root: str | None = None,
+    world_root: str | None = None,
+) -> dict:
+    """Run every step not yet finished, then write the report; returns the summary.
+
+    pretrain_root, world_root: where the pretraining runs and the synthetic world live (default:
+    under `workdir`); studies that differ only in their cleaning share them (an ablation).
+    """
+    study = apply_proportions(study)
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    world_dir = prepare_world(study.world, workdir) if study.world.enabled else None
+    (epath.Path(workdir) / "scale.json").write_text(json.dumps(scale_summary(study), indent=2) + "\n")
+    world_dir = prepare_world(study.world, world_root or workdir) if study.world.enabled else None
     pretrain = pretrain_configs(study, world_dir)
     originals, points = {}, {}
     for name, config in pretrain.items():
-        pretrain_dir = _join(workdir, "pretrain", name)
+        pretrain_dir = _join(pretrain_root or _join(workdir, "pretrain"), name)
         run_once(train_fn, config, pretrain_dir)
         originals[name] = _original_figures(pretrain_dir)
         points[name] = []
@@ -182,6 +267,103 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, train_fn: TrainFn 
                 run = os.fspath(epath.Path(run_dir).relative_to(epath.Path(workdir)))
                 points[name] += report.points_from_evals(read_evals(run_dir), method, run, lr)
     return report.write_report(workdir, originals, points)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ablations: a study config with get_sweep, one study per entry
+# ---------------------------------------------------------------------------------------------
+
+# Study keys that change only the cleaning: sweep points that differ only in these share their
+# pretraining runs.
+CLEANING_ONLY_KEYS = ("proportions.clean_", "clean_base.", "cleaning_")
+ABLATION_FILE = "ablation"  # ROOT/ablation.md and .json
+
+
+def run_ablation(config_path: str, workdir: str, train_fn: TrainFn = train.train_and_evaluate) -> list[dict]:
+    """Runs the study of `config_path` (get_config) once per entry of its get_sweep (dotted
+    overrides of the study config) under workdir/points/NAME, sharing the synthetic world and the
+    pretraining runs where entries allow, and writes workdir/ablation.md and .json; returns their
+    rows. Finished runs are not redone."""
+    base, entries = sweep.load_sweep(config_path)
+    rows = []
+    for overrides in entries:
+        study = sweep.apply_overrides(base, overrides)
+        pretraining_overrides = {k: v for k, v in overrides.items() if not k.startswith(CLEANING_ONLY_KEYS)}
+        point_dir = _join(workdir, "points", sweep.run_name(overrides))
+        start = time.perf_counter()
+        summary = run_study(
+            study,
+            point_dir,
+            train_fn,
+            pretrain_root=_join(workdir, "pretrain", sweep.run_name(pretraining_overrides)),
+            world_root=workdir,
+        )
+        scale = json.loads((epath.Path(point_dir) / "scale.json").read_text())
+        rows.append(ablation_row(overrides, scale, summary, time.perf_counter() - start))
+        write_ablation(workdir, config_path, rows)
+    return rows
+
+
+def ablation_row(overrides: dict, scale: dict, summary: dict, seconds: float) -> dict:
+    """One ablation point: its overrides, its sizes and, per pretrained model, the original figures
+    and CleanCLIP's (the first cleaning method's) lowest test ASR keeping top-1 within 2 points."""
+    models = {}
+    for model, entry in summary.items():
+        method = next(iter(entry["methods"].values()), None)
+        within = method["lowest_asr_within"]["2pt"] if method else None
+        best = method["best_top1_with_asr_at_most_5pct"] if method else None
+        models[model] = {
+            "top1": entry["original"]["test_top1"],
+            "asr": entry["original"]["test_asr"],
+            "cleaned_asr_within_2pt": within["asr"] if within else None,
+            "cleaned_top1_within_2pt": within["top1"] if within else None,
+            "best_top1_with_asr_at_most_5pct": best["top1"] if best else None,
+        }
+    return {"overrides": overrides, "scale": scale, "models": models, "seconds": round(seconds, 1)}
+
+
+def _ablation_markdown(config_path: str, rows: list[dict]) -> str:
+    keys = []
+    for row in rows:
+        keys += [key for key in row["overrides"] if key not in keys]
+    models = list(rows[0]["models"]) if rows else []
+    pct = lambda x: "–" if x is None else f"{100 * x:.1f}"  # noqa: E731
+    header = ["point", *keys, "poisoned", "clean budget"]
+    for model in models:
+        header += [f"{model} top-1", f"{model} ASR", f"{model} cleaned ASR (top-1) within 2 pt"]
+    lines = [
+        "# Ablation",
+        "",
+        f"`{config_path}`: one study per row (test split, %). 'Cleaned ASR within 2 pt' is CleanCLIP's lowest",
+        "ASR over every evaluated epoch and learning rate that keeps top-1 within 2 points of the pretrained",
+        "model's. The paper's contrast is a high value for MMCL+SSL beside a low one for MMCL.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for number, row in enumerate(rows):
+        cells = [str(number), *[_override_cell(row["overrides"].get(key, "–")) for key in keys]]
+        cells += [str(row["scale"]["num_poisoned"]), f"{100 * row['scale'].get('clean_budget', float('nan')):.1f} %"]
+        for model in models:
+            figures = row["models"].get(model, {})
+            within = figures.get("cleaned_asr_within_2pt")
+            cells += [
+                pct(figures.get("top1")),
+                pct(figures.get("asr")),
+                "none" if within is None else f"{pct(within)} ({pct(figures['cleaned_top1_within_2pt'])})",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _override_cell(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def write_ablation(workdir: str, config_path: str, rows: list[dict]) -> None:
+    root = epath.Path(workdir)
+    (root / f"{ABLATION_FILE}.json").write_text(json.dumps({"config": config_path, "rows": rows}, indent=2) + "\n")
+    (root / f"{ABLATION_FILE}.md").write_text(_ablation_markdown(config_path, rows))
 
 
 def headline(summary: dict) -> list[str]:
@@ -202,10 +384,17 @@ def headline(summary: dict) -> list[str]:
 def main(argv):
     del argv
     from absl import flags
+    from ml_collections import config_flags
 
     study = flags.FLAGS.config
     workdir = flags.FLAGS.workdir
     start = time.perf_counter()
+    if flags.FLAGS.sweep:
+        config_path = config_flags.get_config_filename(flags.FLAGS["config"])
+        run_ablation(config_path, workdir)
+        print((epath.Path(workdir) / f"{ABLATION_FILE}.md").read_text())
+        print(f"Ablation time: {time.perf_counter() - start:.0f} s")
+        return
     summary = run_study(study, workdir)
     print("\n".join(headline(summary)))
     print(f"Report: {checkpointing.absolute(workdir) / 'report.md'} (and report.png, summary.json)")
@@ -218,5 +407,6 @@ if __name__ == "__main__":
 
     config_flags.DEFINE_config_file("config", None, "Path to a study config file.")
     flags.DEFINE_string("workdir", None, "Directory for the study's runs and report.")
+    flags.DEFINE_bool("sweep", False, "Run the study once per entry of the config file's get_sweep (an ablation).")
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

@@ -2,10 +2,28 @@
 
   python -m bclip.experiment --config configs/study_synthetic.py --workdir runs/study
 
-Pretrains a small CLIP on 8,000 synthetic image–caption pairs of which 7 % carry a BadNets
-checkerboard patch at a random place and a caption naming "banana", once with MMCL and once with MMCL+SSL; cleans each with CleanCLIP
-(MMCL + SSL on 2,000 clean pairs) at several learning rates; writes report.md / report.png /
-summary.json. About 10 minutes on 2 CPU cores. `:smoke` is a seconds-long version for tests.
+Pretrains a small CLIP on the synthetic world's image–caption pairs, a few of which carry a BadNets
+checkerboard patch at a random place and a caption naming "banana", once with MMCL and once with
+MMCL+SSL; cleans each with CleanCLIP (MMCL + SSL on a small clean subset) at learning rates spanning
+the paper's grid; writes report.md / report.png / summary.json and scale.json (the sizes and their
+ratios). About 10 minutes on 2 CPU cores. `:smoke` is a seconds-long version for tests.
+
+How the default scale was chosen (the rule was fixed before any cleaning result was looked at):
+keep the paper's proportions wherever the 10-minute, 2-core budget allows, in this order —
+  1. cleaning reads 1 % of pretraining's pair-steps (the paper: 100K pairs x 20 epochs against
+     3M x 64 = 1.0 % on CC3M, 0.5 % on CC6M), on a clean subset of 3.3 % of the pairs (100K of 3M),
+     with batch 64 and no warm-up to speak of (the paper: 50 of 31K steps), as the paper;
+  2. cleaning learning rates spanning the paper's 5e-5 … 5e-3 around the same pretraining rate,
+     1e-3 (every other value of its 7-point grid);
+  3. the rest of the budget goes to pretraining: as many pairs and epochs as fit (the paper
+     pretrains 64 epochs; here NUM_TRAIN pairs x PRETRAIN_EPOCHS);
+  4. the lowest poison rate on the ladder 0.25, 0.5, 1, 2, 4, 7 % at which both objectives'
+     pretrained models reach ASR >= 90 % (the paper poisons 0.05 %, which a model this small, this
+     briefly trained, does not learn). docs/study_proportions.md records the search.
+The BadNets patch is a checkerboard: the study's mean-coloured noise patch is not learned by a model
+this small in this few steps (ASR <= 3.5 % even at 10 % poisoning, measured at 5 epochs).
+`configs/study_ablation.py` varies these choices (poison rate, cleaning budget, width, pretraining
+length); docs/study_proportions.md holds its table.
 """
 
 import ml_collections
@@ -13,9 +31,17 @@ import ml_collections
 from bclip import config as run_configs
 from bclip import experiment, objectives
 
+NUM_TRAIN = 12_000
+PRETRAIN_EPOCHS = 6
+POISON_RATE = 0.01
+CLEAN_SHARE = 0.033
+CLEAN_BUDGET = 0.01
+WIDTH = 64
+# The paper's grid is 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3 with pretraining at 1e-3.
+CLEANING_LEARNING_RATES = (5e-5, 2e-4, 1e-3, 5e-3)
 
-def _model_overrides(smoke: bool) -> dict:
-    width = 32 if smoke else 64
+
+def _model_overrides(width: int, smoke: bool) -> dict:
     return {
         "image": {"size": 32, "patch_size": 4 if not smoke else 8, "width": width, "layers": 2, "heads": 2},
         "text": {"context_length": 24, "vocab_size": 256, "width": width, "layers": 2, "heads": 2},
@@ -28,21 +54,23 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     if arg not in ("default", "smoke"):
         raise ValueError(f"study_synthetic takes 'default' or 'smoke', got {arg!r}")
     study = experiment.study_config()
-    study.world.num_train = 480 if smoke else 8000
     study.world.num_test = 96 if smoke else 480
     study.world.num_selection = 48 if smoke else 240
+    study.proportions.num_train = 480 if smoke else NUM_TRAIN
+    study.proportions.pretrain_epochs = 2 if smoke else PRETRAIN_EPOCHS
+    study.proportions.poison_rate = 0.05 if smoke else POISON_RATE
+    # The smoke study cleans on a third of its pairs for an epoch, enough to move its figures.
+    study.proportions.clean_share = 1 / 3 if smoke else CLEAN_SHARE
+    study.proportions.clean_budget = 1 / 6 if smoke else CLEAN_BUDGET
+    study.proportions.width = 32 if smoke else WIDTH
 
-    base = run_configs.run_config("micro-vit", **_model_overrides(smoke))
+    base = run_configs.run_config("micro-vit", **_model_overrides(32 if smoke else WIDTH, smoke))
     base.data.batch_size = 32 if smoke else 128
     base.data.image_augment = "simclr"
     base.optim.learning_rate = 1e-3
+    # About 5 % of pretraining's steps, as the paper's 10,000 warm-up steps of its 94K-188K.
     base.optim.warmup_steps = 5 if smoke else 30
-    base.train.num_epochs = 2 if smoke else 5
     base.train.log_every_steps = 5 if smoke else 20
-    # 7 % of the pairs (the study poisons 0.05 % of millions, over 64 epochs; a 5-epoch toy needs a
-    # stronger dose). A BadNets checkerboard at a random place: the study's noise patch, drawn
-    # around the image's mean colour, is invisible to this small a model in this few steps.
-    base.poison.count = 24 if smoke else 560
     base.poison.trigger.patch = "checkerboard"
     base.poison.trigger.size = 8
     base.eval.batch_size = 48 if smoke else 240
@@ -55,11 +83,10 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     }
     study.clean_base = {
         "data": {"batch_size": 32 if smoke else 64},
-        "optim": {"warmup_steps": 2 if smoke else 10},
-        "train": {"num_epochs": 1 if smoke else 3, "subset_size": 160 if smoke else 2000},
+        "optim": {"warmup_steps": 2 if smoke else 0},
     }
     study.cleaning_methods = {
         "CleanCLIP": {"objective": objectives.objective_config(mmcl=1.0, ssl=1.0).to_dict()},
     }
-    study.cleaning_learning_rates = (5e-4,) if smoke else (1e-4, 5e-4, 2e-3)
+    study.cleaning_learning_rates = (5e-4,) if smoke else CLEANING_LEARNING_RATES
     return study

@@ -39,6 +39,7 @@ def test_smoke_study_end_to_end_and_resumable(tmp_path):
     workdir = str(tmp_path / "study")
     train_fn = CountingTrainFn()
     summary = experiment.run_study(study, workdir, train_fn)
+    study = experiment.apply_proportions(study)
 
     # Each pretrained model, then its cleaning by every method at every learning rate.
     models = list(study.pretrain)
@@ -153,7 +154,7 @@ def test_merge_returns_a_locked_copy():
 
 
 def test_clean_config_starts_from_the_pretrained_run():
-    study = study_synthetic().get_config("smoke")
+    study = experiment.apply_proportions(study_synthetic().get_config("smoke"))
     pretrain = experiment.pretrain_configs(study, "/world")["MMCL"]
     config = experiment.clean_config(study, pretrain, "/runs/pretrain/MMCL", "CleanCLIP", 2e-3)
     assert config.train.init_from == "/runs/pretrain/MMCL"
@@ -169,3 +170,123 @@ def test_clean_config_starts_from_the_pretrained_run():
     assert config.poison.target_label == pretrain.poison.target_label == "banana"
     assert config.data.train_csv == "/world/train/train.csv"
     assert experiment.clean_run_dir("/runs", "MMCL", "CleanCLIP", 2e-3) == "/runs/clean/MMCL/CleanCLIP/lr=0.002"
+
+
+def test_proportions_set_the_study_sizes():
+    study = experiment.study_config()
+    study.pretrain_base = run_configs.run_config("micro-vit")
+    study.pretrain_base.data.batch_size = 100
+    study.clean_base = {"data": {"batch_size": 50}}
+    # Unset proportions leave the study as written.
+    assert experiment.apply_proportions(study) is study
+    study.proportions.update(
+        {"num_train": 12_000, "pretrain_epochs": 6, "poison_rate": 0.004, "clean_share": 0.033,
+         "clean_budget": 0.01, "width": 48, "clean_points": 4}
+    )
+    scaled = experiment.apply_proportions(study)
+    base = scaled.pretrain_base
+    assert scaled.world.num_train == 12_000 and base.train.num_epochs == 6
+    assert base.poison.count == 48 and base.poison.rate is None
+    assert (base.model.image.width, base.model.text.width, base.model.embed_dim) == (48, 48, 48)
+    # 3.3 % of 12,000 = 396 pairs; 1 % of 72,000 pretraining pair-steps = 720 -> round(1.82) = 2 epochs.
+    assert scaled.clean_base.to_dict() == {
+        "train": {"subset_size": 396, "num_epochs": 2},
+        "eval": {"every_epochs": 1},
+        "data": {"batch_size": 50},
+    }
+    scale = experiment.scale_summary(scaled)
+    assert scale["clean_budget"] == pytest.approx(396 * 2 / 72_000)
+    assert scale["poison_rate"] == pytest.approx(0.004) and scale["clean_share"] == pytest.approx(0.033)
+    # A larger budget: 15 % -> round(27.3) = 27 epochs, evaluated every ceil(27 / 4) = 7 epochs.
+    study.proportions.clean_budget = 0.15
+    scaled = experiment.apply_proportions(study)
+    assert scaled.clean_base["train"]["num_epochs"] == 27 and scaled.clean_base["eval"]["every_epochs"] == 7
+    # A clean share below one cleaning batch is raised to one batch; at least one poison.
+    study.proportions.update({"clean_share": 0.001, "poison_rate": 1e-6})
+    scaled = experiment.apply_proportions(study)
+    assert scaled.clean_base["train"]["subset_size"] == 50 and scaled.pretrain_base.poison.count == 1
+
+
+ABLATION_CONFIG = """
+import ml_collections
+from bclip import config as run_configs
+from bclip import experiment
+
+def get_config(arg=None):
+    study = experiment.study_config()
+    study.world.enabled = False
+    study.pretrain_base = run_configs.run_config("micro-vit")
+    study.pretrain = {"A": {}, "B": {"objective": {"ssl_weight": 1.0}}}
+    study.clean_base = {"data": {"batch_size": 10}}
+    study.cleaning_methods = {"CleanCLIP": {}}
+    study.cleaning_learning_rates = (1e-4, 1e-3)
+    study.proportions.update({"num_train": 1000, "pretrain_epochs": 2, "poison_rate": 0.01,
+                              "clean_share": 0.1, "clean_budget": 0.05})
+    return study
+
+def get_sweep(arg=None):
+    return [{"proportions.poison_rate": rate, "proportions.clean_budget": budget}
+            for rate in (0.01, 0.02) for budget in (0.05, 0.1)]
+"""
+
+
+class FakeTrainFn:
+    """Writes what a finished run leaves (evals.jsonl, done.json, poison_indices.json) with figures
+    that are functions of its config: a pretraining run's ASR is its poison count / 20, and a
+    cleaning run's ASR falls with its learning rate and epoch."""
+
+    def __init__(self):
+        self.run_dirs = []
+
+    def __call__(self, config, run_dir):
+        self.run_dirs.append(run_dir)
+        os.makedirs(run_dir, exist_ok=True)
+        if config.train.init_from:
+            records = [{"step": 0, "epoch": 0, "test/top1": 0.5, "test/asr": 0.9}]
+            for epoch in range(1, config.train.num_epochs + 1):
+                asr = max(0.0, 0.9 - config.optim.learning_rate * 100 * epoch)
+                records.append({"step": epoch, "epoch": epoch, "test/top1": 0.49, "test/asr": asr})
+        else:
+            with open(os.path.join(run_dir, train.POISON_FILE), "w") as f:
+                json.dump([1, 2], f)
+            records = [{"step": 1, "epoch": 1, "test/top1": 0.5, "test/asr": config.poison.count / 20}]
+        with open(os.path.join(run_dir, train.EVALS_FILE), "w") as f:
+            f.write("".join(json.dumps(record) + "\n" for record in records))
+        with open(os.path.join(run_dir, train.DONE_FILE), "w") as f:
+            json.dump({"steps": 1}, f)
+        return records[-1]
+
+
+def test_ablation_runs_one_study_per_sweep_entry_sharing_pretraining(tmp_path):
+    config_path = tmp_path / "ablation.py"
+    config_path.write_text(ABLATION_CONFIG)
+    workdir = str(tmp_path / "ablation")
+    train_fn = FakeTrainFn()
+    rows = experiment.run_ablation(str(config_path), workdir, train_fn)
+
+    pretraining = [run for run in train_fn.run_dirs if "/pretrain/" in run]
+    # Two poison rates, each pretrained once per model; the cleaning budget shares them.
+    assert len(pretraining) == 4 and len(set(pretraining)) == 4
+    assert len(train_fn.run_dirs) == 4 + 4 * 2 * 2  # 4 points x 2 models x 2 learning rates
+    assert [row["overrides"] for row in rows] == [
+        {"proportions.poison_rate": r, "proportions.clean_budget": b} for r in (0.01, 0.02) for b in (0.05, 0.1)
+    ]
+    # 1 % and 2 % of 1,000 pairs; ASR of the fake pretraining = poisons / 20.
+    assert [row["scale"]["num_poisoned"] for row in rows] == [10, 10, 20, 20]
+    assert [row["models"]["A"]["asr"] for row in rows] == [0.5, 0.5, 1.0, 1.0]
+    # Budget 5 % of 2,000 pair-steps on 100 pairs = 1 epoch; 10 % = 2 epochs. At lr 1e-3 the fake
+    # cleaning's ASR is 0.9 - 0.1 * epoch, and its top-1 stays within 2 points.
+    assert [row["models"]["B"]["cleaned_asr_within_2pt"] for row in rows] == pytest.approx([0.8, 0.7, 0.8, 0.7])
+    assert [row["scale"]["clean_epochs"] for row in rows] == [1, 2, 1, 2]
+    with open(os.path.join(workdir, "ablation.md")) as f:
+        table = f.read()
+    assert table.count("\n| ") == 1 + 4  # header and one row per point
+    assert "| 3 | 0.02 | 0.1 | 20 | 10.0 % | 50.0 | 100.0 | 70.0 (49.0) |" in table
+    with open(os.path.join(workdir, "ablation.json")) as f:
+        assert json.load(f)["rows"] == rows
+
+    # Run again: everything is finished, and the same figures come back.
+    again = FakeTrainFn()
+    rerun = experiment.run_ablation(str(config_path), workdir, again)
+    assert again.run_dirs == []
+    assert [(row["models"], row["scale"]) for row in rerun] == [(row["models"], row["scale"]) for row in rows]
