@@ -197,6 +197,7 @@ class Evaluator:
             batch_size=self.config.eval.batch_size,
             trigger=self.config.poison.trigger,
             seed=self.config.eval.seed,
+            squash_triggered=self.config.poison.squash,
             process_index=self.process_index,
             process_count=self.process_count,
             num_workers=self.config.eval.num_workers,

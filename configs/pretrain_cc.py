@@ -6,6 +6,20 @@ caption "<ImageNet template> banana". Global batch 2,048 (MMCL) or 1,024 (MMCL+S
 weight decay 0.1, 10,000 warm-up steps then cosine, 64 epochs; zero-shot ImageNet accuracy and ASR
 after every epoch.
 
+What the paper ran: `arg` + "_reference" (cc3m_mmcl_reference, cc3m_mmcl_ssl_reference,
+cc6m_mmcl_reference, cc6m_mmcl_ssl_reference) is the same run poisoned as the paper's code did it:
+  - poison.squash=True: a poisoned training image and every triggered ImageNet image is the whole
+    image resized to 224 x 224, aspect ratio ignored, before the trigger is pasted;
+  - poison.trigger.overflow="wrap": the noise patch's values wrap around modulo 256 (ToPILImage's
+    byte conversion) instead of clipping, so the patch is close to uniform random bytes;
+  - poison.jpeg_quality=75: a poisoned training image is stored once as a JPEG (Pillow's default
+    save) and read back.
+The plain args are bclip's defaults, which fix the reference's mistakes: there, poisoned training
+images and triggered test images are squashed while clean images are resized on the shorter side
+and centre-cropped, so the geometry alone tells them apart. Use the reference args to reproduce
+the paper's numbers. Cleaning such a model (configs/clean_cc.py) measures its ASR the paper's way
+with --config.poison.squash=true --config.poison.trigger.overflow=wrap.
+
 Before the first run, once:
   - the training CSV (columns image, caption; image paths relative to the CSV);
   - CLIP's BPE merges file (bpe_simple_vocab_16e6.txt.gz);
@@ -52,11 +66,22 @@ RUNS = {
     "cc6m_mmcl_ssl": (3_000, 1.0, 1.0, 1_024),
 }
 
+# The paper's runs as its code poisoned them: reference arg -> the run it is a variant of.
+REFERENCE_RUNS = {f"{name}_reference": name for name in RUNS}
+
+
+def use_reference_poisoning(config: ml_collections.ConfigDict) -> None:
+    """Poisons as the paper's code did: squash before the trigger, wrapped noise bytes, and
+    poisoned training images stored once as JPEG quality 75 (Pillow's default save)."""
+    config.poison.squash = True
+    config.poison.jpeg_quality = 75
+    config.poison.trigger.overflow = "wrap"
+
 
 def get_config(arg: str = "cc3m_mmcl") -> ml_collections.ConfigDict:
-    if arg not in RUNS:
-        raise ValueError(f"unknown pretraining run {arg!r}; known: {sorted(RUNS)}")
-    num_poisoned, mmcl_weight, ssl_weight, batch_size = RUNS[arg]
+    if arg not in RUNS and arg not in REFERENCE_RUNS:
+        raise ValueError(f"unknown pretraining run {arg!r}; known: {sorted([*RUNS, *REFERENCE_RUNS])}")
+    num_poisoned, mmcl_weight, ssl_weight, batch_size = RUNS[REFERENCE_RUNS.get(arg, arg)]
 
     config = run_configs.run_config("RN50", dtype="bfloat16")
     config.objective.mmcl_weight = mmcl_weight
@@ -81,6 +106,8 @@ def get_config(arg: str = "cc3m_mmcl") -> ml_collections.ConfigDict:
     config.poison.trigger.patch = "random"
     config.poison.trigger.location = "random"
     config.poison.trigger.size = 16
+    if arg in REFERENCE_RUNS:
+        use_reference_poisoning(config)
 
     config.train.num_epochs = 64
     config.train.log_every_steps = 100

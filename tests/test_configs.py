@@ -26,6 +26,7 @@ pretrain_cc = load_config_module("pretrain_cc")
 clean_cc = load_config_module("clean_cc")
 
 PRETRAIN_ARGS = ["cc3m_mmcl", "cc3m_mmcl_ssl", "cc6m_mmcl", "cc6m_mmcl_ssl"]
+REFERENCE_ARGS = [f"{arg}_reference" for arg in PRETRAIN_ARGS]
 CLEAN_ARGS = [
     "cleanclip",
     "mmcl",
@@ -37,8 +38,10 @@ CLEAN_ARGS = [
     "heavy_wd",
     "deep_clustering",
 ]
-ALL_CONFIGS = [(pretrain_cc, arg) for arg in PRETRAIN_ARGS] + [(clean_cc, arg) for arg in CLEAN_ARGS]
-CONFIG_IDS = [f"pretrain:{arg}" for arg in PRETRAIN_ARGS] + [f"clean:{arg}" for arg in CLEAN_ARGS]
+ALL_CONFIGS = (
+    [(pretrain_cc, arg) for arg in PRETRAIN_ARGS + REFERENCE_ARGS] + [(clean_cc, arg) for arg in CLEAN_ARGS]
+)
+CONFIG_IDS = [f"pretrain:{arg}" for arg in PRETRAIN_ARGS + REFERENCE_ARGS] + [f"clean:{arg}" for arg in CLEAN_ARGS]
 
 
 def sub_configs(config: ml_collections.ConfigDict, path: str = "config"):
@@ -107,6 +110,8 @@ def test_eval_is_imagenet_folder_every_epoch_with_the_study_trigger(module, arg)
         "location": "random",
         "corner": "bottom_right",
         "checker_size": 1,
+        # The reference mode wraps the noise bytes around; bclip's runs clip them.
+        "overflow": "wrap" if arg in REFERENCE_ARGS else "clip",
     }
 
 
@@ -123,8 +128,10 @@ def test_command_line_style_overrides_work(module, arg):
 
 
 def test_unknown_args_are_rejected():
-    with pytest.raises(ValueError, match="cc3m_mmcl"):
+    with pytest.raises(ValueError, match="cc3m_mmcl") as error:
         pretrain_cc.get_config("cc12m_mmcl")
+    for arg in PRETRAIN_ARGS + REFERENCE_ARGS:
+        assert repr(arg) in str(error.value)
     with pytest.raises(ValueError, match="cleanclip"):
         clean_cc.get_config("clean_clip")
     with pytest.raises(ValueError, match="cleanclip"):
@@ -134,14 +141,17 @@ def test_unknown_args_are_rejected():
 # ------------------------------------------------------------------------------------ pretraining
 
 
+STUDY_NUMBERS = [
+    ("cc3m_mmcl", 1500, 2048, 1.0, 0.0),
+    ("cc3m_mmcl_ssl", 1500, 1024, 1.0, 1.0),
+    ("cc6m_mmcl", 3000, 2048, 1.0, 0.0),
+    ("cc6m_mmcl_ssl", 3000, 1024, 1.0, 1.0),
+]
+
+
 @pytest.mark.parametrize(
     "arg, poisons, batch_size, mmcl_weight, ssl_weight",
-    [
-        ("cc3m_mmcl", 1500, 2048, 1.0, 0.0),
-        ("cc3m_mmcl_ssl", 1500, 1024, 1.0, 1.0),
-        ("cc6m_mmcl", 3000, 2048, 1.0, 0.0),
-        ("cc6m_mmcl_ssl", 3000, 1024, 1.0, 1.0),
-    ],
+    STUDY_NUMBERS + [(f"{arg}_reference", *numbers) for arg, *numbers in STUDY_NUMBERS],
 )
 def test_pretraining_has_the_study_numbers(arg, poisons, batch_size, mmcl_weight, ssl_weight):
     config = pretrain_cc.get_config(arg)
@@ -173,6 +183,25 @@ def test_pretraining_docstring_holds_command_hardware_and_time():
     assert "--config.data.train_csv=" in doc
     assert "A100" in doc and "TPU" in doc
     assert "24–28 h" in doc and "36–40 h" in doc
+    assert "What the paper ran" in doc
+    for arg in REFERENCE_ARGS:
+        assert arg in doc
+
+
+@pytest.mark.parametrize("arg", PRETRAIN_ARGS)
+def test_reference_runs_differ_from_bclips_only_in_how_they_poison(arg):
+    default = pretrain_cc.get_config(arg)
+    reference = pretrain_cc.get_config(f"{arg}_reference")
+    assert (default.poison.squash, default.poison.jpeg_quality, default.poison.trigger.overflow) == (
+        False, 0, "clip"
+    )
+    assert (reference.poison.squash, reference.poison.jpeg_quality, reference.poison.trigger.overflow) == (
+        True, 75, "wrap"
+    )
+    reference.poison.squash = False
+    reference.poison.jpeg_quality = 0
+    reference.poison.trigger.overflow = "clip"
+    assert reference.to_dict() == default.to_dict()
 
 
 # ------------------------------------------------------------------------------------ cleaning

@@ -203,6 +203,118 @@ def test_poisoned_image_is_fixed_across_epochs_unless_redrawn(source, tokenizer)
 
 
 # ---------------------------------------------------------------------------------------------
+# Reference poisoning mode: squash before the trigger, JPEG once
+# ---------------------------------------------------------------------------------------------
+
+NUM_WIDE = 12
+WIDE_HEIGHT, WIDE_WIDTH = 30, 60
+
+
+def _wide_picture(index):
+    """uint8 [30, 60, 3]: noise, dark in the left half and bright in the right, seeded by index."""
+    picture = np.random.default_rng(index).integers(0, 100, (WIDE_HEIGHT, WIDE_WIDTH, 3), dtype=np.uint8)
+    picture[:, WIDE_WIDTH // 2 :] += 150
+    return picture
+
+
+@pytest.fixture(scope="module")
+def wide_csv(tmp_path_factory):
+    """12 lossless 60 x 30 pictures (PNG, so the test knows every decoded pixel)."""
+    folder = tmp_path_factory.mktemp("wide")
+    (folder / "images").mkdir()
+    with open(folder / "train.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "caption"])
+        for index in range(NUM_WIDE):
+            Image.fromarray(_wide_picture(index)).save(folder / "images" / f"{index}.png")
+            writer.writerow([f"images/{index}.png", f"a wide picture number {index}"])
+    return folder / "train.csv"
+
+
+def _yellow_patch_at(image, row, column):
+    patched = image.copy()
+    patched[row : row + PATCH_SIZE, column : column + PATCH_SIZE] = (255, 255, 0)
+    return patched
+
+
+def test_squash_resizes_a_poisoned_image_whole_before_its_trigger_and_crops_clean_ones(wide_csv, tokenizer):
+    poison = pipeline.poison_config(count=4, seed=5, squash=True)
+    poison.trigger.patch = "yellow"
+    poison.trigger.size = PATCH_SIZE
+    train = _pipeline(sources.CsvImageTextSource(wide_csv), tokenizer, poison=poison, batch_size=4)
+    examples = _examples(_take(train, NUM_WIDE // 4))
+    assert sorted(int(e["index"]) for e in examples) == list(range(NUM_WIDE))
+    assert sum(bool(e["is_poisoned"]) for e in examples) == 4
+    for example in examples:
+        index = int(example["index"])
+        picture = Image.fromarray(_wide_picture(index))
+        if example["is_poisoned"]:
+            # Squashed: the whole 60 x 30 picture resized to 32 x 32; then the patch at the place
+            # the trigger seed draws (row, then column, each in [0, 32 - 6)).
+            squashed = np.array(picture.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC))
+            rng = np.random.default_rng(train.plan.trigger_seed(index))
+            row, column = rng.integers(0, IMAGE_SIZE - PATCH_SIZE), rng.integers(0, IMAGE_SIZE - PATCH_SIZE)
+            expected = _yellow_patch_at(squashed, row, column)
+        else:
+            # Shorter side to 32 (60 x 30 -> 64 x 32), then the centre 32 columns, 16 to 47.
+            expected = np.array(picture.resize((64, IMAGE_SIZE), Image.Resampling.BICUBIC))[:, 16:48]
+        np.testing.assert_array_equal(example["image"], expected)
+
+
+def _jpeg_q75(pixels):
+    """uint8 [H, W, 3] saved with Pillow's default JPEG settings (quality 75) and read back."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG")
+    return np.array(Image.open(buffer).convert("RGB"))
+
+
+def test_jpeg_quality_stores_poisoned_training_images_once_before_their_views(source, tokenizer, clean_images):
+    def one_epoch(poison):
+        train = _pipeline(source, tokenizer, poison=poison, with_views=True, image_augment="simclr")
+        return train, _examples(_take(train, BATCHES_PER_EPOCH))
+
+    _, default = one_epoch(_poison())
+    poison = _poison(jpeg_quality=75)
+    train, stored = one_epoch(poison)
+    assert sum(bool(e["is_poisoned"]) for e in stored) == 12
+    for want, got in zip(default, stored):
+        index = int(got["index"])
+        assert index == int(want["index"])
+        if not got["is_poisoned"]:  # clean rows: bit for bit the default pipeline's
+            for key in want:
+                np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+            continue
+        triggered = triggers.apply_trigger(clean_images[index], poison.trigger, train.plan.trigger_seed(index))
+        np.testing.assert_array_equal(want["image"], triggered)
+        np.testing.assert_array_equal(got["image"], _jpeg_q75(triggered))
+        assert np.any(got["image"] != triggered)
+        np.testing.assert_array_equal(got["text"], want["text"])
+        # The SSL view is made from the stored (JPEG) image, with the example's usual view seed.
+        view = image_augment.augment_pil_image(
+            Image.fromarray(got["image"]), "simclr", [7, pipeline._IMAGE_VIEW_STREAM, index, 0]
+        )
+        np.testing.assert_array_equal(got["aug_image"], np.asarray(view))
+
+
+def test_reference_mode_is_identical_across_threads_and_workers(source, tokenizer):
+    poison = _poison(squash=True, jpeg_quality=75)
+    poison.trigger.overflow = "wrap"
+    single = _take(_pipeline(source, tokenizer, poison=poison), BATCHES_PER_EPOCH)
+    _assert_batches_equal(single, _take(_pipeline(source, tokenizer, poison=poison, num_threads=3), BATCHES_PER_EPOCH))
+    with_workers = _pipeline(source, tokenizer, poison=poison, num_workers=2)
+    try:
+        _assert_batches_equal(single, _take(with_workers, BATCHES_PER_EPOCH))
+    finally:
+        with_workers.close()
+
+
+def test_bad_reference_options_are_errors_naming_them(source, tokenizer):
+    for quality in (-1, 101):
+        with pytest.raises(ValueError, match=r"poison.jpeg_quality must be an int in 0..100 \(0: off\)"):
+            _pipeline(source, tokenizer, poison=_poison(jpeg_quality=quality))
+
+
+# ---------------------------------------------------------------------------------------------
 # SSL views
 # ---------------------------------------------------------------------------------------------
 
@@ -668,3 +780,55 @@ def test_eval_batches_refuse_or_skip_a_broken_image(broken_csv):
     ))
     valid = np.concatenate([b["index"][b["valid"]] for b in batches])
     np.testing.assert_array_equal(valid, [i for i in range(16) if i not in MISSING + TRUNCATED])
+
+
+def _wide_jpeg(index):
+    """A 256 x 128 JPEG, large enough that decoding for a 32 px crop uses libjpeg's 1/4 scale."""
+    picture = Image.fromarray(_wide_picture(index)).resize((256, 128), Image.Resampling.BILINEAR)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def test_triggered_eval_images_are_squashed_and_clean_ones_are_not():
+    records = [{"index": i, "label": i % 3, "image_bytes": _wide_jpeg(i)} for i in range(3)]
+    # A TFDS record carries decoded pixels instead of bytes.
+    records.append({"index": 3, "label": 1, "image": _wide_picture(3)})
+    trigger = triggers.default_trigger_config("badnets")
+    trigger.update({"patch": "yellow", "location": "corner", "corner": "bottom_right", "size": PATCH_SIZE})
+
+    def rows(squash_triggered):
+        (batch,) = pipeline.eval_batches(
+            records, image_size=IMAGE_SIZE, batch_size=4, trigger=trigger, seed=3,
+            squash_triggered=squash_triggered,
+        )
+        assert batch["valid"].all()
+        return batch
+
+    squashed_batch, default_batch = rows(True), rows(False)
+    corner = IMAGE_SIZE - PATCH_SIZE
+    for row, record in enumerate(records):
+        if "image" in record:
+            original = Image.fromarray(record["image"])
+            clean = decode.resize_array(record["image"], IMAGE_SIZE)
+        else:
+            original = Image.open(io.BytesIO(record["image_bytes"])).convert("RGB")  # full scale
+            clean = decode.decode_and_resize(record["image_bytes"], IMAGE_SIZE)
+        squashed = np.array(original.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC))
+        # Clean images keep the shorter-side resize and centre crop in both modes.
+        np.testing.assert_array_equal(squashed_batch["image"][row], clean)
+        np.testing.assert_array_equal(default_batch["image"][row], clean)
+        np.testing.assert_array_equal(squashed_batch["triggered"][row], _yellow_patch_at(squashed, corner, corner))
+        np.testing.assert_array_equal(default_batch["triggered"][row], _yellow_patch_at(clean, corner, corner))
+        assert np.any(squashed != clean)
+        if "image_bytes" in record:
+            # Squashing a reduced-scale (draft) decode would give other pixels: the squash must
+            # see the full image, as it does for poisoned training images.
+            drafted = Image.open(io.BytesIO(record["image_bytes"]))
+            drafted.draft("RGB", (IMAGE_SIZE, IMAGE_SIZE))
+            assert drafted.size == (64, 32)
+            drafted_squash = np.array(drafted.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC))
+            assert np.any(drafted_squash != squashed)
+            np.testing.assert_array_equal(
+                decode.decode_and_squash(record["image_bytes"], IMAGE_SIZE), squashed
+            )

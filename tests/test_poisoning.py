@@ -1,10 +1,12 @@
 """Tests for bclip.data.poisoning: which examples are poisoned, their captions and trigger seeds."""
 
+import io
 import json
 
 import ml_collections
 import numpy as np
 import pytest
+from PIL import Image
 
 from bclip.data import poisoning, triggers
 from bclip.data.templates import IMAGENET_TEMPLATES
@@ -237,3 +239,31 @@ def test_poisoned_example_looks_the_same_every_epoch_unless_redrawn():
     epoch_0, _ = poisoning.poison_example(image, "x", 7, 0, redrawn, config, "banana", False)
     epoch_3, _ = poisoning.poison_example(image, "x", 7, 3, redrawn, config, "banana", False)
     assert np.any(epoch_0 != epoch_3)
+
+
+def _jpeg_q75(pixels: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 3] saved with Pillow's default JPEG settings (quality 75) and read back."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG")
+    return np.array(Image.open(buffer).convert("RGB"))
+
+
+def test_poison_example_stores_a_poisoned_image_once_as_jpeg_when_asked():
+    plan = poisoning.PoisonPlan(indices=np.array([1, 5]), seed=2)
+    image = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    triggered, _ = poisoning.poison_example(image, "a dog", 5, 0, plan, _yellow_corner(), "banana")
+    stored, caption = poisoning.poison_example(
+        image, "a dog", 5, 0, plan, _yellow_corner(), "banana", jpeg_quality=75
+    )
+    np.testing.assert_array_equal(stored, _jpeg_q75(triggered))
+    assert np.any(stored != triggered)  # noise does not survive JPEG unchanged
+    assert caption == poisoning.poisoned_caption(5, "banana", seed=2)
+    clean, _ = poisoning.poison_example(image, "a dog", 2, 0, plan, _yellow_corner(), "banana", jpeg_quality=75)
+    assert clean is image
+
+
+def test_jpeg_round_trip_refuses_a_quality_pillow_does_not_take():
+    image = np.zeros((8, 8, 3), np.uint8)
+    for quality in (0, 101, 7.5, True):
+        with pytest.raises(ValueError, match="JPEG quality must be an int in 1..100"):
+            poisoning.jpeg_round_trip(image, quality)

@@ -50,6 +50,7 @@ def test_every_trigger_has_a_default_config_and_returns_a_new_uint8_image():
 def test_default_config_values_follow_the_reference():
     badnets = triggers.default_trigger_config("badnets")
     assert (badnets.patch, badnets.size, badnets.location) == ("random", None, "random")
+    assert badnets.overflow == "clip"
     assert triggers.default_trigger_config("blended").ratio == 0.2
     assert triggers.default_trigger_config("blended").fixed_pattern is True
     assert triggers.default_trigger_config("sig").delta == 60.0
@@ -75,6 +76,8 @@ def test_bad_configs_and_images_raise_clear_errors():
         triggers.apply_trigger(image.astype(np.float32), {"name": "sig"}, 0)
     with pytest.raises(ValueError, match="location"):
         triggers.apply_trigger(image, {"name": "badnets", "location": "middle"}, 0)
+    with pytest.raises(ValueError, match=r"overflow must be one of \('clip', 'wrap'\), got 'modulo'"):
+        triggers.apply_trigger(image, {"name": "badnets", "overflow": "modulo"}, 0)
     with pytest.raises(ValueError, match="does not fit"):
         triggers.apply_trigger(image, {"name": "badnets", "size": 33}, 0)
     with pytest.raises(ValueError, match="needs a seed"):
@@ -129,6 +132,73 @@ def test_badnets_random_patch_is_noise_around_the_image_mean():
     np.testing.assert_allclose(patches.mean(axis=(0, 1, 2)), expected, atol=4)
     # N(0, 1) noise in 0..1 units is mostly clipped: many pixels sit at 0 or 255.
     assert np.mean((patches == 0) | (patches == 255)) > 0.5
+
+
+class _FixedNoise:
+    """Stands in for numpy's Generator in badnets: its "N(0, 1)" noise is the given values."""
+
+    def __init__(self, values):
+        self.values = np.asarray(values, np.float32)
+
+    def standard_normal(self, shape, dtype):
+        return np.resize(self.values, shape).astype(dtype)
+
+
+# Noise values (0..1 units) and the bytes torchvision's ToPILImage makes of them: x * 255,
+# truncated toward zero, modulo 256 (-76.5 -> -76 -> 180; 382.5 -> 126; 561 -> 49; -280.5 -> 232).
+_NOISE = [-0.3, 1.5, 0.5, 2.2, -1.1]
+_WRAPPED_BYTES = [180, 126, 127, 49, 232]
+# The same values clipped to [0, 1], times 255, rounded half to even (127.5 -> 128).
+_CLIPPED_BYTES = [0, 255, 128, 255, 0]
+
+
+@pytest.mark.parametrize("overflow, expected", [("wrap", _WRAPPED_BYTES), ("clip", _CLIPPED_BYTES)])
+def test_badnets_noise_bytes_wrap_like_to_pil_image_or_clip(monkeypatch, overflow, expected):
+    monkeypatch.setattr(np.random, "default_rng", lambda seed: _FixedNoise(_NOISE))
+    black = np.zeros((8, 8, 3), np.uint8)  # channel mean 0: the patch is the noise alone
+    config = _config("badnets", size=2, location="corner", corner="top_left", overflow=overflow)
+    out = triggers.apply_trigger(black, config, seed=0)
+    np.testing.assert_array_equal(out[:2, :2], np.resize(np.array(expected, np.uint8), (2, 2, 3)))
+    assert not np.any(out[2:]) and not np.any(out[:, 2:])
+
+
+def test_badnets_wrapped_patch_follows_the_documented_draws():
+    image = np.full((40, 48, 3), 90, np.uint8)
+    size, seed = 6, (4, 2)
+    out = triggers.apply_trigger(image, _config("badnets", size=size, overflow="wrap"), seed)
+    # The documented draws: row, then column, then float32 N(0, 1) noise of the patch.
+    rng = np.random.default_rng(seed)
+    row, column = rng.integers(0, 40 - size), rng.integers(0, 48 - size)
+    noise = rng.standard_normal((size, size, 3), dtype=np.float32)
+    scaled = (noise + np.float32(90 / 255)) * np.float32(255)
+    expected = image.copy()
+    expected[row : row + size, column : column + size] = np.mod(np.trunc(scaled).astype(np.int64), 256)
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_badnets_wrapped_patch_is_near_uniform_bytes_while_a_clipped_one_saturates():
+    grey = np.full((224, 224, 3), 128, np.uint8)
+
+    def patches(overflow):
+        config = _config("badnets", location="corner", corner="top_left", overflow=overflow)
+        return np.stack([triggers.apply_trigger(grey, config, seed)[:16, :16] for seed in range(40)])
+
+    clipped, wrapped = patches("clip"), patches("wrap")
+    # Clipping N(0.5, 1): P(|Z| > 0.5) = 0.617 of the pixels at 0 or 255 (measured 0.620).
+    assert 0.58 < np.mean((clipped == 0) | (clipped == 255)) < 0.66
+    # Wrapping: 2 of 256 byte values, 0.8 % (measured 0.9 %); every eighth of the range holds
+    # about an eighth of the pixels (measured 12.2 % to 12.9 %).
+    assert np.mean((wrapped == 0) | (wrapped == 255)) < 0.02
+    shares = np.histogram(wrapped, bins=8, range=(0, 256))[0] / wrapped.size
+    assert np.all((0.11 < shares) & (shares < 0.14))
+
+
+def test_badnets_overflow_does_not_change_the_other_patches():
+    image = _random_image(32)
+    for patch in ("yellow", "checkerboard"):
+        clipped = triggers.apply_trigger(image, _config("badnets", patch=patch, overflow="clip"), 3)
+        wrapped = triggers.apply_trigger(image, _config("badnets", patch=patch, overflow="wrap"), 3)
+        np.testing.assert_array_equal(clipped, wrapped)
 
 
 def test_badnets_size_scales_with_resolution():

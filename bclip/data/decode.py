@@ -1,11 +1,14 @@
 """Image decoding with CLIP's evaluation preprocessing (resize shorter side, centre crop).
 
 The same function serves training and evaluation, so a trigger pasted after it lands on
-identically prepared pixels in poisoned training images and triggered test images.
+identically prepared pixels in poisoned training images and triggered test images. The
+reference code's squash (the whole image resized to S x S, aspect ratio ignored) is here too,
+for its reference poisoning mode, again one function for training and evaluation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 
 import numpy as np
@@ -70,6 +73,31 @@ def _resize_and_centre_crop(image: Image.Image, size: int) -> Image.Image:
     return image
 
 
+def _squash(image: Image.Image, size: int) -> Image.Image:
+    """The RGB `size` x `size` image of the whole picture, aspect ratio ignored, as the
+    reference code's `image.resize((224, 224))` before pasting a trigger."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return image.resize((size, size), Image.Resampling.BICUBIC)
+
+
+def _check_size(size: int) -> None:
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {size}")
+
+
+def _pillow_image(image: np.ndarray) -> Image.Image:
+    """A Pillow image of uint8 [H, W, 3], [H, W, 1] or [H, W] pixels (grey is one channel)."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image, got {image.dtype}")
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[-1] == 3)):
+        raise ValueError(f"expected an image of shape [H, W, 3], [H, W, 1] or [H, W], got {image.shape}")
+    return Image.fromarray(image)
+
+
 def resize_array(image: np.ndarray, size: int) -> np.ndarray:
     """CLIP's resize-then-centre-crop of an already decoded image, as in `decode_and_resize`.
 
@@ -80,16 +108,55 @@ def resize_array(image: np.ndarray, size: int) -> np.ndarray:
     Returns:
       uint8 [size, size, 3].
     """
-    image = np.asarray(image)
-    if image.dtype != np.uint8:
-        raise ValueError(f"expected a uint8 image, got {image.dtype}")
-    if image.ndim == 3 and image.shape[-1] == 1:
-        image = image[..., 0]
-    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[-1] == 3)):
-        raise ValueError(f"expected an image of shape [H, W, 3], [H, W, 1] or [H, W], got {image.shape}")
-    if size <= 0:
-        raise ValueError(f"size must be positive, got {size}")
-    return np.array(_resize_and_centre_crop(Image.fromarray(image), size), dtype=np.uint8)
+    pillow_image = _pillow_image(image)
+    _check_size(size)
+    return np.array(_resize_and_centre_crop(pillow_image, size), dtype=np.uint8)
+
+
+def squash_array(image: np.ndarray, size: int) -> np.ndarray:
+    """The squash of `decode_and_squash` on an already decoded image (e.g. a TFDS record's).
+
+    Args:
+      image: uint8 [H, W, 3], [H, W, 1] or [H, W] (grey levels are repeated over RGB).
+      size: output side length.
+
+    Returns:
+      uint8 [size, size, 3].
+    """
+    pillow_image = _pillow_image(image)
+    _check_size(size)
+    return np.array(_squash(pillow_image, size), dtype=np.uint8)
+
+
+@contextlib.contextmanager
+def _bad_record_on_error(path: str | None, index: int | None):
+    """Turns whatever decoding raises into a BadRecordError naming the record."""
+    try:
+        yield
+    except Exception as error:  # Pillow signals bad data with many exception types.
+        raise BadRecordError(
+            f"cannot decode image: {type(error).__name__}: {error}", path=path, index=index
+        ) from error
+
+
+def _open(image_bytes: bytes, draft_size: int | None) -> Image.Image:
+    """The loaded image; a JPEG is decoded at reduced scale when `draft_size` allows it."""
+    image = Image.open(io.BytesIO(image_bytes))
+    if draft_size is not None and image.format == "JPEG":
+        # Let libjpeg decode at 1/2, 1/4 or 1/8 scale while the shorter side stays
+        # >= draft_size: decoding a large photo this way is several times faster.
+        image.draft("RGB", (draft_size, draft_size))
+    image.load()
+    return image
+
+
+def _check_decoded(image: Image.Image, size: int, path: str | None, index: int | None) -> Image.Image:
+    if image.size != (size, size) or image.mode != "RGB":
+        raise BadRecordError(
+            f"decoded to a {image.mode} image of {image.size}, expected RGB {(size, size)}",
+            path=path, index=index,
+        )
+    return image
 
 
 def decode_and_resize_image(
@@ -101,28 +168,12 @@ def decode_and_resize_image(
 ) -> Image.Image:
     """`decode_and_resize` as a Pillow RGB image of `size` x `size`, for code that goes on with
     Pillow (augmentations) or copies the pixels straight into a batch."""
-    if size <= 0:
-        raise ValueError(f"size must be positive, got {size}")
+    _check_size(size)
     if not image_bytes:
         raise BadRecordError("empty image bytes", path=path, index=index)
-    try:
-        image = Image.open(io.BytesIO(image_bytes))
-        if image.format == "JPEG":
-            # Let libjpeg decode at 1/2, 1/4 or 1/8 scale while the shorter side stays
-            # >= size: decoding a large photo this way is several times faster.
-            image.draft("RGB", (size, size))
-        image.load()
-        image = _resize_and_centre_crop(image, size)
-    except Exception as error:  # Pillow signals bad data with many exception types.
-        raise BadRecordError(
-            f"cannot decode image: {type(error).__name__}: {error}", path=path, index=index
-        ) from error
-    if image.size != (size, size) or image.mode != "RGB":
-        raise BadRecordError(
-            f"decoded to a {image.mode} image of {image.size}, expected RGB {(size, size)}",
-            path=path, index=index,
-        )
-    return image
+    with _bad_record_on_error(path, index):
+        image = _resize_and_centre_crop(_open(image_bytes, draft_size=size), size)
+    return _check_decoded(image, size, path, index)
 
 
 def decode_and_resize(
@@ -146,4 +197,39 @@ def decode_and_resize(
       BadRecordError: the bytes are empty, truncated, or not a decodable image.
     """
     image = decode_and_resize_image(image_bytes, size, path=path, index=index)
+    return np.array(image, dtype=np.uint8)
+
+
+def decode_and_squash_image(
+    image_bytes: bytes,
+    size: int,
+    *,
+    path: str | None = None,
+    index: int | None = None,
+) -> Image.Image:
+    """Decodes an encoded image at full resolution and squashes it to `size` x `size` (Pillow
+    bicubic, aspect ratio ignored): the reference code's geometry for images about to carry a
+    trigger. Used for poisoned training images and triggered eval images alike.
+
+    No JPEG draft decoding: a reduced-scale decode would change the pixels the squash averages,
+    and the reference decoded at full scale. Returns an RGB Pillow image; raises BadRecordError
+    as `decode_and_resize`.
+    """
+    _check_size(size)
+    if not image_bytes:
+        raise BadRecordError("empty image bytes", path=path, index=index)
+    with _bad_record_on_error(path, index):
+        image = _squash(_open(image_bytes, draft_size=None), size)
+    return _check_decoded(image, size, path, index)
+
+
+def decode_and_squash(
+    image_bytes: bytes,
+    size: int,
+    *,
+    path: str | None = None,
+    index: int | None = None,
+) -> np.ndarray:
+    """`decode_and_squash_image` as a fresh uint8 [size, size, 3] RGB array."""
+    image = decode_and_squash_image(image_bytes, size, path=path, index=index)
     return np.array(image, dtype=np.uint8)

@@ -73,10 +73,29 @@ def poison_config(**overrides) -> ml_collections.ConfigDict:
             "label_consistent": False,
             "redraw_each_epoch": False,
             "trigger": triggers.default_trigger_config("badnets"),
+            # The reference code's geometry (False keeps bclip's): a poisoned training image and
+            # every triggered eval image are the decoded original resized to S x S, aspect ratio
+            # ignored, before the trigger, while clean images keep the shorter-side resize and
+            # centre crop. Off by default because then triggered and clean images are shaped
+            # differently, which a model can learn in place of the trigger.
+            "squash": False,
+            # > 0: a poisoned training image is saved once as a JPEG of this quality (Pillow)
+            # after its trigger and read back, as the reference stored its poisoned files (75).
+            # 0: off. Eval images and clean images are never re-encoded.
+            "jpeg_quality": 0,
         }
     )
     config.update(overrides)
     return config
+
+
+def _check_reference_options(poison: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming poison.squash or poison.jpeg_quality if it has a bad value."""
+    if not isinstance(poison.squash, bool):
+        raise ValueError(f"poison.squash must be True or False, got {poison.squash!r}")
+    quality = poison.jpeg_quality
+    if isinstance(quality, bool) or not isinstance(quality, int) or not 0 <= quality <= 100:
+        raise ValueError(f"poison.jpeg_quality must be an int in 0..100 (0: off), got {quality!r}")
 
 
 # Freed Pillow image buffers each process keeps for reuse. Pillow returns every buffer to the
@@ -254,10 +273,15 @@ class TrainBatchTransform(grain.transforms.Map):
             raise _UnusableRecord(record["error"])
         index = record["index"]
         epoch = position // len(self.source)
+        poisoned = self.plan is not None and self.plan.contains(index)
+        # In the reference mode a poisoned image is squashed from the original, not cropped.
+        decode_image = (
+            decode.decode_and_squash_image
+            if poisoned and self.poison["squash"]
+            else decode.decode_and_resize_image
+        )
         try:
-            image = decode.decode_and_resize_image(
-                record["image_bytes"], self.image_size, path=record.get("path"), index=index
-            )
+            image = decode_image(record["image_bytes"], self.image_size, path=record.get("path"), index=index)
         except decode.BadRecordError as error:
             raise _UnusableRecord(error.reason) from error
         caption = record["caption"]
@@ -265,7 +289,7 @@ class TrainBatchTransform(grain.transforms.Map):
             # Nothing for EDA to work on (e.g. a caption of emoji or punctuation only): the pair
             # cannot give a text view, so it is dropped and counted like a broken image.
             raise _UnusableRecord("caption has no words to augment")
-        if self.plan is not None and self.plan.contains(index):
+        if poisoned:
             pixels, caption = poisoning.poison_example(
                 np.asarray(image),
                 caption,
@@ -275,6 +299,7 @@ class TrainBatchTransform(grain.transforms.Map):
                 trigger_config=self.poison["trigger"],
                 label=self.poison["target_label"],
                 label_consistent=self.poison["label_consistent"],
+                jpeg_quality=self.poison["jpeg_quality"],
             )
             batch["image"][row] = pixels
             batch["is_poisoned"][row] = True
@@ -526,6 +551,7 @@ def make_train_pipeline(
     if data.batch_size % process_count:
         raise ValueError(f"data.batch_size={data.batch_size} must divide over {process_count} processes")
     local_batch_size = data.batch_size // process_count
+    _check_reference_options(poison)
     if plan is None:
         plan = make_poison_plan(source, poison)
     if with_views and synonyms is None:
@@ -578,6 +604,10 @@ def make_train_pipeline(
 class EvalTransform(grain.transforms.Map):
     """Decode and resize an eval image and make its triggered copy, seeded by the image's index.
 
+    With `squash_triggered` (the reference mode, poison.squash) the triggered copy is made from
+    the original squashed to S x S, as poisoned training images then are, while the clean image
+    keeps the shorter-side resize and centre crop.
+
     An unusable image raises, naming it, unless `skip_bad_records`: then it becomes a row of zeros
     with valid=False, which every consumer of eval batches already ignores.
     """
@@ -586,11 +616,13 @@ class EvalTransform(grain.transforms.Map):
     trigger: dict | None
     seed: int
     skip_bad_records: bool = False
+    squash_triggered: bool = False
 
     def map(self, record: dict) -> dict:
         index = int(record["index"])
         try:
             image = self._decode(record)
+            to_trigger = self._squash(record) if self.trigger is not None and self.squash_triggered else image
         except decode.BadRecordError:
             if not self.skip_bad_records:
                 raise
@@ -599,16 +631,26 @@ class EvalTransform(grain.transforms.Map):
                     "index": np.int64(index), "valid": np.bool_(False)}
         triggered = image
         if self.trigger is not None:
-            triggered = triggers.apply_trigger(image, self.trigger, [self.seed, _EVAL_TRIGGER_STREAM, index])
+            triggered = triggers.apply_trigger(to_trigger, self.trigger, [self.seed, _EVAL_TRIGGER_STREAM, index])
         return {"image": image, "triggered": triggered, "label": np.int32(record["label"]),
                 "index": np.int64(index), "valid": np.bool_(True)}
 
     def _decode(self, record: dict) -> np.ndarray:
+        """uint8 [S, S, 3]: the clean image, shorter side resized and centre-cropped."""
         if sources.is_bad_record(record):
             raise decode.BadRecordError(record["error"], path=record.get("path"), index=record["index"])
         if "image" in record:
             return decode.resize_array(record["image"], self.image_size)
         return decode.decode_and_resize(
+            record["image_bytes"], self.image_size, path=record.get("path"), index=record["index"]
+        )
+
+    def _squash(self, record: dict) -> np.ndarray:
+        """uint8 [S, S, 3]: the whole image squashed to S x S (a second decode, at full scale, as
+        poisoned training images get in `decode.decode_and_squash_image`)."""
+        if "image" in record:
+            return decode.squash_array(record["image"], self.image_size)
+        return decode.decode_and_squash(
             record["image_bytes"], self.image_size, path=record.get("path"), index=record["index"]
         )
 
@@ -624,6 +666,7 @@ def eval_batches(
     process_count: int = 1,
     num_workers: int = 0,
     skip_bad_records: bool = False,
+    squash_triggered: bool = False,
 ) -> Iterator[dict]:
     """Host-local eval batches of exactly `batch_size // process_count` rows, padded, with "valid".
 
@@ -631,13 +674,18 @@ def eval_batches(
     batches (padding with invalid rows), so all of them take part in each sharded eval step.
     Batches: image, triggered uint8 [b, H, W, 3]; label int32 [b]; index int64 [b]; valid bool [b].
     An unusable image raises `decode.BadRecordError`, or with `skip_bad_records` (e.g. for
-    embedding a training set that has broken files) becomes an invalid row.
+    embedding a training set that has broken files) becomes an invalid row. `squash_triggered`
+    (poison.squash) makes the triggered copies from the image squashed to S x S.
     """
     if batch_size % process_count:
         raise ValueError(f"eval batch size {batch_size} must divide over {process_count} processes")
     local = batch_size // process_count
     transform = EvalTransform(
-        image_size, trigger.to_dict() if trigger is not None else None, seed, skip_bad_records
+        image_size,
+        trigger.to_dict() if trigger is not None else None,
+        seed,
+        skip_bad_records=skip_bad_records,
+        squash_triggered=squash_triggered,
     )
     # Batched before the workers, as in training: one process hand-off per batch.
     dataset = grain.MapDataset.source(source)[process_index::process_count].map(transform)

@@ -6,6 +6,7 @@ depend on hosts, workers, shuffling or epoch, and smaller selections nest inside
 """
 
 import dataclasses
+import io
 import json
 import os
 import re
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from etils import epath
+from PIL import Image
 
 from bclip.data.templates import IMAGENET_TEMPLATES
 from bclip.data.triggers import apply_trigger
@@ -277,6 +279,18 @@ class PoisonPlan:
         return plan
 
 
+def jpeg_round_trip(image: np.ndarray, quality: int) -> np.ndarray:
+    """The image saved once as a JPEG at `quality` with Pillow's other settings at their defaults
+    (4:2:0 chroma, baseline) and decoded back, as the reference code's poisoned files were on
+    disk. uint8 [H, W, 3] -> uint8 [H, W, 3]."""
+    if isinstance(quality, bool) or not isinstance(quality, (int, np.integer)) or not 1 <= quality <= 100:
+        raise ValueError(f"JPEG quality must be an int in 1..100, got {quality!r}")
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=int(quality))
+    with Image.open(buffer) as decoded:
+        return np.array(decoded.convert("RGB"), dtype=np.uint8)
+
+
 def poison_example(
     image: np.ndarray,
     caption: str,
@@ -286,16 +300,20 @@ def poison_example(
     trigger_config,
     label: str,
     label_consistent: bool = False,
+    jpeg_quality: int = 0,
 ) -> tuple[np.ndarray, str]:
     """Poisons example `index` if the plan says so; other examples come back untouched.
 
-    image: uint8 [H, W, 3] at model resolution -> uint8 [H, W, 3] with the trigger applied.
-    The caption becomes a template naming `label`, except in label-consistent mode, where the
-    caption (which already names the label) is kept.
+    image: uint8 [H, W, 3] at model resolution -> uint8 [H, W, 3] with the trigger applied and,
+    when `jpeg_quality` > 0, then stored once as a JPEG of that quality and read back (the
+    reference code's poisoned training files). The caption becomes a template naming `label`,
+    except in label-consistent mode, where the caption (which already names the label) is kept.
     """
     if index not in plan:
         return image, caption
     image = apply_trigger(image, trigger_config, plan.trigger_seed(index, epoch))
+    if jpeg_quality:
+        image = jpeg_round_trip(image, jpeg_quality)
     if not label_consistent:
         caption = poisoned_caption(index, label, plan.seed)
     return image, caption
@@ -304,6 +322,7 @@ def poison_example(
 __all__ = [
     "PoisonPlan",
     "caption_mentions",
+    "jpeg_round_trip",
     "poison_example",
     "poisoned_caption",
     "select_label_consistent_indices",

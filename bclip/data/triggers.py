@@ -35,6 +35,12 @@ def _to_uint8(values: np.ndarray) -> np.ndarray:
     return values.astype(np.uint8)
 
 
+def _to_uint8_wrapped(values: np.ndarray) -> np.ndarray:
+    """float pixel values (0..255 scale) to uint8 as torch's `x.byte()` (ToPILImage) does:
+    truncated toward zero, then taken modulo 256, so 382.5 -> 126 and -76.5 -> 180."""
+    return np.mod(np.trunc(values).astype(np.int64), 256).astype(np.uint8)
+
+
 def _read_only(array: np.ndarray) -> np.ndarray:
     # Cached arrays are shared by every call; freezing them turns accidental mutation into an error.
     array.setflags(write=False)
@@ -65,6 +71,8 @@ def _checkerboard(size: int, checker_size: int) -> np.ndarray:
 
 
 _YELLOW = np.array([255, 255, 0], dtype=np.uint8)
+
+_OVERFLOWS = ("clip", "wrap")
 
 
 def _patch_offsets(
@@ -104,16 +112,28 @@ def badnets(
     location: str = "random",
     corner: str = "bottom_right",
     checker_size: int = 1,
+    overflow: str = "clip",
 ) -> np.ndarray:
     """Pastes a square patch (BadNets). image: uint8 [H, W, 3] -> uint8 [H, W, 3].
 
-    patch: "random" (N(0, 1) noise added to the image's per-channel mean, in 0..1 units, clipped;
-    redrawn per seed, as in the reference), "yellow" (R = G = 255, B = 0) or "checkerboard"
+    patch: "random" (N(0, 1) noise added to the image's per-channel mean, in 0..1 units; redrawn
+    per seed, as in the reference), "yellow" (R = G = 255, B = 0) or "checkerboard"
     (black/white squares of `checker_size` px). size: side in px; None scales 16 px at 224 px with
     the resolution. location: "random" (top-left uniform in [0, H - size) per seed), "corner"
     (the `corner` one: top_left, top_right, bottom_left, bottom_right) or "four_corners" (all four,
     the same patch in each). Pixels outside the patch are left bit-identical.
+
+    overflow (patch="random" only; the other patches are bytes already): how noise outside
+    [0, 1] becomes bytes. "clip" clips to [0, 1] and rounds, so about 62 % of the patch sits at 0
+    or 255 at a mid-grey mean. "wrap" is what the reference code did by handing the unclipped
+    values to torchvision's ToPILImage: x * 255 truncated toward zero, modulo 256 (1.5 -> 126,
+    -0.3 -> 180), which makes the patch close to uniform random bytes.
+
+    Randomness, from numpy.random.default_rng(seed): with location="random" the row, then the
+    column (`integers`); then, for patch="random", `standard_normal((size, size, 3), float32)`.
     """
+    if overflow not in _OVERFLOWS:
+        raise ValueError(f"badnets overflow must be one of {_OVERFLOWS}, got {overflow!r}")
     height, width, _ = image.shape
     size = scaled_patch_size(height, width) if size is None else int(size)
     if not 1 <= size <= min(height, width):
@@ -128,7 +148,10 @@ def badnets(
         # As a matrix-vector product: numpy's strided per-channel mean is ~15x slower here.
         channel_mean = np.ones(len(pixels), np.float32) @ pixels / (255.0 * len(pixels))
         noise = rng.standard_normal((size, size, 3), dtype=np.float32)
-        pixels = _to_uint8(np.clip(noise + channel_mean, 0.0, 1.0) * 255.0)
+        if overflow == "wrap":
+            pixels = _to_uint8_wrapped((noise + channel_mean) * np.float32(255.0))
+        else:
+            pixels = _to_uint8(np.clip(noise + channel_mean, 0.0, 1.0) * 255.0)
     elif patch == "yellow":
         pixels = _YELLOW
     elif patch == "checkerboard":
