@@ -56,11 +56,11 @@ def _poison(**overrides):
 
 def _pipeline(source, tokenizer, *, poison=None, with_views=False, num_workers=0, batch_size=BATCH_SIZE,
               process_index=0, process_count=1, run_dir=None, max_bad_fraction=0.01, image_augment="autoaugment_imagenet",
-              views_on_device=False, num_threads=1):
+              views_on_device=False, num_threads=1, text_views_per_epoch=True):
     data = pipeline.data_config(
         batch_size=batch_size, num_workers=num_workers, num_threads=num_threads, shuffle_seed=7,
         max_bad_fraction=max_bad_fraction,
-        image_augment=image_augment, views_on_device=views_on_device,
+        image_augment=image_augment, views_on_device=views_on_device, text_views_per_epoch=text_views_per_epoch,
     )
     return pipeline.make_train_pipeline(
         source,
@@ -347,6 +347,30 @@ def test_ssl_views_are_seeded_per_example_and_epoch(source, tokenizer):
 
     rerun, _ = views_by_epoch(num_threads=3)  # batches built side by side: the same views
     _assert_batches_equal(batches, rerun)
+
+
+def test_caption_views_made_once_stay_the_same_every_epoch(source, tokenizer):
+    """text_views_per_epoch=False (the reference's EDA, made once before training): an example's
+    augmented caption is the same in every epoch."""
+    def views(text_views_per_epoch):
+        batches = _take(_pipeline(source, tokenizer, with_views=True, image_augment="simclr",
+                                  text_views_per_epoch=text_views_per_epoch), 2 * BATCHES_PER_EPOCH)
+        by_epoch = {0: {}, 1: {}}
+        for position, example in enumerate(_examples(batches)):
+            by_epoch[position // NUM_TRAIN][int(example["index"])] = example
+        return by_epoch
+
+    once, per_epoch = views(False), views(True)
+    for i in once[0]:
+        np.testing.assert_array_equal(once[0][i]["aug_text"], once[1][i]["aug_text"])
+        # The image views are still redrawn every epoch.
+        assert np.any(once[0][i]["aug_image"] != once[1][i]["aug_image"])
+    # Per-epoch views differ between epochs for most captions (EDA leaves a few unchanged).
+    assert np.mean([np.any(per_epoch[0][i]["aug_text"] != per_epoch[1][i]["aug_text"]) for i in per_epoch[0]]) > 0.5
+    # The fixed view is the first epoch's view of the default (numpy seeds [s, i] and [s, i, 0]
+    # alike), so switching the option only changes the later epochs.
+    for i in once[0]:
+        np.testing.assert_array_equal(once[0][i]["aug_text"], per_epoch[0][i]["aug_text"])
 
 
 def test_views_on_device_send_a_key_per_example_and_epoch_instead_of_an_image(source, tokenizer):

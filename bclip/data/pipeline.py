@@ -51,6 +51,9 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
             # example in place of aug_image, and the host decodes each image once and augments none.
             "views_on_device": False,
             "text_augment": {"alpha_sr": 0.1, "alpha_ri": 0.1, "alpha_rs": 0.1, "p_rd": 0.1},
+            # A new EDA caption view every epoch (True), or one per caption for the whole run (False:
+            # each caption keeps its first epoch's view), as the reference made them once.
+            "text_views_per_epoch": True,
             # "wordnet" (NLTK's corpus must be installed) or a JSON {word: [synonyms]} file path.
             "synonyms": "wordnet",
             # The run stops when more than this fraction of the dataset's records are unusable.
@@ -223,6 +226,7 @@ class TrainBatchTransform(grain.transforms.Map):
     text_augment: dict
     synonyms: Any
     views_on_device: bool = False
+    text_views_per_epoch: bool = True
 
     @property
     def makes_image_views(self) -> bool:
@@ -315,8 +319,9 @@ class TrainBatchTransform(grain.transforms.Map):
             # An unchanged view is the image already in the batch: copy that, not the Pillow one.
             batch["aug_image"][row] = batch["image"][row] if view is image else np.asarray(view)
         if self.with_views:
+            text_seed = [self.seed, _TEXT_VIEW_STREAM, index] + ([epoch] if self.text_views_per_epoch else [])
             aug_captions[row] = text_augment.eda(
-                caption, self.synonyms, [self.seed, _TEXT_VIEW_STREAM, index, epoch], **self.text_augment
+                caption, self.synonyms, text_seed, **self.text_augment
             )
 
     def _tokenize(self, captions: list[str], why: list[str]) -> np.ndarray:
@@ -579,6 +584,7 @@ def make_train_pipeline(
         with_views=with_views,
         image_augment=data.image_augment,
         text_augment=dict(data.text_augment),
+        text_views_per_epoch=data.text_views_per_epoch,
         synonyms=synonyms,
         views_on_device=data.views_on_device,
     )
