@@ -95,8 +95,9 @@ def scale_summary(study: ml_collections.ConfigDict) -> dict:
     """The sizes a study runs at and their ratios, as the paper's proportions are stated."""
     base, clean = study.pretrain_base, study.clean_base
     num_train = study.proportions.num_train or (study.world.num_train if study.world.enabled else None)
-    clean_pairs = clean["train"]["subset_size"]
-    clean_epochs = clean["train"]["num_epochs"]
+    clean_train = clean.get("train", {})
+    clean_pairs = clean_train.get("subset_size") or None  # 0: every pair
+    clean_epochs = clean_train.get("num_epochs", base.train.num_epochs)
     figures = {
         "num_train": num_train,
         "pretrain_epochs": base.train.num_epochs,
@@ -108,7 +109,7 @@ def scale_summary(study: ml_collections.ConfigDict) -> dict:
         "cleaning_learning_rates": list(study.cleaning_learning_rates),
         "pretrain_learning_rate": base.optim.learning_rate,
     }
-    if num_train:
+    if num_train and clean_pairs:
         figures["poison_rate"] = base.poison.count / num_train
         figures["clean_share"] = clean_pairs / num_train
         figures["clean_budget"] = clean_pairs * clean_epochs / (num_train * base.train.num_epochs)
@@ -366,6 +367,18 @@ def write_ablation(workdir: str, config_path: str, rows: list[dict]) -> None:
     (root / f"{ABLATION_FILE}.md").write_text(_ablation_markdown(config_path, rows))
 
 
+def share_compiled_programs(workdir: str) -> None:
+    """Keeps compiled XLA programs in workdir/compile_cache, so the study's runs (many of one shape:
+    every cleaning run of a model) compile each program once, also across invocations. A cache the
+    user configured is left alone; a remote workdir gets none."""
+    import jax
+
+    if jax.config.jax_compilation_cache_dir or "://" in os.fspath(workdir):
+        return
+    jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(workdir), "compile_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def headline(summary: dict) -> list[str]:
     """A few lines a person reads at the end of the run."""
     lines = []
@@ -389,6 +402,7 @@ def main(argv):
     study = flags.FLAGS.config
     workdir = flags.FLAGS.workdir
     start = time.perf_counter()
+    share_compiled_programs(workdir)
     if flags.FLAGS.sweep:
         config_path = config_flags.get_config_filename(flags.FLAGS["config"])
         run_ablation(config_path, workdir)

@@ -1,0 +1,60 @@
+"""Ablation of the embedded study's scale: poison rate x cleaning budget x model width, and
+pretraining length — one whole study (both objectives pretrained, CleanCLIP at every learning rate)
+per point, so the table shows where the paper's contrast appears on the toy and where it does not.
+
+  python -m bclip.experiment --config configs/study_ablation.py --workdir runs/ablation --sweep
+
+Writes runs/ablation/ablation.md and .json (one row per point: both pretrained models' top-1 and
+ASR, and CleanCLIP's lowest ASR keeping top-1 within 2 points of each) and each point's full study
+report under runs/ablation/points/. Points that differ only in their cleaning share the synthetic
+world and their pretraining runs. About 70 minutes on 2 CPU cores (the 15 % cleaning budget and
+the longer pretraining cost most); docs/study_proportions.md holds the measured table.
+
+Every point is configs/study_synthetic.py's default study with the named proportions changed:
+  - poison rate: the default (the lowest rate of its ladder at which both objectives learn the
+    backdoor) and 7 %, the earlier toy's;
+  - cleaning budget (cleaning pair-steps per pretraining pair-step): 1 % (the paper's CC3M; its CC6M
+    0.5 %) and 15 % (the earlier toy's);
+  - width of both towers and the embedding: 32 and the default 64;
+  - pretraining length: the default number of epochs and twice it, at the default rate, budget
+    and width.
+"""
+
+import os
+
+import ml_collections
+
+from bclip import sweep
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+POISON_RATES = (None, 0.07)  # None: the default study's rate
+CLEAN_BUDGETS = (0.01, 0.15)
+WIDTHS = (32, 64)
+
+
+def _study_synthetic():
+    return sweep.load_config_module(os.path.join(_HERE, "study_synthetic.py"))
+
+
+def get_config(arg: str = "default") -> ml_collections.ConfigDict:
+    del arg
+    return _study_synthetic().get_config("default")
+
+
+def get_sweep(arg: str = "default") -> list[dict]:
+    del arg
+    default = _study_synthetic()
+    points = []
+    for rate in POISON_RATES:
+        for width in WIDTHS:
+            for budget in CLEAN_BUDGETS:
+                points.append(
+                    {
+                        "proportions.poison_rate": default.POISON_RATE if rate is None else rate,
+                        "proportions.width": width,
+                        "proportions.clean_budget": budget,
+                    }
+                )
+    points.append({"proportions.pretrain_epochs": 2 * default.PRETRAIN_EPOCHS})
+    return points
