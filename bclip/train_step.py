@@ -2,8 +2,9 @@
 
 State is a plain dict of pytrees: {"params", "batch_stats", "opt", "step"}. `batch_stats` is empty
 for ViT towers and holds BatchNorm statistics for ResNets (computed over the global batch, since the
-step sees global arrays). The train step is a pure function `(state, batch, rng) -> (state,
-metrics)`, jitted with explicit shardings and the state donated.
+step sees global arrays, or per group of model.image.batch_norm_group_size images). The train step
+is a pure function `(state, batch, rng) -> (state, metrics)`, jitted with explicit shardings and the
+state donated.
 """
 
 import functools
@@ -59,8 +60,56 @@ def encode_pair(model: nn.Module, params, batch_stats, images, tokens, train: bo
 MODEL_BATCH_KEYS = ("image", "text", "aug_image", "aug_text", "view_key")
 
 
+def pairs_per_statistics_group(batch_size: int, group_size: int) -> int:
+    """How many pairs (original and view) make one BatchNorm statistics group of `group_size`
+    images; the whole batch of `batch_size` pairs when group_size is 0."""
+    if not group_size:
+        return batch_size
+    if group_size % 2 or batch_size % (group_size // 2):
+        raise ValueError(
+            f"with SSL views a BatchNorm statistics group holds pairs (originals and their views), "
+            f"so model.image.batch_norm_group_size={group_size} must be even and half of it must "
+            f"divide the batch of {batch_size} pairs"
+        )
+    return group_size // 2
+
+
+def group_originals_with_views(originals: jax.Array, views: jax.Array, pairs_per_group: int) -> jax.Array:
+    """originals, views [B, ...] -> [2B, ...]: for each group of n = pairs_per_group pairs, their
+    n originals and then their n views (rows g*2n .. g*2n+n-1 and g*2n+n .. (g+1)*2n-1).
+
+    Each group of 2n consecutive images is then one BatchNorm statistics group holding its pairs'
+    originals and views, as on one device of data-parallel training; n = B gives [originals; views].
+    """
+    if pairs_per_group == originals.shape[0]:
+        # One group: a plain concatenation. Stacking gives the same rows, but XLA shards them
+        # differently, which reorders the BatchNorm reductions and changes the statistics' last bits.
+        return jnp.concatenate([originals, views], axis=0)
+    num_groups = originals.shape[0] // pairs_per_group
+    grouped = [x.reshape(num_groups, pairs_per_group, *x.shape[1:]) for x in (originals, views)]
+    return jnp.stack(grouped, axis=1).reshape(2 * originals.shape[0], *originals.shape[1:])
+
+
+def split_originals_and_views(grouped: jax.Array, pairs_per_group: int) -> tuple[jax.Array, jax.Array]:
+    """The inverse of `group_originals_with_views`: [2B, ...] -> (originals [B, ...], views [B, ...])."""
+    batch_size = grouped.shape[0] // 2
+    if pairs_per_group == batch_size:
+        return grouped[:batch_size], grouped[batch_size:]
+    pairs = grouped.reshape(batch_size // pairs_per_group, 2, pairs_per_group, *grouped.shape[1:])
+    return (
+        pairs[:, 0].reshape(batch_size, *grouped.shape[1:]),
+        pairs[:, 1].reshape(batch_size, *grouped.shape[1:]),
+    )
+
+
 def compute_embeddings(model, params, batch_stats, batch, with_views: bool, train: bool = True):
     """Embeddings of a batch; augmented views go through the towers in the same forward pass.
+
+    Without views, BatchNorm statistics group g (model.image.batch_norm_group_size > 0) is images
+    g*size .. (g+1)*size-1 of the batch: with the batch split over devices, a size of the per-device
+    batch makes each device's share one group. With views, each group holds size/2 pairs'
+    originals and those pairs' own views (`group_originals_with_views`), as one device of
+    data-parallel training encodes its share of pairs and their views together.
 
     Args:
       batch: "image" uint8 [B, H, W, 3], "text" int32 [B, L]; with views also "aug_text" and
@@ -70,24 +119,27 @@ def compute_embeddings(model, params, batch_stats, batch, with_views: bool, trai
       ({"image", "text"[, "aug_image", "aug_text"]: [B, D]}, new batch_stats)
     """
     images, tokens = batch["image"], batch["text"]
-    if with_views:
-        # Views made here, on device, when the pipeline sent their keys instead (data.views_on_device).
-        if "aug_image" in batch:
-            aug_images = batch["aug_image"]
-        else:
-            aug_images = device_augment.autoaugment_views(images, batch["view_key"])
-        images = jnp.concatenate([images, aug_images], axis=0)
-        tokens = jnp.concatenate([tokens, batch["aug_text"]], axis=0)
-    image_emb, text_emb, batch_stats = encode_pair(model, params, batch_stats, images, tokens, train)
     if not with_views:
+        image_emb, text_emb, batch_stats = encode_pair(model, params, batch_stats, images, tokens, train)
         return {"image": image_emb, "text": text_emb}, batch_stats
-    n = batch["image"].shape[0]
-    embeddings = {
-        "image": image_emb[:n],
-        "aug_image": image_emb[n:],
-        "text": text_emb[:n],
-        "aug_text": text_emb[n:],
-    }
+    # Views made here, on device, when the pipeline sent their keys instead (data.views_on_device).
+    if "aug_image" in batch:
+        aug_images = batch["aug_image"]
+    else:
+        aug_images = device_augment.autoaugment_views(images, batch["view_key"])
+    pairs_per_group = pairs_per_statistics_group(images.shape[0], model.batch_norm_group_size if train else 0)
+    # Captions follow the same layout so that row i of both towers' inputs is one example.
+    image_emb, text_emb, batch_stats = encode_pair(
+        model,
+        params,
+        batch_stats,
+        group_originals_with_views(images, aug_images, pairs_per_group),
+        group_originals_with_views(tokens, batch["aug_text"], pairs_per_group),
+        train,
+    )
+    image_emb, aug_image_emb = split_originals_and_views(image_emb, pairs_per_group)
+    text_emb, aug_text_emb = split_originals_and_views(text_emb, pairs_per_group)
+    embeddings = {"image": image_emb, "aug_image": aug_image_emb, "text": text_emb, "aug_text": aug_text_emb}
     return embeddings, batch_stats
 
 

@@ -3,11 +3,13 @@
 import functools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bclip import sharding
 from bclip.models import (
     apply_model,
     build_model,
@@ -18,7 +20,7 @@ from bclip.models import (
     model_config,
     text_tower_flops,
 )
-from bclip.models.resnet import Bottleneck
+from bclip.models.resnet import Bottleneck, GroupedBatchNorm
 from bclip.models.text import end_of_text_positions
 
 # Parameter counts of OpenAI's released checkpoints (logit_scale included).
@@ -350,3 +352,147 @@ def test_dot_product_attention_matches_the_textbook_formula(is_causal):
     np.testing.assert_allclose(got, want, atol=1e-5)
     if is_causal:  # the first query sees only the first key
         np.testing.assert_allclose(got[:, 0], value[:, 0], atol=1e-6)
+
+
+# --------------------------------------------------------------------------- BatchNorm groups
+
+
+def _is_conv_or_batch_norm(module, method_name):
+    return isinstance(module, (nn.Conv, nn.BatchNorm, GroupedBatchNorm)) and method_name == "__call__"
+
+
+@functools.partial(jax.jit, static_argnames="model")
+def _image_training_pass(model, variables, images):
+    """One training pass of the image tower: (embeddings [B, D], updated batch_stats, every
+    convolution's and BatchNorm's output as {path: [B, H, W, C]})."""
+    embeddings, state = model.apply(
+        variables,
+        images,
+        train=True,
+        method="encode_image",
+        mutable=["batch_stats", "intermediates"],
+        capture_intermediates=_is_conv_or_batch_norm,
+    )
+    layer_outputs = {
+        jax.tree_util.keystr(path[:-2]): output
+        for path, output in jax.tree_util.tree_leaves_with_path(state["intermediates"])
+    }
+    return embeddings, state["batch_stats"], layer_outputs
+
+
+def _images_with_distinct_groups(batch_size, group_size, size=32, seed=3):
+    """uint8 [B, size, size, 3] whose groups of `group_size` images have clearly different mean
+    brightness, so statistics taken over the wrong images give visibly different outputs."""
+    rng = np.random.default_rng(seed)
+    group_of_image = np.arange(batch_size) // group_size
+    offsets = (40 * (group_of_image % 4))[:, None, None, None]
+    return (rng.integers(0, 100, (batch_size, size, size, 3)) + offsets).astype(np.uint8)
+
+
+def _batch_norm_inputs(layer_outputs):
+    """{BatchNorm path: the convolution output it normalises} (stem_bnK <- stem_convK, bnK <- convK,
+    downsample_bn <- downsample_conv)."""
+    inputs = {}
+    for path in layer_outputs:
+        if "bn" in path.rsplit("[", 1)[-1]:
+            conv_path = path.replace("stem_bn", "stem_conv").replace("_bn'", "_conv'").replace("'bn", "'conv")
+            inputs[path] = np.asarray(layer_outputs[conv_path], np.float64)
+    return inputs
+
+
+def _group_statistics(x, num_groups):
+    """x [B, H, W, C] -> per-group mean and (biased) variance, each [G, C], in float64."""
+    groups = x.reshape(num_groups, -1, x.shape[-1])  # [G, images * H * W, C]
+    return groups.mean(axis=1), groups.var(axis=1)
+
+
+def _subtree(tree, path):
+    """The sub-tree of `tree` at a BatchNorm path such as "['image_tower']['stem_bn1']"."""
+    keys = [key.strip("'") for key in path.strip("[]").split("][")]
+    return functools.reduce(lambda node, key: node[key], keys, tree)
+
+
+def _sharded_over_eight_devices(images):
+    return jax.device_put(images, sharding.batch_sharding(sharding.make_mesh(jax.devices())))
+
+
+@pytest.mark.parametrize("group_size", [0, 4])
+def test_every_batch_norm_uses_its_groups_statistics_as_numpy_computes_them(group_size):
+    """A training pass over 32 images split over 8 devices, statistics per group of 4 (one group
+    per device) or over the whole batch (0): every BatchNorm output and running-statistics update
+    equals the textbook formulas, in float64, applied to the captured convolution output."""
+    batch_size = 32
+    config = model_config("micro-resnet", **{"image.batch_norm_group_size": group_size})
+    model, variables = _random_variables(config)
+    images = _images_with_distinct_groups(batch_size, group_size or batch_size)
+    _, new_stats, layer_outputs = _image_training_pass(model, variables, _sharded_over_eight_devices(images))
+    num_groups = batch_size // (group_size or batch_size)
+
+    batch_norm_inputs = _batch_norm_inputs(layer_outputs)
+    assert len(batch_norm_inputs) == 3 + 4 * 4  # the stem's three and four per block (each block downsamples)
+    for path, x in batch_norm_inputs.items():
+        mean, variance = _group_statistics(x, num_groups)
+        params = _subtree(variables["params"], path)
+        per_group_shape = (num_groups, 1, 1, 1, x.shape[-1])
+        groups = x.reshape(num_groups, -1, *x.shape[1:])
+        normalised = (groups - mean.reshape(per_group_shape)) / np.sqrt(variance.reshape(per_group_shape) + 1e-5)
+        expected = normalised * np.asarray(params["scale"]) + np.asarray(params["bias"])
+        np.testing.assert_allclose(layer_outputs[path], expected.reshape(x.shape), atol=2e-5, err_msg=path)
+        old, new = _subtree(variables["batch_stats"], path), _subtree(new_stats, path)
+        for key, per_group in (("mean", mean), ("var", variance)):
+            expected_running = 0.9 * np.asarray(old[key]) + 0.1 * per_group.mean(axis=0)
+            np.testing.assert_allclose(new[key], expected_running, rtol=1e-5, atol=1e-6, err_msg=path + key)
+
+
+@pytest.mark.parametrize("group_size", [4, 16])
+def test_groups_on_eight_devices_match_separate_batches(group_size):
+    """32 images split over 8 devices in statistics groups of 4 (one per device) or 16 (each over
+    four devices) against each group run alone with whole-batch statistics: the same statistics
+    in every BatchNorm, the same embeddings, and running statistics the mean of the runs' updates."""
+    batch_size = 32
+    num_groups = batch_size // group_size
+    whole_batch_model, variables = _random_variables(model_config("micro-resnet"))
+    grouped_model = build_model(model_config("micro-resnet", **{"image.batch_norm_group_size": group_size}))
+    images = _images_with_distinct_groups(batch_size, group_size)
+    embeddings, new_stats, layer_outputs = _image_training_pass(
+        grouped_model, variables, _sharded_over_eight_devices(images)
+    )
+    separate = [
+        _image_training_pass(whole_batch_model, variables, jnp.asarray(images[start : start + group_size]))
+        for start in range(0, batch_size, group_size)
+    ]
+
+    for path, x in _batch_norm_inputs(layer_outputs).items():
+        grouped_statistics = _group_statistics(x, num_groups)
+        separate_statistics = [_group_statistics(_batch_norm_inputs(run[2])[path], 1) for run in separate]
+        for got, want in zip(grouped_statistics, zip(*separate_statistics)):
+            np.testing.assert_allclose(got, np.concatenate(want), rtol=1e-5, atol=1e-5, err_msg=path)
+
+    separate_embeddings = np.concatenate([np.asarray(run[0]) for run in separate])
+    embedding_error = np.abs(np.asarray(embeddings) - separate_embeddings).max()
+    assert embedding_error < 1e-5, embedding_error
+    mean_of_updates = jax.tree.map(lambda *updates: np.mean(updates, axis=0), *[run[1] for run in separate])
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(new_stats), jax.tree.leaves(mean_of_updates)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+    # The groups differ enough that whole-batch statistics would give other embeddings.
+    whole_batch_embeddings = _image_training_pass(whole_batch_model, variables, _sharded_over_eight_devices(images))[0]
+    assert np.abs(np.asarray(whole_batch_embeddings) - separate_embeddings).max() > 1e-2
+
+
+def test_batch_not_divisible_into_groups_is_refused():
+    model, variables = _random_variables(model_config("micro-resnet", **{"image.batch_norm_group_size": 3}))
+    images = jnp.asarray(_images_with_distinct_groups(8, 8))
+    with pytest.raises(ValueError, match=r"groups of 3 images .* batch of 8 images"):
+        model.apply(variables, images, train=True, method="encode_image", mutable=["batch_stats"])
+    # Evaluation uses the running statistics: any batch size goes.
+    assert _apply(model, variables, images, method="encode_image").shape == (8, 32)
+
+
+def test_group_size_is_in_every_preset_and_refused_for_vit_towers():
+    for name in PUBLISHED_PARAMS:
+        assert model_config(name).image.batch_norm_group_size == 0
+    assert build_model(model_config("RN50", **{"image.batch_norm_group_size": 256})).batch_norm_group_size == 256
+    assert build_model(model_config("micro-vit")).batch_norm_group_size == 0
+    with pytest.raises(ValueError, match="ViT image tower has no BatchNorm"):
+        build_model(model_config("micro-vit", **{"image.batch_norm_group_size": 4}))

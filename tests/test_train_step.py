@@ -180,3 +180,88 @@ def test_views_made_on_device_are_encoded_as_the_same_views_sent_by_the_host():
     # off; the embeddings of the views then differ in the last digits only.
     for key, atol in (("image", 1e-6), ("text", 1e-6), ("aug_text", 1e-6), ("aug_image", 1e-5)):
         np.testing.assert_allclose(np.asarray(from_keys[key]), np.asarray(from_views[key]), atol=atol, err_msg=key)
+
+
+def test_pairs_are_grouped_with_their_own_views():
+    originals, views = np.arange(4)[:, None] * np.ones((1, 3), int), (10 + np.arange(4))[:, None] * np.ones((1, 3), int)
+    grouped = train_step.group_originals_with_views(jnp.asarray(originals), jnp.asarray(views), pairs_per_group=2)
+    np.testing.assert_array_equal(grouped[:, 0], [0, 1, 10, 11, 2, 3, 12, 13])
+    assert grouped.shape == (8, 3)
+    back = train_step.split_originals_and_views(grouped, pairs_per_group=2)
+    np.testing.assert_array_equal(back[0], originals)
+    np.testing.assert_array_equal(back[1], views)
+    # One group of the whole batch is the plain [originals; views].
+    whole = train_step.group_originals_with_views(jnp.asarray(originals), jnp.asarray(views), pairs_per_group=4)
+    np.testing.assert_array_equal(whole[:, 0], [0, 1, 2, 3, 10, 11, 12, 13])
+
+
+def test_statistics_groups_must_hold_whole_pairs():
+    assert train_step.pairs_per_statistics_group(16, 0) == 16
+    assert train_step.pairs_per_statistics_group(16, 4) == 2
+    with pytest.raises(ValueError, match="batch_norm_group_size=5 must be even"):
+        train_step.pairs_per_statistics_group(16, 5)
+    with pytest.raises(ValueError, match="batch_norm_group_size=6 .* batch of 16 pairs"):
+        train_step.pairs_per_statistics_group(16, 6)
+
+
+def test_each_statistics_group_holds_its_pairs_originals_and_views():
+    """MMCL+SSL with statistics groups of 4 images over a batch of 16 pairs split over 8 devices:
+    each group is 2 pairs' originals and their views (one device's share, as in the reference's
+    data-parallel training), so the embeddings and statistics equal those of running the model,
+    with whole-batch statistics, on [2 originals; their 2 views] for each pair of pairs alone."""
+    group_size, batch_size = 4, 16
+    pairs_per_group = group_size // 2
+    config = clip.model_config("micro-resnet")
+    whole_batch_model = clip.build_model(config)
+    grouped_model = clip.build_model(clip.model_config("micro-resnet", **{"image.batch_norm_group_size": group_size}))
+    variables = train_step.init_variables(whole_batch_model, jax.random.key(0), config.image.size, config.text.context_length)
+    # Unit BatchNorm scales: the zero-initialised last one of each block would hide its statistics.
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: jnp.ones_like(leaf) if path[-1].key == "scale" else leaf, variables["params"]
+    )
+    batch = _batch(config, batch_size, views=True)
+    # Dark originals, bright views: statistics over the wrong images show in the outputs.
+    batch["image"] = batch["image"] // 3
+    batch["aug_image"] = 128 + batch["aug_image"] // 2
+
+    mesh = sharding.make_mesh(jax.devices())
+    grouped_step = jax.jit(
+        lambda params, stats, batch: train_step.compute_embeddings(grouped_model, params, stats, batch, with_views=True)
+    )
+    embeddings, new_stats = grouped_step(params, variables["batch_stats"], jax.device_put(batch, sharding.batch_sharding(mesh)))
+
+    alone = jax.jit(
+        lambda params, stats, images, tokens: train_step.encode_pair(whole_batch_model, params, stats, images, tokens, True)
+    )
+
+    def run_alone(images, tokens):
+        return alone(params, variables["batch_stats"], jnp.asarray(images), jnp.asarray(tokens))
+
+    separate = []
+    for start in range(0, batch_size, pairs_per_group):
+        rows = slice(start, start + pairs_per_group)
+        separate.append(
+            run_alone(
+                np.concatenate([batch["image"][rows], batch["aug_image"][rows]]),
+                np.concatenate([batch["text"][rows], batch["aug_text"][rows]]),
+            )
+        )
+    expected = {
+        "image": np.concatenate([run[0][:pairs_per_group] for run in separate]),
+        "aug_image": np.concatenate([run[0][pairs_per_group:] for run in separate]),
+        "text": np.concatenate([run[1][:pairs_per_group] for run in separate]),
+        "aug_text": np.concatenate([run[1][pairs_per_group:] for run in separate]),
+    }
+    for key, want in expected.items():
+        error = np.abs(np.asarray(embeddings[key]) - want).max()
+        assert error < 1e-5, (key, error)
+    mean_of_updates = jax.tree.map(lambda *updates: np.mean(updates, axis=0), *[run[2] for run in separate])
+    _assert_trees_close(new_stats, mean_of_updates, rtol=1e-5, atol=1e-6)
+
+    # Groups of consecutive rows of [originals; views] (originals with originals) give other embeddings.
+    all_images = np.concatenate([batch["image"], batch["aug_image"]])
+    all_tokens = np.concatenate([batch["text"], batch["aug_text"]])
+    wrong = np.concatenate(
+        [run_alone(all_images[i : i + group_size], all_tokens[i : i + group_size])[0] for i in range(0, 2 * batch_size, group_size)]
+    )
+    assert np.abs(wrong[:batch_size] - expected["image"]).max() > 1e-2

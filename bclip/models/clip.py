@@ -63,6 +63,14 @@ class CLIP(nn.Module):
                 "logit_bias", nn.initializers.constant(LOGIT_BIAS_INIT), (), jnp.float32
             )
 
+    @property
+    def batch_norm_group_size(self) -> int:
+        """Images per BatchNorm statistics group in a training pass of the image tower: 0 for the
+        whole pass, and for towers without BatchNorm (ViT)."""
+        if isinstance(self.image_tower, ModifiedResNet):
+            return self.image_tower.batch_norm_group_size
+        return 0
+
     def encode_image(self, images: jax.Array, train: bool = False) -> jax.Array:
         """images: uint8 or float 0..255 [B, H, W, 3] -> unit-norm float32 [B, D]."""
         return l2_normalize(self.image_tower(normalize_images(images, self.dtype), train=train))
@@ -141,6 +149,13 @@ _DEFAULTS: dict[str, Any] = dict(
     dtype="float32",
     activation="quick_gelu",  # OpenAI's models; open_clip's non-OpenAI ones use "gelu"
 )
+_IMAGE_DEFAULTS: dict[str, Any] = dict(
+    # ResNet towers: images per BatchNorm statistics group in one training pass of the tower
+    # (with SSL views, pairs' originals and views together); 0 = the whole pass. Data-parallel
+    # training without synchronised BatchNorm has one group per device. ViT towers have no
+    # BatchNorm: build_model refuses a nonzero value for them rather than ignore it.
+    batch_norm_group_size=0,
+)
 
 
 def model_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
@@ -155,7 +170,7 @@ def model_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict(
         dict(
             name=name,
-            image=dict(preset["image"]),
+            image={**_IMAGE_DEFAULTS, **preset["image"]},
             text=dict(preset["text"]),
             embed_dim=preset["embed_dim"],
             **_DEFAULTS,
@@ -178,6 +193,11 @@ def build_model(config: ml_collections.ConfigDict) -> CLIP:
     dtype = DTYPES[config.dtype]
     image, text = config.image, config.text
     if image.kind == "vit":
+        if image.batch_norm_group_size:
+            raise ValueError(
+                f"model.image.batch_norm_group_size={image.batch_norm_group_size}, but a ViT image "
+                "tower has no BatchNorm; leave it at 0"
+            )
         image_tower = VisionTransformer(
             image_size=image.size,
             patch_size=image.patch_size,
@@ -196,6 +216,7 @@ def build_model(config: ml_collections.ConfigDict) -> CLIP:
             width=image.width,
             heads=image.heads,
             output_dim=config.embed_dim,
+            batch_norm_group_size=image.batch_norm_group_size,
             dtype=dtype,
         )
     else:

@@ -2,7 +2,9 @@
 anti-aliased bottleneck blocks and an attention-pooling head.
 
 BatchNorm keeps running statistics in the 'batch_stats' collection: apply with
-`train=True, mutable=['batch_stats']` to use (and update) batch statistics.
+`train=True, mutable=['batch_stats']` to use (and update) batch statistics. Those come from the
+whole batch of the pass, or, with `batch_norm_group_size`, from each group of that many images on
+its own, as in data-parallel training without synchronised BatchNorm (one group per device).
 """
 
 import flax.linen as nn
@@ -15,14 +17,94 @@ from bclip.models.vit import Dtype, dot_product_attention
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def _batch_norm(train: bool, dtype: Dtype, param_dtype: Dtype, name: str, zero_scale=False):
+def _check_groups_divide_batch(batch_size: int, group_size: int) -> None:
+    if batch_size % group_size:
+        raise ValueError(
+            f"BatchNorm statistics groups of {group_size} images (model.image.batch_norm_group_size) "
+            f"do not divide the batch of {batch_size} images"
+        )
+
+
+class GroupedBatchNorm(nn.Module):
+    """Training-mode BatchNorm with statistics per group of `group_size` consecutive images.
+
+    Not GroupNorm: groups split the batch, not the channels. Each group is normalised with the
+    mean and (biased) variance over its own images and positions, as each device's BatchNorm is in
+    data-parallel training without synchronised statistics. The running averages move towards the
+    mean over groups of the group means and variances: every group counts alike, and with equal
+    groups the mean is the whole batch's. (PyTorch DDP without SyncBN instead keeps rank 0's, that
+    is one group's, since its buffers are broadcast from rank 0.)
+
+    The variables are nn.BatchNorm's ('params': scale, bias; 'batch_stats': float32 mean, var; all
+    [C]), so either module reads the other's checkpoints. Statistics are float32 whatever `dtype`.
+    """
+
+    group_size: int
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    scale_init: nn.initializers.Initializer = nn.initializers.ones
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [B, ..., C] with B a multiple of group_size -> normalised [B, ..., C] in `dtype`.
+
+        Group g is x[g * group_size : (g + 1) * group_size]; with the batch sharded over devices in
+        contiguous rows, a group size of B / num_devices makes each device's share one group.
+        """
+        batch_size, channels = x.shape[0], x.shape[-1]
+        _check_groups_divide_batch(batch_size, self.group_size)
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (channels,), jnp.float32)
+        running_var = self.variable("batch_stats", "var", jnp.ones, (channels,), jnp.float32)
+        scale = self.param("scale", self.scale_init, (channels,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (channels,), self.param_dtype)
+
+        num_groups = batch_size // self.group_size
+        groups = x.astype(jnp.float32).reshape(num_groups, self.group_size, *x.shape[1:])
+        # Reduce over each group's images and positions: [G, 1, ..., 1, C].
+        within_group = tuple(range(1, groups.ndim - 1))
+        mean = groups.mean(axis=within_group, keepdims=True)
+        # Two passes (deviations from the mean) rather than E[x^2] - E[x]^2: no cancellation for
+        # channels whose mean is large against their spread.
+        variance = jnp.square(groups - mean).mean(axis=within_group, keepdims=True)
+
+        if not self.is_initializing():
+            for running, per_group in ((running_mean, mean), (running_var, variance)):
+                over_groups = per_group.reshape(num_groups, channels).mean(axis=0)
+                running.value = self.momentum * running.value + (1 - self.momentum) * over_groups
+
+        multiplier = jax.lax.rsqrt(variance + self.epsilon) * scale.astype(jnp.float32)
+        normalised = (groups - mean) * multiplier + bias.astype(jnp.float32)
+        return normalised.reshape(x.shape).astype(self.dtype)
+
+
+def _batch_norm(
+    train: bool, group_size: int, dtype: Dtype, param_dtype: Dtype, name: str, zero_scale=False
+) -> nn.Module:
     """PyTorch-equivalent BatchNorm (momentum 0.1 there is 0.9 here, eps 1e-5); statistics in
-    float32 whatever the compute dtype."""
+    float32 whatever the compute dtype.
+
+    group_size 0 takes batch statistics over the whole batch (flax's nn.BatchNorm); a positive
+    group_size, per group of that many images (GroupedBatchNorm), when training. Evaluation uses
+    the running statistics either way, so it stays nn.BatchNorm.
+    """
+    scale_init = nn.initializers.zeros if zero_scale else nn.initializers.ones
+    if train and group_size:
+        return GroupedBatchNorm(
+            group_size=group_size,
+            momentum=0.9,
+            epsilon=1e-5,
+            scale_init=scale_init,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            name=name,
+        )
     return nn.BatchNorm(
         use_running_average=not train,
         momentum=0.9,
         epsilon=1e-5,
-        scale_init=nn.initializers.zeros if zero_scale else nn.initializers.ones,
+        scale_init=scale_init,
         dtype=dtype,
         param_dtype=param_dtype,
         name=name,
@@ -42,6 +124,7 @@ class Bottleneck(nn.Module):
 
     planes: int
     stride: int = 1
+    batch_norm_group_size: int = 0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -59,7 +142,7 @@ class Bottleneck(nn.Module):
             name=name,
         )
         norm = lambda name, zero_scale=False: _batch_norm(  # noqa: E731
-            train, self.dtype, self.param_dtype, name, zero_scale
+            train, self.batch_norm_group_size, self.dtype, self.param_dtype, name, zero_scale
         )
         out_features = 4 * self.planes
         out = nn.relu(norm("bn1")(conv(self.planes, 1, "conv1")(x)))
@@ -115,13 +198,18 @@ class AttentionPool2d(nn.Module):
 
 class ModifiedResNet(nn.Module):
     """CLIP's ResNet: stem of three 3x3 convs (first strided) + 2x avg-pool, four stages of
-    bottlenecks (widths width, 2w, 4w, 8w; x4 expansion), attention pooling to `output_dim`."""
+    bottlenecks (widths width, 2w, 4w, 8w; x4 expansion), attention pooling to `output_dim`.
+
+    batch_norm_group_size: images per BatchNorm statistics group in a training pass; 0 takes the
+    statistics over the whole batch.
+    """
 
     image_size: int
     layers: tuple[int, ...]
     width: int
     heads: int
     output_dim: int
+    batch_norm_group_size: int = 0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -130,10 +218,15 @@ class ModifiedResNet(nn.Module):
         """images: normalised [B, H, W, 3] with H == W == image_size -> features [B, output_dim].
 
         train=True normalises with batch statistics and updates the running ones (the
-        'batch_stats' collection must then be mutable).
+        'batch_stats' collection must then be mutable). With batch_norm_group_size > 0 the
+        statistics are those of images g * size .. (g + 1) * size - 1 for group g, so B must be a
+        multiple of the group size.
         """
         if images.shape[1:3] != (self.image_size, self.image_size):
             raise ValueError(f"expected {self.image_size}px images, got {images.shape}")
+        if train and self.batch_norm_group_size:
+            # Fail before the first layer, with the config key in the message.
+            _check_groups_divide_batch(images.shape[0], self.batch_norm_group_size)
         x = images
         stem = ((self.width // 2, 2), (self.width // 2, 1), (self.width, 1))
         for index, (features, stride) in enumerate(stem, start=1):
@@ -148,7 +241,9 @@ class ModifiedResNet(nn.Module):
                 param_dtype=self.param_dtype,
                 name=f"stem_conv{index}",
             )(x)
-            x = _batch_norm(train, self.dtype, self.param_dtype, f"stem_bn{index}")(x)
+            x = _batch_norm(
+                train, self.batch_norm_group_size, self.dtype, self.param_dtype, f"stem_bn{index}"
+            )(x)
             x = nn.relu(x)
         x = _avg_pool(x, 2)
         for stage, num_blocks in enumerate(self.layers):
@@ -156,6 +251,7 @@ class ModifiedResNet(nn.Module):
                 x = Bottleneck(
                     planes=self.width * 2**stage,
                     stride=2 if stage > 0 and block == 0 else 1,
+                    batch_norm_group_size=self.batch_norm_group_size,
                     dtype=self.dtype,
                     param_dtype=self.param_dtype,
                     name=f"layer{stage + 1}_block{block}",
