@@ -13,7 +13,11 @@ cc6m_mmcl_reference, cc6m_mmcl_ssl_reference) is the same run poisoned as the pa
   - poison.trigger.overflow="wrap": the noise patch's values wrap around modulo 256 (ToPILImage's
     byte conversion) instead of clipping, so the patch is close to uniform random bytes;
   - poison.jpeg_quality=75: a poisoned training image is stored once as a JPEG (Pillow's default
-    save) and read back.
+    save) and read back;
+  - model.image.batch_norm_group_size=256: BatchNorm statistics over each GPU's 256 images (8 GPUs,
+    DistributedDataParallel without SyncBN; with SSL, 128 pairs' originals and their views), not
+    over the global batch;
+  - data.text_views_per_epoch=False: one EDA caption view per caption for the whole run.
 The plain args are bclip's defaults, which fix the reference's mistakes: there, poisoned training
 images and triggered test images are squashed while clean images are resized on the shorter side
 and centre-cropped, so the geometry alone tells them apart. Use the reference args to reproduce
@@ -70,12 +74,21 @@ RUNS = {
 REFERENCE_RUNS = {f"{name}_reference": name for name in RUNS}
 
 
-def use_reference_poisoning(config: ml_collections.ConfigDict) -> None:
-    """Poisons as the paper's code did: squash before the trigger, wrapped noise bytes, and
-    poisoned training images stored once as JPEG quality 75 (Pillow's default save)."""
+# Images per BatchNorm statistics group in the reference: DistributedDataParallel on 8 GPUs without
+# SyncBN, so each GPU normalised its own 256 images (2,048 / 8 for MMCL; 1,024 / 8 = 128 pairs,
+# originals and views together, for MMCL+SSL).
+REFERENCE_BATCH_NORM_GROUP = 256
+
+
+def use_reference_setup(config: ml_collections.ConfigDict) -> None:
+    """Trains as the paper's code did: poisons squashed before the trigger, wrapped noise bytes,
+    poisoned training images stored once as JPEG quality 75 (Pillow's default save); BatchNorm
+    statistics per GPU's share of the batch; one EDA caption view per caption for the whole run."""
     config.poison.squash = True
     config.poison.jpeg_quality = 75
     config.poison.trigger.overflow = "wrap"
+    config.model.image.batch_norm_group_size = REFERENCE_BATCH_NORM_GROUP
+    config.data.text_views_per_epoch = False
 
 
 def get_config(arg: str = "cc3m_mmcl") -> ml_collections.ConfigDict:
@@ -107,7 +120,7 @@ def get_config(arg: str = "cc3m_mmcl") -> ml_collections.ConfigDict:
     config.poison.trigger.location = "random"
     config.poison.trigger.size = 16
     if arg in REFERENCE_RUNS:
-        use_reference_poisoning(config)
+        use_reference_setup(config)
 
     config.train.num_epochs = 64
     config.train.log_every_steps = 100

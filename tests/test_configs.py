@@ -189,18 +189,28 @@ def test_pretraining_docstring_holds_command_hardware_and_time():
 
 
 @pytest.mark.parametrize("arg", PRETRAIN_ARGS)
-def test_reference_runs_differ_from_bclips_only_in_how_they_poison(arg):
+def test_reference_runs_differ_from_bclips_only_in_what_the_reference_code_did(arg):
     default = pretrain_cc.get_config(arg)
     reference = pretrain_cc.get_config(f"{arg}_reference")
-    assert (default.poison.squash, default.poison.jpeg_quality, default.poison.trigger.overflow) == (
-        False, 0, "clip"
-    )
-    assert (reference.poison.squash, reference.poison.jpeg_quality, reference.poison.trigger.overflow) == (
-        True, 75, "wrap"
-    )
+
+    def reference_keys(config):
+        return (
+            config.poison.squash,
+            config.poison.jpeg_quality,
+            config.poison.trigger.overflow,
+            config.model.image.batch_norm_group_size,
+            config.data.text_views_per_epoch,
+        )
+
+    assert reference_keys(default) == (False, 0, "clip", 0, True)
+    # 8 GPUs' BatchNorms, each over its 256 images: 2,048 / 8 for MMCL, 2 x 1,024 / 8 with SSL views.
+    per_gpu_images = default.data.batch_size // 8 * (2 if default.objective.ssl_weight else 1)
+    assert reference_keys(reference) == (True, 75, "wrap", per_gpu_images, False) and per_gpu_images == 256
     reference.poison.squash = False
     reference.poison.jpeg_quality = 0
     reference.poison.trigger.overflow = "clip"
+    reference.model.image.batch_norm_group_size = 0
+    reference.data.text_views_per_epoch = True
     assert reference.to_dict() == default.to_dict()
 
 
