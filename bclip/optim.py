@@ -1,6 +1,7 @@
 """The optimiser: AdamW with linear warm-up then cosine decay, weight decay on weight matrices only."""
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -69,3 +70,49 @@ def current_learning_rate(opt_state) -> jax.Array:
         if has_hyperparams(state):
             return state.hyperparams["learning_rate"]
     raise ValueError("optimizer state holds no injected learning rate")
+
+
+def _is_adam_state(node) -> bool:
+    return isinstance(node, optax.ScaleByAdamState)
+
+
+def _has_injected_weight_decay(node) -> bool:
+    return hasattr(node, "hyperparams") and "weight_decay" in node.hyperparams
+
+
+def adam_state(opt_state) -> optax.ScaleByAdamState:
+    """The one Adam state (count, mu, nu) inside a `make_optimizer` state."""
+    found = [node for node in jax.tree.leaves(opt_state, is_leaf=_is_adam_state) if _is_adam_state(node)]
+    if len(found) != 1:
+        raise ValueError(f"optimizer state holds {len(found)} Adam states, expected exactly one")
+    return found[0]
+
+
+def with_reloaded_adam(opt_state, saved_opt_state, weight_decay: float):
+    """A fresh `make_optimizer` state continuing a saved one as PyTorch's AdamW reload does.
+
+    Adam's moments (mu, nu) and its step count (which sets the bias correction) come from
+    `saved_opt_state`; parameters it has no moments for (a deep-clustering head added for cleaning)
+    keep the fresh zeros. The injected weight decay becomes `weight_decay`, because PyTorch's
+    `optimizer.load_state_dict` also replaces the hyper-parameters. The injected hyperparameters'
+    own step count, which drives the learning-rate schedule, stays at `opt_state`'s (0 for a fresh
+    state): PyTorch keeps the scheduler apart from the optimizer state, so the schedule starts over.
+    """
+    saved = adam_state(saved_opt_state)
+    unknown = sorted(set(saved.mu) - set(adam_state(opt_state).mu))
+    if unknown:
+        raise ValueError(f"saved Adam moments for parameters the model does not have: {unknown}")
+
+    def take_saved(node):
+        if not _is_adam_state(node):
+            return node
+        return node._replace(count=saved.count, mu={**node.mu, **saved.mu}, nu={**node.nu, **saved.nu})
+
+    def set_weight_decay(node):
+        if not _has_injected_weight_decay(node):
+            return node
+        current = node.hyperparams["weight_decay"]
+        return node._replace(hyperparams={**node.hyperparams, "weight_decay": jnp.asarray(weight_decay, current.dtype)})
+
+    opt_state = jax.tree.map(take_saved, opt_state, is_leaf=_is_adam_state)
+    return jax.tree.map(set_weight_decay, opt_state, is_leaf=_has_injected_weight_decay)

@@ -210,9 +210,9 @@ def test_train_and_evaluate_writes_every_run_file_to_gs(bucket, tmp_path, monkey
     managers, writers = [], []
     make_manager = checkpointing.make_manager
 
-    def local_manager(directory, max_to_keep=3):
+    def local_manager(directory, max_to_keep=3, keep_every_steps=0):
         managers.append(directory)
-        return make_manager(bucket.local(directory), max_to_keep)
+        return make_manager(bucket.local(directory), max_to_keep, keep_every_steps)
 
     def logging_writer(logdir, just_logging=False):
         writers.append(logdir)
@@ -231,6 +231,7 @@ def test_train_and_evaluate_writes_every_run_file_to_gs(bucket, tmp_path, monkey
     for name in ("config.json", train.METRICS_FILE, train.EVALS_FILE, train.POISON_FILE, train.DONE_FILE):
         assert f"{workdir}/{name}" in bucket.written(), name
     assert json.loads((run_dir / "config.json").read_text())["data"]["batch_size"] == 16
+    assert json.loads((run_dir / "checkpoints" / checkpointing.EPOCHS_FILE).read_text()) == {"steps_per_epoch": 2}
     metrics = [json.loads(line) for line in (run_dir / train.METRICS_FILE).read_text().splitlines()]
     assert [record["step"] for record in metrics] == [1, 2]
     evals = [json.loads(line) for line in (run_dir / train.EVALS_FILE).read_text().splitlines()]
