@@ -348,8 +348,8 @@ def test_sweep_report_on_gs(bucket):
         _fake_train(sweep.apply_overrides(base, run.overrides), run.workdir)
     assert report.main(["--sweep", root]) == 0
     summary = json.loads(epath.Path(f"{root}/sweep_report.json").read_text())
-    assert [row["name"] for row in summary["runs"]] == ["lr=0.001", "lr=1e-04"]
-    assert summary["chosen"] == "lr=0.001"
+    assert [(row["name"], row["epoch"]) for row in summary["points"]] == [("lr=1e-04", 1), ("lr=0.001", 1)]
+    assert summary["chosen"] == {"name": "lr=0.001", "epoch": 1, "step": 4}
     assert {f"{root}/sweep_report.{ext}" for ext in ("json", "md", "png")} <= bucket.written()
 
 
