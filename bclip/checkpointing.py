@@ -6,12 +6,20 @@ continues on exactly the next batch. Saves are asynchronous; the iterator positi
 synchronously at save time.
 """
 
+import json
 import os
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+
+
+# In a run's checkpoints directory: how many steps make an epoch, so a checkpoint can be named by
+# epoch exactly (train.init_from_epoch) instead of guessing the step from a batch size.
+EPOCHS_FILE = "epochs.json"
+# Beside the checkpoints directory: the run's config (written by bclip.train).
+RUN_CONFIG_FILE = "config.json"
 
 
 class CheckpointError(RuntimeError):
@@ -25,9 +33,27 @@ def absolute(path: str | os.PathLike) -> epath.Path:
     return path if "://" in os.fspath(path) else epath.Path(os.path.abspath(path))
 
 
-def make_manager(directory: str | os.PathLike, max_to_keep: int = 3) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True)
+def make_manager(
+    directory: str | os.PathLike, max_to_keep: int = 3, keep_every_steps: int = 0
+) -> ocp.CheckpointManager:
+    """A manager keeping the newest `max_to_keep` steps and, when `keep_every_steps` > 0, every step
+    that is a multiple of it for good (e.g. each epoch's end, for cleaning from a chosen epoch)."""
+    if keep_every_steps < 0:
+        raise ValueError(f"keep_every_steps must be >= 0, got {keep_every_steps}")
+    if not keep_every_steps:
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True)
+    else:
+        policies = ocp.checkpoint_managers
+        keep = policies.AnyPreservationPolicy([policies.LatestN(max_to_keep), policies.EveryNSteps(keep_every_steps)])
+        options = ocp.CheckpointManagerOptions(preservation_policy=keep, create=True, enable_async_checkpointing=True)
     return ocp.CheckpointManager(absolute(directory), options=options)
+
+
+def write_epoch_steps(directory: str | os.PathLike, steps_per_epoch: int) -> None:
+    """Record in a checkpoints directory that epoch e ends at step e * steps_per_epoch."""
+    directory = absolute(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / EPOCHS_FILE).write_text(json.dumps({"steps_per_epoch": int(steps_per_epoch)}) + "\n")
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, data_iterator) -> None:
@@ -61,35 +87,71 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator
     return restored["state"], step
 
 
-def _resolve_step_dir(path: str | os.PathLike) -> tuple[epath.Path, int]:
-    """`path` is a run's checkpoint directory (take its latest step) or one step directory."""
+def _resolve_step_dir(path: str | os.PathLike, epoch: int = -1) -> tuple[epath.Path, int]:
+    """`path` is a run's checkpoint directory (take its latest step, or the step that ends `epoch`)
+    or one step directory."""
+    if epoch == 0 or epoch < -1:
+        raise CheckpointError(
+            f"init_from_epoch must be -1 (the latest checkpoint) or an epoch >= 1 (the checkpoint saved "
+            f"after that many epochs), got {epoch}"
+        )
     path = absolute(path)
     if not path.exists():
         raise CheckpointError(f"init_from checkpoint {path} does not exist")
     if (path / "state").is_dir():
+        if epoch != -1:
+            raise CheckpointError(
+                f"init_from {path} is one step directory, so init_from_epoch={epoch} cannot choose another; "
+                "name the run's workdir or its checkpoints directory"
+            )
         return path.parent, int(path.name)
     for candidate in (path, path / "checkpoints"):
         if candidate.is_dir():
             steps = ocp.utils.checkpoint_steps(candidate)
             if steps:
-                return candidate, max(steps)
+                return candidate, (max(steps) if epoch == -1 else _step_of_epoch(candidate, steps, epoch))
     raise CheckpointError(f"init_from {path} holds no finished checkpoint step")
 
 
-def load_model_variables(path: str | os.PathLike, abstract_variables: dict) -> tuple[dict, str]:
+def _step_of_epoch(directory: epath.Path, steps, epoch: int) -> int:
+    """The finished step in `directory` saved at the end of (1-based) `epoch`."""
+    epochs_file = directory / EPOCHS_FILE
+    if not epochs_file.exists():
+        raise CheckpointError(
+            f"{directory} has no {EPOCHS_FILE}, so its steps cannot be matched to epochs "
+            f"(steps saved: {sorted(steps)}); name the step directory in init_from instead of init_from_epoch"
+        )
+    try:
+        steps_per_epoch = int(json.loads(epochs_file.read_text())["steps_per_epoch"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{epochs_file} is not an epochs record ({type(error).__name__}: {error})") from None
+    step = epoch * steps_per_epoch
+    if step not in steps:
+        epochs = sorted(s // steps_per_epoch for s in steps if s % steps_per_epoch == 0)
+        raise CheckpointError(
+            f"{directory} holds no checkpoint of epoch {epoch} (step {step} at {steps_per_epoch} steps per "
+            f"epoch); epochs with a checkpoint: {epochs} (steps saved: {sorted(steps)}). A run keeps its "
+            "epochs' checkpoints only with train.keep_checkpoint_every_epochs"
+        )
+    return step
+
+
+def load_model_variables(path: str | os.PathLike, abstract_variables: dict, epoch: int = -1) -> tuple[dict, str]:
     """Params and batch_stats of a finished checkpoint, for starting a cleaning run.
 
-    The optimiser state in the checkpoint is deliberately not read: cleaning starts a fresh
-    optimiser and schedule (the reference code silently reloaded the pretraining one).
+    The optimiser state in the checkpoint is not read here: cleaning starts a fresh optimiser and
+    schedule unless `load_optimizer_state` is asked for it too (the reference code always reloaded it).
 
     Args:
       path: a run workdir, its `checkpoints` directory, or one step directory inside it.
       abstract_variables: {"params", "batch_stats"} shapes (with shardings) of the model to fill.
+      epoch: -1 for the latest step; e >= 1 for the checkpoint saved after e epochs (the run's
+        EPOCHS_FILE maps it to its step; a missing one is an error listing the epochs there are).
 
     Returns:
       (variables, the step directory read).
     """
-    directory, step = _resolve_step_dir(path)
+    directory, step = _resolve_step_dir(path, epoch)
     where = directory / str(step)
     target = {"params": abstract_variables["params"], "batch_stats": abstract_variables["batch_stats"]}
     checkpointer = ocp.PyTreeCheckpointer()
@@ -103,6 +165,48 @@ def load_model_variables(path: str | os.PathLike, abstract_variables: dict) -> t
         args=ocp.args.PyTreeRestore(item=target, restore_args=_restore_args(target), partial_restore=True),
     )
     return restored, os.fspath(where)
+
+
+def load_optimizer_state(step_dir: str | os.PathLike, abstract_opt_state):
+    """The optimiser state saved in a finished step directory, for train.reload_optimizer_state.
+
+    Args:
+      step_dir: one step directory (as `load_model_variables` returns it).
+      abstract_opt_state: shapes (with shardings) of the configured optimiser's state for the
+        model's params; the saved state must have exactly this structure.
+
+    Returns:
+      The saved optimiser state, in `abstract_opt_state`'s structure and shardings.
+    """
+    where = absolute(step_dir)
+    checkpointer = ocp.PyTreeCheckpointer()
+    try:
+        metadata = checkpointer.metadata(where / "state").item_metadata.tree
+    except Exception as error:
+        raise CheckpointError(f"cannot read checkpoint metadata at {where}: {error}") from error
+    if metadata is None or "opt" not in metadata:
+        raise CheckpointError(f"checkpoint at {where} holds no optimiser state to reload")
+    _check_optimizer_structure(metadata["opt"], abstract_opt_state, where)
+    restored = checkpointer.restore(
+        where / "state",
+        args=ocp.args.PyTreeRestore(
+            item={"opt": abstract_opt_state},
+            restore_args={"opt": _restore_args(abstract_opt_state)},
+            partial_restore=True,
+        ),
+    )
+    return restored["opt"]
+
+
+def saved_run_config(step_dir: str | os.PathLike) -> dict:
+    """The config.json of the run whose checkpoints directory holds `step_dir`."""
+    path = absolute(step_dir).parent.parent / RUN_CONFIG_FILE
+    if not path.exists():
+        raise CheckpointError(f"no {RUN_CONFIG_FILE} at {path}: the run that saved {step_dir} is not known")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path} is not valid JSON: {error}") from None
 
 
 def _restore_args(target):
@@ -120,3 +224,38 @@ def _check_structure(metadata, target, where: str) -> None:
     if missing or wrong:
         details = [f"missing {k}" for k in missing[:5]] + [f"{k}: checkpoint {have[k]} vs model {want[k]}" for k in wrong[:5]]
         raise CheckpointError(f"checkpoint at {where} does not fit the configured model: " + "; ".join(details))
+
+
+def _key_names(path) -> tuple[str, ...]:
+    """A key path as plain names: saved metadata holds dicts and lists where the state held named
+    tuples and tuples, so only the names and indices can be compared."""
+    names = []
+    for entry in path:
+        for attribute in ("name", "key", "idx"):
+            if hasattr(entry, attribute):
+                names.append(str(getattr(entry, attribute)))
+                break
+        else:
+            names.append(str(entry))
+    return tuple(names)
+
+
+def _check_optimizer_structure(metadata, abstract_opt_state, where) -> None:
+    """Fail before any compute when the saved optimiser state is not the configured optimiser's."""
+    have = {_key_names(p): tuple(m.shape) for p, m in jax.tree_util.tree_leaves_with_path(metadata)}
+    want = {_key_names(p): tuple(a.shape) for p, a in jax.tree_util.tree_leaves_with_path(abstract_opt_state)}
+    missing = sorted(set(want) - set(have))
+    extra = sorted(set(have) - set(want))
+    wrong = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+    if missing or extra or wrong:
+        text = lambda names: "/".join(names)
+        details = (
+            [f"missing {text(k)}" for k in missing[:5]]
+            + [f"not in the configured optimiser: {text(k)}" for k in extra[:5]]
+            + [f"{text(k)}: checkpoint {have[k]} vs configured {want[k]}" for k in wrong[:5]]
+        )
+        raise CheckpointError(
+            f"the optimiser state in the checkpoint at {where} does not have the configured optimiser's "
+            f"structure ({len(missing)} missing, {len(extra)} unexpected, {len(wrong)} of other shape; "
+            "optim.grad_clip_norm and the model must be the pretraining run's): " + "; ".join(details)
+        )

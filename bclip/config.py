@@ -44,8 +44,17 @@ def run_config(model_name: str = "micro-vit", **model_overrides) -> ml_collectio
         {
             "num_epochs": 1,
             # A finished checkpoint (a run's workdir, its checkpoints dir or a step dir) whose params
-            # start this run; the optimiser and schedule always start fresh.
+            # start this run; the optimiser and schedule start fresh (see reload_optimizer_state).
             "init_from": "",
+            # The epoch of init_from (a workdir or checkpoints dir) to start from, counted as the
+            # reference's epoch_21.pt: 21 = the checkpoint saved after the 21st epoch. That run must
+            # have kept it (keep_checkpoint_every_epochs); -1 = its latest checkpoint.
+            "init_from_epoch": -1,
+            # Also take init_from's AdamW state, as the reference's cleaning did: Adam's moments and
+            # step count (bias correction) continue, the learning-rate schedule starts fresh, and the
+            # pretraining run's weight decay (its config.json) replaces optim.weight_decay, with a
+            # warning, because PyTorch's optimizer.load_state_dict replaced the hyper-parameters too.
+            "reload_optimizer_state": False,
             # For cleaning: a JSON list of indices (a pretraining run's poison_indices.json) that the
             # training set must not contain; the run fails if any is present.
             "exclude_indices_file": "",
@@ -56,6 +65,8 @@ def run_config(model_name: str = "micro-vit", **model_overrides) -> ml_collectio
             "log_every_steps": 20,
             "checkpoint_every_steps": 500,
             "keep_checkpoints": 2,
+            # Also keep the checkpoint of every k-th epoch's end for good (for init_from_epoch); 0 = none.
+            "keep_checkpoint_every_epochs": 0,
             # Profile a few steps with jax.profiler (traces go to workdir/plugins/profile).
             "profile_steps": 0,
         }

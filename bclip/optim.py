@@ -111,3 +111,70 @@ def current_learning_rate(opt_state) -> jax.Array:
         if has_hyperparams(state):
             return state.hyperparams["learning_rate"]
     raise ValueError("optimizer state holds no injected learning rate")
+
+
+def _is_adam_state(node) -> bool:
+    return isinstance(node, optax.ScaleByAdamState)
+
+
+def _has_injected_weight_decay(node) -> bool:
+    return hasattr(node, "hyperparams") and "weight_decay" in node.hyperparams
+
+
+def adam_state(opt_state) -> optax.ScaleByAdamState:
+    """The one Adam state (count, mu, nu) inside a `make_optimizer` state."""
+    found = [node for node in jax.tree.leaves(opt_state, is_leaf=_is_adam_state) if _is_adam_state(node)]
+    if len(found) != 1:
+        raise ValueError(f"optimizer state holds {len(found)} Adam states, expected exactly one")
+    return found[0]
+
+
+def with_reloaded_adam(opt_state, saved_opt_state, weight_decay: float):
+    """A fresh `make_optimizer` state continuing a saved one as PyTorch's AdamW reload does.
+
+    Adam's moments (mu, nu) and its step count (which sets the bias correction) come from
+    `saved_opt_state`; parameters it has no moments for (a deep-clustering head added for cleaning)
+    keep the fresh zeros. The injected weight decay becomes `weight_decay`, because PyTorch's
+    `optimizer.load_state_dict` also replaces the hyper-parameters. The injected hyperparameters'
+    own step count, which drives the learning-rate schedule, stays at `opt_state`'s (0 for a fresh
+    state): PyTorch keeps the scheduler apart from the optimizer state, so the schedule starts over.
+    """
+    # With a resettable head (deep clustering), only the model's part continues the saved run: the
+    # head is new and keeps its fresh state.
+    return _on_model_part(opt_state, lambda model_part: _with_reloaded_adam(model_part, saved_opt_state, weight_decay))
+
+
+def _on_model_part(opt_state, function):
+    """`function` applied to the model's part of a `make_optimizer` state (all of it without a
+    resettable head)."""
+    is_split = lambda node: isinstance(node, optax.MultiTransformState)  # noqa: E731
+    if not any(is_split(node) for node in jax.tree.leaves(opt_state, is_leaf=is_split)):
+        return function(opt_state)
+
+    def apply(node):
+        if not is_split(node):
+            return node
+        return node._replace(inner_states={**node.inner_states, _MODEL: function(node.inner_states[_MODEL])})
+
+    return jax.tree.map(apply, opt_state, is_leaf=is_split)
+
+
+def _with_reloaded_adam(opt_state, saved_opt_state, weight_decay: float):
+    saved = adam_state(saved_opt_state)
+    unknown = sorted(set(saved.mu) - set(adam_state(opt_state).mu))
+    if unknown:
+        raise ValueError(f"saved Adam moments for parameters the model does not have: {unknown}")
+
+    def take_saved(node):
+        if not _is_adam_state(node):
+            return node
+        return node._replace(count=saved.count, mu={**node.mu, **saved.mu}, nu={**node.nu, **saved.nu})
+
+    def set_weight_decay(node):
+        if not _has_injected_weight_decay(node):
+            return node
+        current = node.hyperparams["weight_decay"]
+        return node._replace(hyperparams={**node.hyperparams, "weight_decay": jnp.asarray(weight_decay, current.dtype)})
+
+    opt_state = jax.tree.map(take_saved, opt_state, is_leaf=_is_adam_state)
+    return jax.tree.map(set_weight_decay, opt_state, is_leaf=_has_injected_weight_decay)

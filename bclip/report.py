@@ -289,6 +289,8 @@ class SweepRun:
     status: str  # "finished" (done.json), "not finished" (folder, no done.json) or "not started"
     final: dict | None  # its last evaluation record: {"step", "epoch", "{eval set}/{figure}": ...}
     start: dict | None  # its evaluation before the first step (step 0), if it made one
+    # Its evaluations after training steps, one per step in step order: the sweep's points.
+    evaluations: tuple[dict, ...]
     init_from: str  # the checkpoint it started from, "" for a run from scratch (from config.json)
     selection_set: str  # its config's eval.selection_set, "" when unset or unknown
 
@@ -305,6 +307,9 @@ def read_run(run_dir: str | os.PathLike, name: str, overrides: dict) -> SweepRun
     final = by_step[max(by_step)] if by_step else None
     if final is None and isinstance(done, dict) and done.get("results"):
         final = {"step": done.get("steps"), "epoch": None, **done["results"]}
+    evaluations = [by_step[step] for step in sorted(by_step) if step != 0]
+    if not by_step and final is not None:  # only done.json's results are left
+        evaluations = [final]
     if done is not None:
         status = "finished"
     else:
@@ -315,6 +320,7 @@ def read_run(run_dir: str | os.PathLike, name: str, overrides: dict) -> SweepRun
         status=status,
         final=final,
         start=by_step.get(0),
+        evaluations=tuple(evaluations),
         init_from=str(config.get("train", {}).get("init_from") or ""),
         selection_set=str(config.get("eval", {}).get("selection_set") or ""),
     )
@@ -400,10 +406,11 @@ def _figures(record: dict | None, test_set: str, selection_set: str | None) -> d
     }
 
 
-def choose_run(rows: Sequence[dict], drop_points: float = SELECTION_DROP_POINTS) -> dict | None:
-    """The study's pick, made on the selection split alone: among finished runs whose selection
-    top-1 is within `drop_points` of their original's, the lowest selection ASR (ties: higher
-    selection top-1). None when no run qualifies."""
+def choose_point(rows: Sequence[dict], drop_points: float = SELECTION_DROP_POINTS) -> dict | None:
+    """The study's pick, made on the selection split alone: among the evaluated epochs of finished
+    runs whose selection top-1 is within `drop_points` of their original's, the lowest selection
+    ASR (ties: higher selection top-1, then the earlier row). The original itself (a run's step-0
+    evaluation) is never a row. None when no point qualifies."""
     eligible = [
         row
         for row in rows
@@ -415,19 +422,46 @@ def choose_run(rows: Sequence[dict], drop_points: float = SELECTION_DROP_POINTS)
     return min(eligible, key=lambda row: (row["selection_asr"], -row["selection_top1"]), default=None)
 
 
+def _original(run: SweepRun, shared_original: dict | None, test_set: str, selection_set: str | None) -> dict | None:
+    """The figures a run's points are compared with: the reference run's, else the run's own
+    step-0 evaluation when it starts from a checkpoint (a run from scratch has no original)."""
+    if shared_original is not None:
+        return shared_original
+    if run.init_from and run.start is not None:
+        return _figures(run.start, test_set, selection_set)
+    return None
+
+
+def _run_rows(
+    run: SweepRun, keys: Sequence[str], original: dict | None, test_set: str, selection_set: str | None
+) -> list[dict]:
+    """One row per evaluated epoch of `run` (its step-0 evaluation excluded); a run without any
+    gets one row with no figures, so it is still listed."""
+    common = {
+        "name": run.name,
+        "status": run.status,
+        "overrides": {key: run.overrides[key] for key in keys if key in run.overrides},
+    }
+    evaluations = run.evaluations or (None,)
+    return [
+        {**common, **_figures(record, test_set, selection_set), "original": original, "chosen": False}
+        for record in evaluations
+    ]
+
+
 def summarise_sweep(
     root: str | os.PathLike,
     reference: str | os.PathLike | None = None,
     test_set: str | None = None,
     selection_set: str | None = None,
 ) -> dict:
-    """One row per run of the sweep under `root` (its last evaluation), the overrides that vary,
-    and the run chosen by the study's rule.
+    """Every evaluated epoch of every run of the sweep under `root` as one point (row), the
+    overrides that vary, and the point chosen by the study's rule.
 
     The original figures the rule compares against are the `reference` run's last evaluation
     (e.g. the pretrained model's run folder), else each cleaning run's own evaluation at step 0
-    (taken before its first step, of the checkpoint it starts from). With neither, or without a
-    selection split, no run is chosen and the rows are only sorted by test ASR.
+    (taken before its first step, of the checkpoint it starts from), which is not itself a point.
+    With neither, or without a selection split, no point is chosen.
     """
     config_path, runs = read_sweep(root)
     reference_run = read_run(reference, "reference", {}) if reference is not None else None
@@ -441,40 +475,28 @@ def summarise_sweep(
     else:
         shared_original = None
         original_source = "each run's evaluation at step 0, before cleaning"
+    # Finished runs first, each group in plan order; a run's points in step order.
+    ordered = [run for run in runs if run.status == "finished"] + [run for run in runs if run.status != "finished"]
     rows = []
-    for run in runs:
-        if shared_original is not None:
-            original = shared_original
-        elif run.init_from and run.start is not None:
-            original = _figures(run.start, test_set, selection_set)
-        else:
-            original = None
-        rows.append(
-            {
-                "name": run.name,
-                "status": run.status,
-                "overrides": {key: run.overrides[key] for key in keys if key in run.overrides},
-                **_figures(run.final, test_set, selection_set),
-                "original": original,
-                "chosen": False,
-            }
-        )
+    for run in ordered:
+        rows += _run_rows(run, keys, _original(run, shared_original, test_set, selection_set), test_set, selection_set)
     if not any(row["original"] for row in rows):
         original_source = None
 
-    chosen = choose_run(rows) if selection_set is not None else None
+    chosen = choose_point(rows) if selection_set is not None else None
     if chosen is not None:
         chosen["chosen"] = True
-        note = f"chosen: {chosen['name']}"
+        note = f"chosen: {chosen['name']}, epoch {_epoch_text(chosen['epoch'])} (step {chosen['step']})"
     elif selection_set is None:
-        note = "no selection split, so no run is chosen (choosing on the test split would select on the test set)"
+        note = "no selection split, so no point is chosen (choosing on the test split would select on the test set)"
     elif original_source is None:
-        note = "no original figures (give --reference, or cleaning runs that evaluate at step 0), so no run is chosen"
+        note = "no original figures (give --reference, or cleaning runs that evaluate at step 0), so no point is chosen"
     else:
-        note = f"no finished run keeps its selection top-1 within {SELECTION_DROP_POINTS:g} points of the original"
+        note = (
+            f"no epoch of a finished run keeps its selection top-1 within {SELECTION_DROP_POINTS:g} points "
+            "of the original"
+        )
 
-    finished = [row for row in rows if row["status"] == "finished"]
-    finished.sort(key=lambda row: (row["test_asr"] is None, row["test_asr"] or 0.0, -(row["test_top1"] or 0.0)))
     return {
         "root": os.fspath(root),
         "config": config_path,
@@ -483,15 +505,20 @@ def summarise_sweep(
         "varying_keys": keys,
         "original_source": original_source,
         "rule": (
-            f"lowest selection-split ASR among finished runs whose selection-split top-1 is within "
-            f"{SELECTION_DROP_POINTS:g} points of the original's"
+            f"lowest selection-split ASR among the evaluated epochs of finished runs whose selection-split "
+            f"top-1 is within {SELECTION_DROP_POINTS:g} points of the original's"
         ),
-        "chosen": chosen["name"] if chosen else None,
+        "chosen": None if chosen is None else {key: chosen[key] for key in ("name", "epoch", "step")},
         "note": note,
-        "num_runs": len(rows),
-        "num_finished": len(finished),
-        "runs": finished + [row for row in rows if row["status"] != "finished"],
+        "num_runs": len(runs),
+        "num_finished": sum(run.status == "finished" for run in runs),
+        "num_points": sum(row["step"] is not None for row in rows),
+        "points": rows,
     }
+
+
+def _epoch_text(epoch) -> str:
+    return "–" if epoch is None else str(epoch)
 
 
 def _override_text(value) -> str:
@@ -508,10 +535,10 @@ def sweep_markdown(summary: dict) -> str:
         "# Sweep report",
         "",
         f"Sweep `{summary['root']}`" + (f" (config `{summary['config']}`)" if summary["config"] else "")
-        + f": {summary['num_runs']} runs, {summary['num_finished']} finished.",
-        f"Each row is a run's last evaluation on the test split `{summary['test_set']}`"
+        + f": {summary['num_runs']} runs, {summary['num_finished']} finished, {summary['num_points']} evaluated epochs.",
+        f"Each row is one evaluated epoch of a run on the test split `{summary['test_set']}`"
         + (f" and the selection split `{selection}`" if selection else " (no selection split)")
-        + "; figures in %. Finished runs come first, by test ASR.",
+        + "; figures in %. Finished runs come first, each run's epochs in order.",
         "",
         f"Original: {summary['original_source'] or 'none'}. Rule: {summary['rule']}; {summary['note']}.",
         "",
@@ -519,14 +546,13 @@ def sweep_markdown(summary: dict) -> str:
         + "status | epoch | top-1 | top-5 | ASR | selection top-1 | selection ASR | original selection top-1 | chosen |",
         "|" + "---|" * (len(keys) + 10),
     ]
-    for row in summary["runs"]:
+    for row in summary["points"]:
         overrides = "".join(
             f"{_override_text(row['overrides'][key]) if key in row['overrides'] else '–'} | " for key in keys
         )
         original = row["original"]["selection_top1"] if row["original"] else None
-        epoch = "–" if row["epoch"] is None else str(row["epoch"])
         lines.append(
-            f"| {row['name']} | {overrides}{row['status']} | {epoch} | {_pct(row['test_top1'])} | "
+            f"| {row['name']} | {overrides}{row['status']} | {_epoch_text(row['epoch'])} | {_pct(row['test_top1'])} | "
             f"{_pct(row['test_top5'])} | {_pct(row['test_asr'])} | {_pct(row['selection_top1'])} | "
             f"{_pct(row['selection_asr'])} | {_pct(original)} | {'✓' if row['chosen'] else ''} |"
         )
@@ -534,22 +560,31 @@ def sweep_markdown(summary: dict) -> str:
 
 
 def sweep_plot(summary: dict, path: str | os.PathLike) -> None:
-    """Test top-1 vs ASR, one labelled point per finished run's last evaluation; the chosen run
-    ringed, a shared original as a star."""
+    """Test top-1 vs ASR: every evaluated epoch of every run, a run's epochs joined in order and
+    its last one labelled; unfinished runs hollow, the chosen point ringed, a shared original as a
+    star."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
-    rows = [row for row in summary["runs"] if row["status"] == "finished" and None not in (row["test_top1"], row["test_asr"])]
-    ax.scatter([100 * row["test_asr"] for row in rows], [100 * row["test_top1"] for row in rows], s=24, color="tab:blue")
-    for row in rows:
-        ax.annotate(row["name"], (100 * row["test_asr"], 100 * row["test_top1"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    plotted = [row for row in summary["points"] if None not in (row["test_top1"], row["test_asr"])]
+    names = list(dict.fromkeys(row["name"] for row in plotted))
+    colours = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(names)}
+    for name in names:
+        rows = [row for row in plotted if row["name"] == name]
+        x, y = [100 * row["test_asr"] for row in rows], [100 * row["test_top1"] for row in rows]
+        finished = rows[0]["status"] == "finished"
+        ax.plot(x, y, "-", color=colours[name], alpha=0.4, linewidth=1)
+        ax.scatter(x, y, s=20, color=colours[name] if finished else "none", edgecolors=colours[name])
+        ax.annotate(name, (x[-1], y[-1]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for row in plotted:
         if row["chosen"]:
-            ax.scatter([100 * row["test_asr"]], [100 * row["test_top1"]], s=160, facecolors="none", edgecolors="red", label="chosen")
-    originals = {json.dumps(row["original"], sort_keys=True) for row in summary["runs"] if row["original"]}
+            label = f"chosen ({row['name']}, epoch {_epoch_text(row['epoch'])})"
+            ax.scatter([100 * row["test_asr"]], [100 * row["test_top1"]], s=160, facecolors="none", edgecolors="red", label=label)
+    originals = {json.dumps(row["original"], sort_keys=True) for row in summary["points"] if row["original"]}
     if len(originals) == 1:
         original = json.loads(originals.pop())
         if None not in (original["test_top1"], original["test_asr"]):
             ax.scatter([100 * original["test_asr"]], [100 * original["test_top1"]], marker="*", s=220, color="black", label="original")
-    ax.set_title(f"{summary['root']}: {len(rows)} finished of {summary['num_runs']} runs", fontsize=9)
+    ax.set_title(f"{summary['root']}: {len(plotted)} evaluated epochs of {summary['num_runs']} runs", fontsize=9)
     ax.set_xlabel("attack success rate (%)")
     ax.set_ylabel("zero-shot top-1 (%)")
     ax.set_xlim(-3, 103)
@@ -591,7 +626,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"{summary['num_runs']} runs, {summary['num_finished']} finished; {summary['note']}")
+    print(
+        f"{summary['num_runs']} runs, {summary['num_finished']} finished, "
+        f"{summary['num_points']} evaluated epochs; {summary['note']}"
+    )
     print(f"Report: {epath.Path(args.sweep) / (SWEEP_REPORT + '.md')} (and .json, .png)")
     return 0
 

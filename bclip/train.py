@@ -355,6 +355,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     after that checkpoint are dropped and written again.
     """
     # ---- Setup ---------------------------------------------------------------------------------
+    check_start_keys(config.train)
     # Every run file goes through epath, so the workdir may be on GCS (gs://bucket/run).
     run_dir = epath.Path(workdir)
     workdir = os.fspath(run_dir)
@@ -399,13 +400,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     shardings = sharding.state_shardings(abstract, mesh, config.sharding)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     variable_shardings = {"params": shardings["params"], "batch_stats": shardings["batch_stats"]}
-    manager = checkpointing.make_manager(run_dir / "checkpoints", config.train.keep_checkpoints)
+    # Epoch ends are always saved; every k-th is kept for good, and epochs.json maps them to steps.
+    keep_every_steps = config.train.keep_checkpoint_every_epochs * steps_per_epoch
+    manager = checkpointing.make_manager(run_dir / "checkpoints", config.train.keep_checkpoints, keep_every_steps)
+    if is_chief:
+        checkpointing.write_epoch_steps(run_dir / "checkpoints", steps_per_epoch)
     # An init_from checkpoint is read before any compute so a bad path fails at once.
-    init_from = None
+    init_from = saved_opt = None
     if config.train.init_from and manager.latest_step() is None:
         variables_abstract = {"params": _model_params(abstract["params"]), "batch_stats": abstract["batch_stats"]}
-        init_from, where = checkpointing.load_model_variables(config.train.init_from, variables_abstract)
+        init_from, where = checkpointing.load_model_variables(
+            config.train.init_from, variables_abstract, config.train.init_from_epoch
+        )
         logging.info("Initialising from %s", where)
+        if config.train.reload_optimizer_state:
+            saved_opt, saved_weight_decay = reloaded_optimizer_state(
+                where, tx, variables_abstract["params"], mesh, config
+            )
     state, start_step = checkpointing.restore_latest(manager, abstract, data.iterator)
     original_variables = None
     if state is not None:
@@ -424,9 +435,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             # until then; the shrunk start is evaluated too and logged beside it.
             original_variables = jax.tree.map(jnp.copy, init_from)
         variables = initial_variables(config, init_from, init_variables, variable_shardings, rng, num_clusters)
-        # The optimiser always starts fresh, also from a pretrained checkpoint.
+        # The optimiser starts fresh, also from a pretrained checkpoint, unless asked to reload it.
         make_state = jax.jit(functools.partial(_state_from_variables, tx=tx), out_shardings=shardings, donate_argnums=0)
         state = make_state(variables)
+        if saved_opt is not None:
+            opt = optim.with_reloaded_adam(state["opt"], saved_opt, saved_weight_decay)
+            state = {**state, "opt": jax.device_put(opt, shardings["opt"])}
     step_fn = train_step.shard_and_jit_train_step(train_step.make_train_step(model, tx, config.objective), shardings, mesh)
 
     # ---- Evaluators ----------------------------------------------------------------------------
@@ -561,6 +575,48 @@ def make_evaluators(config, model, tokenizer, mesh, process_index: int, process_
 def shrinks_start_weights(cleaning_config: ml_collections.ConfigDict) -> bool:
     """Whether shrink-and-perturb changes the weights a cleaning run starts from."""
     return cleaning_config.shrink != 1.0 or cleaning_config.perturb != 0.0
+
+
+def check_start_keys(train: ml_collections.ConfigDict) -> None:
+    """Fail before anything is written when the keys that choose a run's start contradict each other."""
+    if train.keep_checkpoint_every_epochs < 0:
+        raise ValueError(f"train.keep_checkpoint_every_epochs must be >= 0, got {train.keep_checkpoint_every_epochs}")
+    if not train.init_from:
+        if train.init_from_epoch != -1:
+            raise ValueError(
+                f"train.init_from_epoch={train.init_from_epoch} needs train.init_from (the run to start from)"
+            )
+        if train.reload_optimizer_state:
+            raise ValueError("train.reload_optimizer_state needs train.init_from (the run whose optimiser to reload)")
+
+
+def reloaded_optimizer_state(step_dir: str, tx, abstract_params, mesh, config) -> tuple[Any, float]:
+    """The optimiser state saved in `step_dir` and the weight decay of the run that saved it (its
+    config.json), for train.reload_optimizer_state. abstract_params: the model's params (no
+    deep-clustering head) with shardings; the saved state must be `tx`'s for them."""
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    opt_shardings = sharding.state_shardings(abstract_opt, mesh, config.sharding)
+    abstract_opt = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_opt, opt_shardings
+    )
+    saved_opt = checkpointing.load_optimizer_state(step_dir, abstract_opt)
+    saved_config = checkpointing.saved_run_config(step_dir)
+    try:
+        weight_decay = float(saved_config["optim"]["weight_decay"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise checkpointing.CheckpointError(
+            f"the config of the run that saved {step_dir} has no optim.weight_decay ({type(error).__name__}: {error})"
+        ) from None
+    logging.warning(
+        "train.reload_optimizer_state: Adam's moments and step count %d come from %s, and its run's weight decay %g "
+        "replaces the configured optim.weight_decay %g (as the reference's optimizer.load_state_dict did); "
+        "the learning-rate schedule starts fresh",
+        int(optim.adam_state(saved_opt).count),
+        step_dir,
+        weight_decay,
+        config.optim.weight_decay,
+    )
+    return saved_opt, weight_decay
 
 
 def initial_variables(config, init_from, init_variables, variable_shardings, rng, num_clusters: int) -> dict:

@@ -67,6 +67,15 @@ def vectorisation_problems(configs: Sequence[ml_collections.ConfigDict], names: 
     for key, runs in vmap_sweep.non_sweepable_differences(configs).items():
         values = ", ".join(f"{names[i]}: {_lookup(as_dicts[i], key)!r}" for i in [0, *runs][:4])
         problems.append(f"{key} differs between runs ({values}{', ...' if len(runs) > 3 else ''})")
+    if any(config.train.reload_optimizer_state for config in configs):
+        problems.append(
+            "train.reload_optimizer_state is set: a vectorised group's optimiser carries per-run "
+            "hyperparameters and cannot take over a lone run's saved AdamW state"
+        )
+    if any(config.train.keep_checkpoint_every_epochs for config in configs):
+        problems.append(
+            "train.keep_checkpoint_every_epochs is set: a vectorised group keeps only each run's final checkpoint"
+        )
     if any(config.objective.cluster_weight for config in configs):
         problems.append(
             "objective.cluster_weight is set: deep clustering recomputes cluster ids from each run's "
@@ -183,6 +192,7 @@ def train_and_evaluate_vectorised(
     run_dirs = [epath.Path(workdir) for workdir in workdirs]
     names = [run_dir.name for run_dir in run_dirs]
     check_vectorisable(configs, names)
+    train.check_start_keys(configs[0].train)  # the same in every run: train.* keys are not swept
     template, optim_config, hparams = vmap_sweep.sweep_from_configs(configs)
     config = configs[0]  # Everything but the swept scalars is the same in every run.
     num_runs = len(configs)
@@ -235,7 +245,9 @@ def train_and_evaluate_vectorised(
     init_from = None
     if config.train.init_from and manager.latest_step() is None:
         abstract_variables = {"params": abstract_run["params"], "batch_stats": abstract_run["batch_stats"]}
-        init_from, where = checkpointing.load_model_variables(config.train.init_from, abstract_variables)
+        init_from, where = checkpointing.load_model_variables(
+            config.train.init_from, abstract_variables, config.train.init_from_epoch
+        )
         logging.info("Initialising %d runs from %s", num_runs, where)
     states, start_step = checkpointing.restore_latest(manager, abstract_stacked, data.iterator)
     if states is not None:
@@ -377,6 +389,8 @@ def train_and_evaluate_vectorised(
                 # Left by an attempt stopped before done.json (this group's, or a lone run's).
                 run_manager.delete(total_steps)
             checkpointing.save(run_manager, total_steps, take_run_state(states, i), data.iterator)
+            if is_chief:  # so init_from_epoch can name the final epoch, as of a lone run
+                checkpointing.write_epoch_steps(run_dirs[i] / CHECKPOINTS_DIR, steps_per_epoch)
             run_managers.append(run_manager)
         for run_manager in run_managers:
             run_manager.wait_until_finished()

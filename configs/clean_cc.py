@@ -14,6 +14,28 @@ with a fresh optimiser state; zero-shot ImageNet accuracy and ASR before cleanin
 epoch, each epoch one point of the accuracy-vs-ASR plot. `get_sweep(arg)` lists the study's
 learning rates, 5e-5 … 5e-3; a single run uses 5e-4, the grid's geometric middle.
 
+Start point. By default a run starts from the pretraining run's latest (final) checkpoint. The
+study's CC6M cleaning runs started earlier (PAPER_START_EPOCHS): MMCL from pretraining epoch 21,
+MMCL+SSL from epoch 36, where epoch 21 is the checkpoint saved after the 21st epoch (the reference's
+epoch_21.pt). Start there with --config.train.init_from_epoch=21 (or 36), or from Python with
+get_config(method, pretraining_run="cc6m_mmcl"); configs/pretrain_cc.py keeps every epoch's
+checkpoint, and a missing one is an error listing the epochs there are.
+
+The reference also reloaded the pretraining AdamW state when cleaning;
+--config.train.reload_optimizer_state=true does the same: Adam's moments and step count continue,
+the schedule restarts, and the pretraining weight decay (0.1) replaces the configured one (see
+HEAVY_WEIGHT_DECAY). Off by default.
+
+Model selection happens on a held-out split of ImageNet TRAIN (eval.sets.selection, 10 images per
+class), never on the validation set, which stays the test split. Write it once:
+  python -m bclip.data.imagenet_selection /data/imagenet/train /data/imagenet/selection
+(10,000 images, ≈1.1 GB, seeded; --per_class and --seed change it). TFDS alternative, no copy:
+--config.eval.sets.selection.kind=tfds --config.eval.sets.selection.path=imagenet2012
+--config.eval.sets.selection.split=train[:10000] plus the classnames_file / templates_file overrides
+of configs/pretrain_cc.py: TFDS stores train shuffled, so that is ≈10 per class, not exactly 10.
+`python -m bclip.report --sweep ROOT` then picks the (run, epoch) with the lowest selection ASR
+whose selection top-1 is within 2 points of the original model's.
+
 The clean set is the pretraining CSV minus the pretraining run's poisoned indices (the run fails if
 any is left), cut to a random 100,000 of its pairs (train.subset_seed), as the reference did. Run (paths are placeholders; every one is required):
   python -m bclip.main --config configs/clean_cc.py:cleanclip \
@@ -23,15 +45,18 @@ any is left), cut to a random 100,000 of its pairs (train.subset_seed), as the r
     --config.data.train_csv=/data/cc6m/train.csv \
     --config.data.tokenizer.path=/data/clip/bpe_simple_vocab_16e6.txt.gz \
     --config.eval.sets.imagenet.path=/data/imagenet/val \
+    --config.eval.sets.selection.path=/data/imagenet/selection \
+    --config.train.init_from_epoch=36 \
     --config.optim.learning_rate=5e-4
-(ImageNet via TFDS: the same eval.sets.imagenet overrides as in configs/pretrain_cc.py.)
+(ImageNet via TFDS: the same eval.sets.imagenet overrides as in configs/pretrain_cc.py. Leave out
+init_from_epoch to clean the final checkpoint.)
 
 Hardware: one GPU (A100/H100) or one TPU chip per run; batch 64 is too small to spread over 8
 devices usefully, so run a sweep's learning rates side by side, one device each. Time (estimated
 from the study's per-GPU throughput, ≈500 MMCL / ≈350 MMCL+SSL pairs/s on an A100): 2M pairs per
-run ≈ 1.1 h (MMCL) to 1.6 h (with SSL), plus 21 ImageNet evaluations of 1–2 min each; deep
-clustering adds one embedding pass over the 100K pairs per epoch. A 7-point sweep of one method
-≈ 10–15 GPU-hours.
+run ≈ 1.1 h (MMCL) to 1.6 h (with SSL), plus 21 evaluations of 1–2 min each (50,000 validation and
+10,000 selection images); deep clustering adds one embedding pass over the 100K pairs per epoch. A
+7-point sweep of one method ≈ 10–15 GPU-hours.
 """
 
 import ml_collections
@@ -43,8 +68,17 @@ LEARNING_RATES = (5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3)
 # Ten times pretraining's 0.1. optax's AdamW decays by lr·wd per step, so over a cleaning run's
 # ~31K steps (cosine, mean lr = peak / 2) the weights alone would shrink by exp(-15600·lr·wd):
 # ×0.46 at lr 5e-5, ≈0 from lr 5e-4. The reference swept 0.2 … 100; override
-# --config.optim.weight_decay to reach other points.
+# --config.optim.weight_decay to reach other points. But the reference reloaded the pretraining
+# AdamW state, whose load_state_dict also replaced the weight decay, so its "heavy weight decay"
+# runs effectively trained with 0.1: with train.reload_optimizer_state=true this config does the
+# same (the pretraining run's weight decay replaces this one, with a warning in the log).
 HEAVY_WEIGHT_DECAY = 1.0
+
+# The pretraining epoch the study's CC6M cleaning runs started from (run_cleaning_experiments.py),
+# by configs/pretrain_cc.py run: the checkpoint saved after that many epochs (1-based, as the
+# reference's epoch_21.pt). No start epoch is recorded for the CC3M runs: they start from the final one.
+PAPER_START_EPOCHS = {"cc6m_mmcl": 21, "cc6m_mmcl_ssl": 36}
+PRETRAINING_RUNS = ("cc3m_mmcl", "cc3m_mmcl_ssl", "cc6m_mmcl", "cc6m_mmcl_ssl")
 
 # name -> (MMCL weight, SSL weight, overrides of other keys)
 METHODS = {
@@ -66,9 +100,14 @@ METHODS = {
 CLEAN_SET_SIZE = 100_000
 
 
-def get_config(arg: str = "cleanclip") -> ml_collections.ConfigDict:
+def get_config(arg: str = "cleanclip", pretraining_run: str = "") -> ml_collections.ConfigDict:
+    """The cleaning method `arg`; `pretraining_run` (a configs/pretrain_cc.py run name) starts from
+    the epoch the study cleaned that run from (PAPER_START_EPOCHS), "" or a run not listed there
+    from the final checkpoint."""
     if arg not in METHODS:
         raise ValueError(f"unknown cleaning method {arg!r}; known: {sorted(METHODS)}")
+    if pretraining_run and pretraining_run not in PRETRAINING_RUNS:
+        raise ValueError(f"unknown pretraining run {pretraining_run!r}; known: {list(PRETRAINING_RUNS)}")
     mmcl_weight, ssl_weight, overrides = METHODS[arg]
 
     # Same model as configs/pretrain_cc.py: the checkpoint in train.init_from must fit it.
@@ -98,14 +137,24 @@ def get_config(arg: str = "cleanclip") -> ml_collections.ConfigDict:
 
     config.train.num_epochs = 20
     config.train.init_from = ""  # required: the poisoned pretraining run's workdir or checkpoint
+    config.train.init_from_epoch = PAPER_START_EPOCHS.get(pretraining_run, -1)  # -1: its final checkpoint
+    # True reproduces the reference: the pretraining AdamW moments, step count and weight decay
+    # carry over (replacing optim.weight_decay, see HEAVY_WEIGHT_DECAY); bclip starts fresh.
+    config.train.reload_optimizer_state = False
     config.train.exclude_indices_file = ""  # required: that run's poison_indices.json
     config.train.subset_size = CLEAN_SET_SIZE
     config.train.log_every_steps = 50
     config.train.checkpoint_every_steps = 1_000
 
     with config.unlocked():
-        # Required: --config.eval.sets.imagenet.path=/path/to/imagenet/val.
-        config.eval.sets = {"imagenet": run_configs.eval_set_config(kind="folder", path="")}
+        config.eval.sets = {
+            # Required: --config.eval.sets.imagenet.path=/path/to/imagenet/val (the test split).
+            "imagenet": run_configs.eval_set_config(kind="folder", path=""),
+            # Required: --config.eval.sets.selection.path=/path/to/imagenet/selection, written from
+            # ImageNet train by `python -m bclip.data.imagenet_selection` (see the docstring).
+            "selection": run_configs.eval_set_config(kind="folder", path=""),
+        }
+    config.eval.selection_set = "selection"
     config.eval.batch_size = 1_024
     config.eval.num_workers = 16
     config.eval.every_epochs = 1

@@ -103,3 +103,25 @@ def test_reset_cluster_head_gives_new_weights_and_fresh_moments():
     # The model's moments are untouched (all gradients were 1, so mu = 1 - 0.9^3).
     np.testing.assert_allclose(model_state.mu["image_tower"]["kernel"], 1 - B1**3, rtol=1e-6)
 
+
+
+def test_reloaded_adam_continues_the_model_and_leaves_a_new_head_fresh():
+    """Cleaning with deep clustering and train.reload_optimizer_state: the model's Adam state is the
+    pretraining run's (which had no head), the head's stays fresh."""
+    pretraining_params = {k: v for k, v in _params().items() if k != cleaning.CLUSTER_HEAD}
+    pretraining_tx = _optimizer(resettable_head=None)
+    saved = pretraining_tx.init(pretraining_params)
+    grads = jax.tree.map(jnp.ones_like, pretraining_params)
+    for _ in range(5):
+        _, saved = pretraining_tx.update(grads, saved, pretraining_params)
+
+    state = optim.with_reloaded_adam(_optimizer().init(_params()), saved, weight_decay=0.1)
+    is_adam = lambda s: isinstance(s, optax.ScaleByAdamState)  # noqa: E731
+    model_adam, head_adam = [s for s in jax.tree.leaves(state, is_leaf=is_adam) if is_adam(s)]
+    assert int(model_adam.count) == 5 and int(head_adam.count) == 0
+    np.testing.assert_allclose(model_adam.mu["image_tower"]["kernel"], 1 - B1**5, rtol=1e-6)
+    np.testing.assert_array_equal(head_adam.mu[cleaning.CLUSTER_HEAD]["kernel"], 0.0)
+    # The run's injected weight decay is the pretraining run's.
+    assert float(optim.current_learning_rate(state)) == 0.0
+    hyperparams = [s.hyperparams for s in jax.tree.leaves(state, is_leaf=lambda s: hasattr(s, "hyperparams")) if hasattr(s, "hyperparams")]
+    assert [float(h["weight_decay"]) for h in hyperparams] == [pytest.approx(0.1)]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bclip.data import imagenet, sources
+from bclip.data import imagenet, imagenet_selection, sources
 from bclip.data.templates import IMAGENET_TEMPLATES
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
@@ -94,11 +94,12 @@ def test_data_uses_clip_bpe_wordnet_and_placeholder_paths(module, arg):
 @pytest.mark.parametrize("module, arg", ALL_CONFIGS, ids=CONFIG_IDS)
 def test_eval_is_imagenet_folder_every_epoch_with_the_study_trigger(module, arg):
     config = module.get_config(arg)
-    assert list(config.eval.sets.keys()) == ["imagenet"]
-    imagenet_set = config.eval.sets.imagenet
-    assert imagenet_set.kind == "folder"
-    # The folder's own classnames.txt / templates.txt (write_imagenet_eval_files) are used.
-    assert imagenet_set.classnames_file == "" and imagenet_set.templates_file == ""
+    # Cleaning also evaluates the held-out selection split of ImageNet train.
+    assert list(config.eval.sets.keys()) == (["imagenet", "selection"] if module is clean_cc else ["imagenet"])
+    for eval_set in config.eval.sets.values():
+        assert eval_set.kind == "folder" and eval_set.path == ""  # required on the command line
+        # The folder's own classnames.txt / templates.txt are used.
+        assert eval_set.classnames_file == "" and eval_set.templates_file == ""
     assert config.eval.every_epochs == 1
     assert config.eval.batch_size == 1024
     assert config.poison.target_label == "banana"
@@ -175,6 +176,9 @@ def test_pretraining_has_the_study_numbers(arg, poisons, batch_size, mmcl_weight
     assert config.train.exclude_indices_file == ""
     assert config.cleaning.shrink == 1.0 and config.cleaning.perturb == 0.0
     assert config.eval.at_start is False
+    # Every epoch's checkpoint is kept, for cleaning from the epochs the study cleaned.
+    assert config.train.keep_checkpoint_every_epochs == 1
+    assert config.train.keep_checkpoints == 2
 
 
 def test_pretraining_docstring_holds_command_hardware_and_time():
@@ -247,6 +251,38 @@ def test_cleaning_has_the_study_numbers(arg, mmcl_weight, ssl_weight, batch_size
     # Cleaning data is never poisoned; the trigger is there for ASR only.
     assert config.poison.count == 0 and config.poison.rate is None
     assert config.eval.at_start is True
+    # The epoch is chosen on the selection split; the optimiser starts fresh from the final checkpoint.
+    assert config.eval.selection_set == "selection"
+    assert config.train.init_from_epoch == -1
+    assert config.train.reload_optimizer_state is False
+    assert config.train.keep_checkpoint_every_epochs == 0
+
+
+def test_cleaning_starts_from_the_epochs_the_study_cleaned():
+    assert clean_cc.PAPER_START_EPOCHS == {"cc6m_mmcl": 21, "cc6m_mmcl_ssl": 36}
+    assert clean_cc.PRETRAINING_RUNS == tuple(pretrain_cc.RUNS)
+    for arg in CLEAN_ARGS:
+        assert clean_cc.get_config(arg, pretraining_run="cc6m_mmcl").train.init_from_epoch == 21
+        assert clean_cc.get_config(arg, pretraining_run="cc6m_mmcl_ssl").train.init_from_epoch == 36
+    # No start epoch is recorded for CC3M: the final checkpoint, as without a run named.
+    assert clean_cc.get_config("cleanclip", pretraining_run="cc3m_mmcl_ssl").train.init_from_epoch == -1
+    assert clean_cc.get_config("cleanclip").train.init_from_epoch == -1
+    # Everything but the start epoch is the same.
+    with_epoch = clean_cc.get_config("mmcl", pretraining_run="cc6m_mmcl").to_dict()
+    with_epoch["train"]["init_from_epoch"] = -1
+    assert with_epoch == clean_cc.get_config("mmcl").to_dict()
+    with pytest.raises(ValueError, match="cc6m_mmcl_ssl"):
+        clean_cc.get_config("cleanclip", pretraining_run="cc6m_ssl")
+    # Epoch 21 of 64 exists in every pretraining run, and pretraining keeps each epoch's checkpoint.
+    assert all(epoch <= pretrain_cc.get_config(run).train.num_epochs for run, epoch in clean_cc.PAPER_START_EPOCHS.items())
+
+
+def test_cleaning_documents_the_reference_optimizer_reload():
+    assert "reload_optimizer_state" in clean_cc.__doc__ and "init_from_epoch=36" in clean_cc.__doc__
+    assert "python -m bclip.data.imagenet_selection" in clean_cc.__doc__
+    source = open(os.path.join(CONFIG_DIR, "clean_cc.py"), encoding="utf-8").read()
+    heavy_wd_comment = source[: source.index("HEAVY_WEIGHT_DECAY = ")].rsplit("\n\n", 1)[-1]
+    assert "reload_optimizer_state" in heavy_wd_comment and "0.1" in heavy_wd_comment
 
 
 def test_cleaning_methods_differ_only_where_they_should():
@@ -398,3 +434,78 @@ def test_prompt_files_round_trip_for_a_tfds_eval_set(tmp_path):
 def test_tfds_source_refuses_an_unprepared_imagenet_without_download(tmp_path):
     with pytest.raises(FileNotFoundError, match="imagenet2012 is not prepared"):
         imagenet.imagenet_tfds_source(data_dir=str(tmp_path), download=False)
+
+
+# ------------------------------------------------------------------------------------ selection split
+
+
+def make_tiny_imagenet_train(folder, images_per_class) -> list[str]:
+    """1,000 WordNet-id folders; class i gets images_per_class(i) files whose bytes name them."""
+    wnids = [f"n{10_000_000 + 7 * i:08d}" for i in range(1000)]
+    for label, wnid in enumerate(wnids):
+        os.makedirs(os.path.join(folder, wnid))
+        for k in range(images_per_class(label)):
+            with open(os.path.join(folder, wnid, f"{wnid}_{k}.JPEG"), "wb") as handle:
+                handle.write(f"{wnid} image {k}".encode())
+    return wnids
+
+
+def read_labels(folder) -> list[tuple[str, int]]:
+    with open(os.path.join(folder, "labels.csv"), encoding="utf-8") as handle:
+        lines = handle.read().splitlines()
+    assert lines[0] == "image,label"
+    return [(image, int(label)) for image, label in (line.split(",") for line in lines[1:])]
+
+
+def test_selection_split_draws_n_per_class_from_imagenet_train(tmp_path):
+    train = str(tmp_path / "train")
+    wnids = make_tiny_imagenet_train(train, lambda label: 4 + label % 3)  # 4 to 6 images per class
+    assert imagenet_selection.DEFAULT_PER_CLASS * len(wnids) == 10_000
+    out = str(tmp_path / "selection")
+    assert imagenet_selection.main([train, out, "--per_class", "3", "--seed", "7"]) == 0
+
+    rows = read_labels(out)
+    images = [image for image, _ in rows]
+    assert len(rows) == 3000
+    assert len(set(images)) == 3000  # no file twice
+    assert np.array_equal(np.bincount([label for _, label in rows], minlength=1000), np.full(1000, 3))
+    for image, label in rows:
+        wnid, name = image.split("/")
+        assert wnid == wnids[label]  # the class folder it came from is its label
+        with open(os.path.join(out, image), "rb") as copy, open(os.path.join(train, image), "rb") as original:
+            assert copy.read() == original.read()
+    # Classes with 5 or 6 images really were drawn from: not always the first 3 names.
+    assert any(image.endswith(("_3.JPEG", "_4.JPEG", "_5.JPEG")) for image in images)
+
+    eval_set = sources.ImageFolderEvalSource(out)
+    assert eval_set.classnames == list(imagenet.IMAGENET_CLASSNAMES)
+    assert eval_set.templates == list(IMAGENET_TEMPLATES)
+    assert eval_set.labels.tolist() == [label for _, label in rows]
+    with open(os.path.join(out, imagenet_selection.MANIFEST_FILE), encoding="utf-8") as handle:
+        assert '"seed": 7' in handle.read()
+
+    # Deterministic: the same seed draws the same files again; another seed draws others.
+    again = str(tmp_path / "again")
+    imagenet_selection.write_selection_split(train, again, per_class=3, seed=7)
+    assert read_labels(again) == rows
+    other = str(tmp_path / "other")
+    imagenet_selection.write_selection_split(train, other, per_class=3, seed=8)
+    assert read_labels(other) != rows and len(read_labels(other)) == 3000
+    # The draw of a class depends on its sorted names, not on the listing order.
+    names = sorted(os.listdir(os.path.join(train, wnids[5])))
+    assert imagenet_selection.choose_images(names[::-1], 3, seed=7, label=5) == [image.split("/")[1] for image, label in rows if label == 5]
+
+
+def test_selection_split_refuses_short_classes_and_used_folders(tmp_path):
+    train = str(tmp_path / "train")
+    wnids = make_tiny_imagenet_train(train, lambda label: 1 if label == 954 else 2)
+    out = tmp_path / "selection"
+    with pytest.raises(ValueError, match=f"{wnids[954]}: class 954 has 1 images, fewer than the 2 per class"):
+        imagenet_selection.write_selection_split(train, str(out), per_class=2)
+    assert not out.exists()  # nothing is written before every class is drawn
+    out.mkdir()
+    (out / "labels.csv").write_text("image,label\n")
+    with pytest.raises(FileExistsError, match="not empty"):
+        imagenet_selection.write_selection_split(train, str(out), per_class=1)
+    with pytest.raises(ValueError, match="found 0 WordNet-id folders"):
+        imagenet_selection.write_selection_split(os.path.join(train, wnids[0]), str(tmp_path / "x"), per_class=1)

@@ -210,9 +210,9 @@ def test_train_and_evaluate_writes_every_run_file_to_gs(bucket, tmp_path, monkey
     managers, writers = [], []
     make_manager = checkpointing.make_manager
 
-    def local_manager(directory, max_to_keep=3):
+    def local_manager(directory, max_to_keep=3, keep_every_steps=0):
         managers.append(directory)
-        return make_manager(bucket.local(directory), max_to_keep)
+        return make_manager(bucket.local(directory), max_to_keep, keep_every_steps)
 
     def logging_writer(logdir, just_logging=False):
         writers.append(logdir)
@@ -231,6 +231,7 @@ def test_train_and_evaluate_writes_every_run_file_to_gs(bucket, tmp_path, monkey
     for name in ("config.json", train.METRICS_FILE, train.EVALS_FILE, train.POISON_FILE, train.DONE_FILE):
         assert f"{workdir}/{name}" in bucket.written(), name
     assert json.loads((run_dir / "config.json").read_text())["data"]["batch_size"] == 16
+    assert json.loads((run_dir / "checkpoints" / checkpointing.EPOCHS_FILE).read_text()) == {"steps_per_epoch": 2}
     metrics = [json.loads(line) for line in (run_dir / train.METRICS_FILE).read_text().splitlines()]
     assert [record["step"] for record in metrics] == [1, 2]
     evals = [json.loads(line) for line in (run_dir / train.EVALS_FILE).read_text().splitlines()]
@@ -347,8 +348,8 @@ def test_sweep_report_on_gs(bucket):
         _fake_train(sweep.apply_overrides(base, run.overrides), run.workdir)
     assert report.main(["--sweep", root]) == 0
     summary = json.loads(epath.Path(f"{root}/sweep_report.json").read_text())
-    assert [row["name"] for row in summary["runs"]] == ["lr=0.001", "lr=1e-04"]
-    assert summary["chosen"] == "lr=0.001"
+    assert [(row["name"], row["epoch"]) for row in summary["points"]] == [("lr=1e-04", 1), ("lr=0.001", 1)]
+    assert summary["chosen"] == {"name": "lr=0.001", "epoch": 1, "step": 4}
     assert {f"{root}/sweep_report.{ext}" for ext in ("json", "md", "png")} <= bucket.written()
 
 

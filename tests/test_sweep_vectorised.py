@@ -277,6 +277,11 @@ def test_a_diverged_run_fails_alone(world_and_pretrained, vectorised_root, tmp_p
             ["data.batch_size differs between runs (lr=0.001: 16, bs=32_shrink=0.95: 32)", "cleaning.shrink"],
         ),
         ("[{}]", "config.objective.cluster_weight = 5.0", ["objective.cluster_weight is set: deep clustering"]),
+        (
+            "[{}]",
+            "config.train.reload_optimizer_state = True; config.train.keep_checkpoint_every_epochs = 1",
+            ["train.reload_optimizer_state is set", "train.keep_checkpoint_every_epochs is set"],
+        ),
     ],
 )
 def test_sweep_that_cannot_be_vectorised_is_an_error_naming_the_keys(

@@ -1,8 +1,10 @@
 """The trainer end to end on a tiny synthetic world, sharded over 8 CPU devices: exact resume after a
-killed run, cleaning from a pretrained checkpoint with a fresh optimiser, failing fast on bad starts
-and on divergence, every cleaning method, and a cleaning set that never reads a poisoned example.
+killed run, cleaning from a pretrained checkpoint with a fresh optimiser, from a chosen epoch, or
+with the pretraining AdamW state reloaded, failing fast on bad starts and on divergence, every
+cleaning method, and a cleaning set that never reads a poisoned example.
 
-One poisoned pretraining run (12 steps) is shared by the module; cleaning runs start from it.
+One poisoned pretraining run (12 steps, every epoch's checkpoint kept) is shared by the module;
+cleaning runs start from it.
 """
 
 import dataclasses
@@ -16,12 +18,13 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from bclip import checkpointing, experiment, sharding, train, train_step
+from bclip import checkpointing, experiment, optim, sharding, train, train_step
 from bclip import config as run_configs
 from bclip.data import pipeline, poisoning, synthetic
 
@@ -30,6 +33,7 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 # 96 training pairs in batches of 16: 6 steps per epoch, 2 epochs.
 NUM_TRAIN = 96
 PRETRAIN_STEPS = 12
+PRETRAIN_STEPS_PER_EPOCH = 6
 NUM_POISONED = 8
 # Cleaning: the first 64 clean pairs, 4 steps per epoch.
 CLEAN_SUBSET = 64
@@ -50,7 +54,8 @@ def world_dir(tmp_path_factory) -> str:
 
 
 def pretrain_config(world_dir: str) -> ml_collections.ConfigDict:
-    """Poisoned MMCL pretraining of a micro ViT CLIP: 12 steps, a checkpoint every 4 and per epoch."""
+    """Poisoned MMCL pretraining of a micro ViT CLIP: 12 steps, a checkpoint every 4 and per epoch,
+    the two newest and every epoch's kept."""
     config = run_configs.run_config("micro-vit", text={"vocab_size": 256, "context_length": 24})
     config.data.train_csv = os.path.join(world_dir, "train", "train.csv")
     config.data.tokenizer.path = os.path.join(world_dir, synthetic.VOCAB_FILE)
@@ -62,6 +67,7 @@ def pretrain_config(world_dir: str) -> ml_collections.ConfigDict:
     config.train.num_epochs = 2
     config.train.log_every_steps = 1
     config.train.checkpoint_every_steps = 4
+    config.train.keep_checkpoint_every_epochs = 1
     config.poison.count = NUM_POISONED
     config.poison.trigger.size = 5
     config.eval.batch_size = 16
@@ -84,6 +90,7 @@ def cleaning_config(world_dir: str, pretrain_dir: str, overrides: dict | None = 
                 "exclude_indices_file": os.path.join(pretrain_dir, train.POISON_FILE),
                 "subset_size": CLEAN_SUBSET,
                 "checkpoint_every_steps": 100,
+                "keep_checkpoint_every_epochs": 0,
             },
             "poison": {"count": 0},
             "cleaning": {"num_clusters": 4},
@@ -458,19 +465,182 @@ def test_init_checkpoint_of_another_model_fails_before_training(world_dir, pretr
     assert not os.path.exists(os.path.join(run_dir, train.EVALS_FILE))
 
 
-def test_init_from_reads_a_run_its_checkpoints_or_one_step(pretrained):
+def abstract_variables(params) -> dict:
+    """{"params", "batch_stats"} shapes of `params`' model, replicated over the 8 devices."""
     mesh = sharding.make_mesh()
-    saved = {step: saved_state(pretrained, step) for step in saved_steps(pretrained)}
-    assert sorted(saved) == [8, PRETRAIN_STEPS]
-    abstract = jax.tree.map(
+    return jax.tree.map(
         lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding.replicated(mesh)),
-        {"params": saved[8]["params"], "batch_stats": {}},
+        {"params": params, "batch_stats": {}},
     )
+
+
+def test_init_from_reads_a_run_its_checkpoints_or_one_step(pretrained):
+    saved = {step: saved_state(pretrained, step) for step in saved_steps(pretrained)}
+    assert sorted(saved) == [6, 8, PRETRAIN_STEPS]
+    abstract = abstract_variables(saved[8]["params"])
     checkpoints = os.path.join(pretrained, "checkpoints")
     for path, step in [(pretrained, PRETRAIN_STEPS), (checkpoints, PRETRAIN_STEPS), (os.path.join(checkpoints, "8"), 8)]:
         variables, where = checkpointing.load_model_variables(path, abstract)
         assert where == os.path.join(checkpoints, str(step))
         assert_trees_equal(variables["params"], saved[step]["params"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Starting from a chosen epoch
+# ---------------------------------------------------------------------------------------------
+
+
+def test_pretraining_keeps_every_epochs_checkpoint(pretrained):
+    # Saved after steps 4, 6 (end of epoch 1), 8 and 12 (end of epoch 2); of the rolling ones only
+    # the two newest stay, so step 4 is gone and step 6 stays as epoch 1's.
+    assert saved_steps(pretrained) == [PRETRAIN_STEPS_PER_EPOCH, 8, PRETRAIN_STEPS]
+    with open(os.path.join(pretrained, "checkpoints", checkpointing.EPOCHS_FILE)) as f:
+        assert json.load(f) == {"steps_per_epoch": PRETRAIN_STEPS_PER_EPOCH}
+
+
+def test_init_from_epoch_reads_the_checkpoint_saved_after_that_many_epochs(pretrained, tmp_path):
+    saved = {step: saved_state(pretrained, step)["params"] for step in saved_steps(pretrained)}
+    abstract = abstract_variables(saved[8])
+    checkpoints = os.path.join(pretrained, "checkpoints")
+    for path in (pretrained, checkpoints):
+        for epoch, step in [(1, 6), (2, 12)]:
+            variables, where = checkpointing.load_model_variables(path, abstract, epoch=epoch)
+            assert where == os.path.join(checkpoints, str(step))
+            assert_trees_equal(variables["params"], saved[step])
+
+    with pytest.raises(checkpointing.CheckpointError) as error:
+        checkpointing.load_model_variables(pretrained, abstract, epoch=3)
+    assert str(error.value).startswith(
+        f"{checkpoints} holds no checkpoint of epoch 3 (step 18 at 6 steps per epoch); "
+        "epochs with a checkpoint: [1, 2] (steps saved: [6, 8, 12])"
+    )
+    with pytest.raises(checkpointing.CheckpointError, match="is one step directory"):
+        checkpointing.load_model_variables(os.path.join(checkpoints, "8"), abstract, epoch=1)
+    for epoch in (0, -2):
+        with pytest.raises(checkpointing.CheckpointError, match=f"must be -1 .* got {epoch}"):
+            checkpointing.load_model_variables(pretrained, abstract, epoch=epoch)
+    # Without the run's epochs record the step of an epoch is not guessed.
+    copy = tmp_path / "copy"
+    shutil.copytree(checkpoints, copy / "checkpoints")
+    os.remove(copy / "checkpoints" / checkpointing.EPOCHS_FILE)
+    with pytest.raises(checkpointing.CheckpointError, match=f"has no {checkpointing.EPOCHS_FILE}"):
+        checkpointing.load_model_variables(str(copy), abstract, epoch=1)
+
+
+def test_missing_start_epoch_fails_before_training(world_dir, pretrained, tmp_path, monkeypatch):
+    recorder = RunRecorder(monkeypatch)
+    run_dir = str(tmp_path / "run")
+    config = cleaning_config(world_dir, pretrained, {"train": {"init_from_epoch": 5}})
+    with pytest.raises(checkpointing.CheckpointError, match=re.escape("epochs with a checkpoint: [1, 2]")):
+        train.train_and_evaluate(config, run_dir)
+    assert recorder.num_steps == 0
+    assert not os.path.exists(os.path.join(run_dir, train.METRICS_FILE))
+
+
+def test_start_keys_need_init_from():
+    config = run_configs.run_config()
+    train.check_start_keys(config.train)
+    config.train.init_from_epoch = 21
+    with pytest.raises(ValueError, match="train.init_from_epoch=21 needs train.init_from"):
+        train.check_start_keys(config.train)
+    config.train.init_from_epoch = -1
+    config.train.reload_optimizer_state = True
+    with pytest.raises(ValueError, match="reload_optimizer_state needs train.init_from"):
+        train.check_start_keys(config.train)
+    config.train.init_from = "/runs/pretrained"
+    train.check_start_keys(config.train)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reloading the pretraining optimiser (the reference's behaviour, opt-in)
+# ---------------------------------------------------------------------------------------------
+
+# From the end of pretraining epoch 1 (step 6), with weight decay 1.0 configured as heavy weight
+# decay does: the pretraining run's 0.1 must replace it.
+RELOADING = {"train": {"init_from_epoch": 1, "reload_optimizer_state": True}, "optim": {"weight_decay": 1.0}}
+
+
+@pytest.fixture(scope="module")
+def reloading_run(world_dir, pretrained, tmp_path_factory) -> CleaningRun:
+    run_dir = str(tmp_path_factory.mktemp("reload") / "run")
+    config = cleaning_config(world_dir, pretrained, RELOADING)
+    warnings = []
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        recorder = RunRecorder(monkeypatch)
+        monkeypatch.setattr(train.logging, "warning", lambda message, *args: warnings.append(message % args))
+        train.train_and_evaluate(config, run_dir)
+    run = CleaningRun(run_dir, config, recorder)
+    run.warnings = warnings
+    return run
+
+
+def test_init_from_epoch_starts_the_run_from_that_epochs_params(reloading_run, pretrained):
+    first = reloading_run.recorder.first_state["params"]
+    assert_trees_equal(first, saved_state(pretrained, PRETRAIN_STEPS_PER_EPOCH)["params"])
+    final = saved_state(pretrained, PRETRAIN_STEPS)["params"]
+    assert not np.array_equal(first["text_tower"]["token_embedding"]["embedding"], final["text_tower"]["token_embedding"]["embedding"])
+    assert reloading_run.recorder.num_steps == CLEAN_SUBSET // 16
+
+
+def test_reloaded_optimizer_continues_adam_with_the_pretraining_weight_decay(reloading_run, pretrained):
+    opt = reloading_run.recorder.first_state["opt"]
+    saved_adam = saved_state(pretrained, PRETRAIN_STEPS_PER_EPOCH)["opt"]["inner_state"][0]
+    adam = optim.adam_state(opt)
+    # Adam's moments and step count (bias correction) are those saved after 6 pretraining steps.
+    assert int(adam.count) == PRETRAIN_STEPS_PER_EPOCH
+    assert_trees_equal(adam.mu, saved_adam["mu"])
+    assert_trees_equal(adam.nu, saved_adam["nu"])
+    assert any(np.any(leaf) for leaf in jax.tree.leaves(adam.nu))
+    # The pretraining run's weight decay replaced the configured 1.0, and the log says so.
+    assert reloading_run.config.optim.weight_decay == 1.0
+    assert float(opt.hyperparams["weight_decay"]) == pytest.approx(0.1)
+    assert [w for w in reloading_run.warnings if "reload_optimizer_state" in w] == [
+        f"train.reload_optimizer_state: Adam's moments and step count 6 come from "
+        f"{os.path.join(pretrained, 'checkpoints', '6')}, and its run's weight decay 0.1 replaces the configured "
+        "optim.weight_decay 1 (as the reference's optimizer.load_state_dict did); the learning-rate schedule starts fresh"
+    ]
+    # The schedule starts over: its own count is 0 and the warm-up runs from 0 as in a fresh run.
+    assert int(opt.count) == 0 and int(opt.hyperparams_states["learning_rate"].count) == 0
+    learning_rates = [record["learning_rate"] for record in reloading_run.metrics]
+    np.testing.assert_allclose(learning_rates[:4], [0.0, CLEAN_LEARNING_RATE / 3, 2 * CLEAN_LEARNING_RATE / 3, CLEAN_LEARNING_RATE], rtol=1e-6)
+
+
+def test_reload_needs_the_pretraining_optimizers_structure(world_dir, pretrained, tmp_path, monkeypatch):
+    # Gradient clipping adds a stage to the optimiser chain that the pretraining run did not have.
+    config = cleaning_config(world_dir, pretrained, {**RELOADING, "optim": {"grad_clip_norm": 1.0}})
+    recorder = RunRecorder(monkeypatch)
+    with pytest.raises(checkpointing.CheckpointError) as error:
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    message = str(error.value)
+    assert message.startswith(
+        f"the optimiser state in the checkpoint at {os.path.join(pretrained, 'checkpoints', '6')} does not have the "
+        "configured optimiser's structure"
+    )
+    # Every path of the configured state is one level deeper (under the chain's stage 1).
+    assert "missing 1/count; missing 1/hyperparams/b1;" in message and "not in the configured optimiser: count;" in message
+    assert recorder.num_steps == 0
+
+
+def test_with_reloaded_adam_keeps_fresh_moments_for_new_params():
+    params = {"w": jnp.ones((2, 3)), "cluster_head": jnp.ones((3, 4))}
+    model_params = {"w": params["w"]}
+    for clip in (None, 1.0):
+        tx = optim.make_optimizer(optim.optim_config(warmup_steps=2, grad_clip_norm=clip, weight_decay=0.5), 10)
+        saved = tx.init(model_params)
+        for _ in range(3):
+            _, saved = tx.update({"w": jnp.full((2, 3), 0.5)}, saved, model_params)
+        fresh = tx.init(params)
+        reloaded = optim.with_reloaded_adam(fresh, saved, weight_decay=0.1)
+        adam = optim.adam_state(reloaded)
+        assert int(adam.count) == 3
+        np.testing.assert_array_equal(adam.mu["w"], optim.adam_state(saved).mu["w"])
+        np.testing.assert_array_equal(adam.nu["w"], optim.adam_state(saved).nu["w"])
+        assert not np.any(adam.mu["cluster_head"]) and not np.any(adam.nu["cluster_head"])
+        injected = reloaded[-1] if clip else reloaded
+        assert float(injected.hyperparams["weight_decay"]) == pytest.approx(0.1)
+        assert int(injected.count) == 0  # the schedule's own count: fresh
+    with pytest.raises(ValueError, match=r"parameters the model does not have: \['extra'\]"):
+        optim.with_reloaded_adam(tx.init(model_params), tx.init({"w": params["w"], "extra": params["w"]}), 0.1)
 
 
 # ---------------------------------------------------------------------------------------------
