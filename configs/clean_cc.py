@@ -14,17 +14,23 @@ with a fresh optimiser state; zero-shot ImageNet accuracy and ASR before cleanin
 epoch, each epoch one point of the accuracy-vs-ASR plot. `get_sweep(arg)` lists the study's
 learning rates, 5e-5 … 5e-3; a single run uses 5e-4, the grid's geometric middle.
 
+`arg` may name the pretraining run too, "METHOD,RUN" with RUN a configs/pretrain_cc.py arg:
+  cleanclip,cc6m_mmcl_ssl            bclip's cleaning of that run, from the epoch the study cleaned
+  cleanclip,cc6m_mmcl_ssl_reference  the paper's: the reference code's cleaning of its reference run
+
 Start point. By default a run starts from the pretraining run's latest (final) checkpoint. The
 study's CC6M cleaning runs started earlier (PAPER_START_EPOCHS): MMCL from pretraining epoch 21,
 MMCL+SSL from epoch 36, where epoch 21 is the checkpoint saved after the 21st epoch (the reference's
-epoch_21.pt). Start there with --config.train.init_from_epoch=21 (or 36), or from Python with
-get_config(method, pretraining_run="cc6m_mmcl"); configs/pretrain_cc.py keeps every epoch's
-checkpoint, and a missing one is an error listing the epochs there are.
+epoch_21.pt). Naming a CC6M run in `arg` starts there (--config.train.init_from_epoch=-1 then
+cleans the final checkpoint instead); configs/pretrain_cc.py keeps every epoch's checkpoint, and a
+missing one is an error listing the epochs there are.
 
-The reference also reloaded the pretraining AdamW state when cleaning;
---config.train.reload_optimizer_state=true does the same: Adam's moments and step count continue,
-the schedule restarts, and the pretraining weight decay (0.1) replaces the configured one (see
-HEAVY_WEIGHT_DECAY). Off by default.
+What the paper ran (RUN ending in _reference, `use_reference_cleaning`): the reference reloaded the
+pretraining AdamW state when cleaning — train.reload_optimizer_state=true does the same: Adam's
+moments and step count continue, the schedule restarts, and the pretraining weight decay (0.1)
+replaces the configured one (see HEAVY_WEIGHT_DECAY); it measured ASR with its own trigger geometry
+(poison.squash, wrapped noise) and made one EDA view per caption. bclip's default starts a fresh
+optimiser and keeps bclip's trigger.
 
 Model selection happens on a held-out split of ImageNet TRAIN (eval.sets.selection, 10 images per
 class), never on the validation set, which stays the test split. Write it once:
@@ -37,7 +43,8 @@ of configs/pretrain_cc.py: TFDS stores train shuffled, so that is ≈10 per clas
 whose selection top-1 is within 2 points of the original model's.
 
 The clean set is the pretraining CSV minus the pretraining run's poisoned indices (the run fails if
-any is left), cut to a random 100,000 of its pairs (train.subset_seed), as the reference did. Run (paths are placeholders; every one is required):
+any is left), cut to a random 100,000 of its pairs (train.subset_seed), as the reference did.
+Run (paths are placeholders; every one is required):
   python -m bclip.main --config configs/clean_cc.py:cleanclip \
     --workdir gs://BUCKET/bclip/cc6m_mmcl_ssl/cleanclip_lr5e-4 \
     --config.train.init_from=gs://BUCKET/bclip/cc6m_mmcl_ssl \
@@ -100,14 +107,24 @@ METHODS = {
 CLEAN_SET_SIZE = 100_000
 
 
-def get_config(arg: str = "cleanclip", pretraining_run: str = "") -> ml_collections.ConfigDict:
-    """The cleaning method `arg`; `pretraining_run` (a configs/pretrain_cc.py run name) starts from
-    the epoch the study cleaned that run from (PAPER_START_EPOCHS), "" or a run not listed there
-    from the final checkpoint."""
-    if arg not in METHODS:
-        raise ValueError(f"unknown cleaning method {arg!r}; known: {sorted(METHODS)}")
-    if pretraining_run and pretraining_run not in PRETRAINING_RUNS:
-        raise ValueError(f"unknown pretraining run {pretraining_run!r}; known: {list(PRETRAINING_RUNS)}")
+def _parse(arg: str) -> tuple[str, str]:
+    """"METHOD[,PRETRAINING_RUN]" -> (method, pretraining run or "")."""
+    method, _, pretraining_run = arg.partition(",")
+    if method not in METHODS:
+        raise ValueError(f"unknown cleaning method {method!r}; known: {sorted(METHODS)}")
+    known_runs = [*PRETRAINING_RUNS, *(f"{run}_reference" for run in PRETRAINING_RUNS)]
+    if pretraining_run and pretraining_run not in known_runs:
+        raise ValueError(f"unknown pretraining run {pretraining_run!r}; known: {known_runs}")
+    return method, pretraining_run
+
+
+def get_config(arg: str = "cleanclip") -> ml_collections.ConfigDict:
+    """`arg` is "METHOD" or "METHOD,PRETRAINING_RUN" (a configs/pretrain_cc.py arg): a CC6M run
+    starts from the epoch the study cleaned it from (PAPER_START_EPOCHS), others from the final
+    checkpoint, and a *_reference run is cleaned as the reference code did (`use_reference_cleaning`)."""
+    arg, pretraining_run = _parse(arg)
+    reference = pretraining_run.endswith("_reference")
+    pretraining_run = pretraining_run.removesuffix("_reference")
     mmcl_weight, ssl_weight, overrides = METHODS[arg]
 
     # Same model as configs/pretrain_cc.py: the checkpoint in train.init_from must fit it.
@@ -163,11 +180,24 @@ def get_config(arg: str = "cleanclip", pretraining_run: str = "") -> ml_collecti
     for dotted_key, value in overrides.items():
         section, key = dotted_key.split(".")
         config[section][key] = value
+    if reference:
+        use_reference_cleaning(config)
     return config
+
+
+def use_reference_cleaning(config: ml_collections.ConfigDict) -> None:
+    """Cleans as the reference code did a model of a configs/pretrain_cc.py *_reference run: the
+    pretraining AdamW state reloaded (so its weight decay 0.1 replaces the configured one), ASR
+    measured with the reference's trigger (squashed images, wrapped noise bytes), one EDA caption
+    view per caption. BatchNorm statistics stay over the whole batch: the reference cleaned on one
+    GPU, whose batch is the global batch."""
+    config.train.reload_optimizer_state = True
+    config.poison.squash = True
+    config.poison.trigger.overflow = "wrap"
+    config.data.text_views_per_epoch = False
 
 
 def get_sweep(arg: str = "cleanclip") -> list[dict]:
     """One override dict per run of the method's learning-rate sweep."""
-    if arg not in METHODS:
-        raise ValueError(f"unknown cleaning method {arg!r}; known: {sorted(METHODS)}")
+    _parse(arg)
     return [{"optim.learning_rate": learning_rate} for learning_rate in LEARNING_RATES]

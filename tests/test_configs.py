@@ -262,19 +262,40 @@ def test_cleaning_starts_from_the_epochs_the_study_cleaned():
     assert clean_cc.PAPER_START_EPOCHS == {"cc6m_mmcl": 21, "cc6m_mmcl_ssl": 36}
     assert clean_cc.PRETRAINING_RUNS == tuple(pretrain_cc.RUNS)
     for arg in CLEAN_ARGS:
-        assert clean_cc.get_config(arg, pretraining_run="cc6m_mmcl").train.init_from_epoch == 21
-        assert clean_cc.get_config(arg, pretraining_run="cc6m_mmcl_ssl").train.init_from_epoch == 36
+        assert clean_cc.get_config(f"{arg},cc6m_mmcl").train.init_from_epoch == 21
+        assert clean_cc.get_config(f"{arg},cc6m_mmcl_ssl").train.init_from_epoch == 36
     # No start epoch is recorded for CC3M: the final checkpoint, as without a run named.
-    assert clean_cc.get_config("cleanclip", pretraining_run="cc3m_mmcl_ssl").train.init_from_epoch == -1
+    assert clean_cc.get_config("cleanclip,cc3m_mmcl_ssl").train.init_from_epoch == -1
     assert clean_cc.get_config("cleanclip").train.init_from_epoch == -1
     # Everything but the start epoch is the same.
-    with_epoch = clean_cc.get_config("mmcl", pretraining_run="cc6m_mmcl").to_dict()
+    with_epoch = clean_cc.get_config("mmcl,cc6m_mmcl").to_dict()
     with_epoch["train"]["init_from_epoch"] = -1
     assert with_epoch == clean_cc.get_config("mmcl").to_dict()
     with pytest.raises(ValueError, match="cc6m_mmcl_ssl"):
-        clean_cc.get_config("cleanclip", pretraining_run="cc6m_ssl")
+        clean_cc.get_config("cleanclip,cc6m_ssl")
     # Epoch 21 of 64 exists in every pretraining run, and pretraining keeps each epoch's checkpoint.
     assert all(epoch <= pretrain_cc.get_config(run).train.num_epochs for run, epoch in clean_cc.PAPER_START_EPOCHS.items())
+
+
+@pytest.mark.parametrize("run", ["cc3m_mmcl", "cc6m_mmcl", "cc6m_mmcl_ssl"])
+def test_reference_cleaning_is_the_reference_codes(run):
+    plain = clean_cc.get_config(f"heavy_wd,{run}")
+    reference = clean_cc.get_config(f"heavy_wd,{run}_reference")
+    pretraining = pretrain_cc.get_config(f"{run}_reference")
+    assert reference.train.init_from_epoch == plain.train.init_from_epoch == clean_cc.PAPER_START_EPOCHS.get(run, -1)
+    assert reference.train.reload_optimizer_state and not plain.train.reload_optimizer_state
+    # ASR measured with the reference run's own trigger and geometry; one EDA view per caption.
+    assert reference.poison.trigger.to_dict() == pretraining.poison.trigger.to_dict()
+    assert reference.poison.squash == pretraining.poison.squash is True
+    assert reference.data.text_views_per_epoch is False
+    # One GPU cleaned: BatchNorm over the whole batch, whatever pretraining's groups were.
+    assert reference.model.image.batch_norm_group_size == 0 < pretraining.model.image.batch_norm_group_size
+    reference.train.reload_optimizer_state = False
+    reference.poison.squash = False
+    reference.poison.trigger.overflow = "clip"
+    reference.data.text_views_per_epoch = True
+    assert reference.to_dict() == plain.to_dict()
+    assert clean_cc.get_sweep(f"heavy_wd,{run}_reference") == clean_cc.get_sweep("heavy_wd")
 
 
 def test_cleaning_documents_the_reference_optimizer_reload():
