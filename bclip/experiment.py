@@ -375,7 +375,7 @@ def share_compiled_programs(workdir: str) -> None:
 
     if jax.config.jax_compilation_cache_dir or "://" in os.fspath(workdir):
         return
-    jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(workdir), "compile_cache"))
+    jax.config.update("jax_compilation_cache_dir", os.fspath(checkpointing.absolute(workdir) / "compile_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 

@@ -11,11 +11,11 @@ world and their pretraining runs. About 70 minutes on 2 CPU cores (the 15 % clea
 the longer pretraining cost most); docs/study_proportions.md holds the measured table.
 
 Every point is configs/study_synthetic.py's default study with the named proportions changed:
-  - poison rate: the default (the lowest rate of its ladder at which both objectives learn the
-    backdoor) and 7 %, the earlier toy's;
+  - poison rate: the default 7 % (the lowest rate of its ladder at which both objectives' ASR
+    reaches 90 %; also the earlier toy's) and 4 %, the rung below;
   - cleaning budget (cleaning pair-steps per pretraining pair-step): 1 % (the paper's CC3M; its CC6M
     0.5 %) and 15 % (the earlier toy's);
-  - width of both towers and the embedding: 32 and the default 64;
+  - width of both towers and the embedding: the default 64 and 32;
   - pretraining length: the default number of epochs and twice it, at the default rate, budget
     and width.
 """
@@ -28,9 +28,11 @@ from bclip import sweep
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
-POISON_RATES = (None, 0.07)  # None: the default study's rate
+# The default (7 %, the search's pick, which is also the earlier toy's) and the ladder's rung below it,
+# where MMCL learned the backdoor (ASR 99.8 %) and MMCL+SSL nearly did (86 %).
+POISON_RATES = (0.07, 0.04)
 CLEAN_BUDGETS = (0.01, 0.15)
-WIDTHS = (32, 64)
+WIDTHS = (64, 32)
 
 
 def _study_synthetic():
@@ -51,7 +53,7 @@ def get_sweep(arg: str = "default") -> list[dict]:
             for budget in CLEAN_BUDGETS:
                 points.append(
                     {
-                        "proportions.poison_rate": default.POISON_RATE if rate is None else rate,
+                        "proportions.poison_rate": rate,
                         "proportions.width": width,
                         "proportions.clean_budget": budget,
                     }

@@ -33,7 +33,7 @@ from bclip import experiment, objectives
 
 NUM_TRAIN = 12_000
 PRETRAIN_EPOCHS = 6
-POISON_RATE = 0.01
+POISON_RATE = 0.07  # the ladder's first rung with both ASRs >= 90 % (4 %: MMCL+SSL 86 %)
 CLEAN_SHARE = 0.033
 CLEAN_BUDGET = 0.01
 WIDTH = 64

@@ -691,7 +691,9 @@ def test_cleaning_method_trains_sharded_with_finite_losses(cleaning_run, method)
         terms = {name: record[name] for name, weight in weights.items() if weight}
         assert set(terms) == {name for name in weights if name in record}
         np.testing.assert_allclose(record["loss"], sum(weights[name] * value for name, value in terms.items()), rtol=1e-5)
-    hyperparams = run.recorder.first_state["opt"].hyperparams
+    # The injected hyperparameters of the (model's) AdamW; deep clustering's head has its own AdamW.
+    has_hyperparams = lambda node: hasattr(node, "hyperparams")  # noqa: E731
+    (hyperparams,) = [node.hyperparams for node in jax.tree.leaves(run.recorder.first_state["opt"], is_leaf=has_hyperparams) if has_hyperparams(node)]
     assert float(hyperparams["weight_decay"]) == pytest.approx(run.config.optim.weight_decay)
     assert run.config.optim.weight_decay == (1.0 if method == "heavy weight decay" else 0.1)
     assert saved_steps(run.run_dir)[-1] == steps
@@ -773,6 +775,8 @@ def test_cleaning_run_reads_only_clean_examples(cleaning_run, pretrained):
     seen = np.concatenate(run.recorder.indices)
     assert len(seen) == CLEAN_SUBSET  # one epoch
     assert np.intersect1d(seen, poisoned).size == 0
-    assert np.array_equal(np.sort(seen), np.setdiff1d(np.arange(NUM_TRAIN), poisoned)[:CLEAN_SUBSET])
+    remaining = np.setdiff1d(np.arange(NUM_TRAIN), poisoned)
+    drawn = remaining[np.random.default_rng(run.config.train.subset_seed).choice(len(remaining), CLEAN_SUBSET, replace=False)]
+    assert np.array_equal(np.sort(seen), np.sort(drawn))
     assert not np.any(np.concatenate(run.recorder.is_poisoned))
     assert not os.path.exists(os.path.join(run.run_dir, train.POISON_FILE))  # nothing poisoned here
