@@ -17,7 +17,9 @@ Every point is configs/study_synthetic.py's default study with the named proport
     0.5 %) and 15 % (the earlier toy's);
   - width of both towers and the embedding: the default 64 and 32;
   - pretraining length: the default number of epochs and twice it, at the default rate, budget
-    and width.
+    and width;
+  - and the reference code's JPEG re-encoding of poisoned training images (quality 75), at the
+    default scale.
 """
 
 import os
@@ -59,4 +61,8 @@ def get_sweep(arg: str = "default") -> list[dict]:
                     }
                 )
     points.append({"proportions.pretrain_epochs": 2 * default.PRETRAIN_EPOCHS})
+    # The one reference-mode artefact that changes this world's poisoned images: stored once as JPEG
+    # (quality 75). The squash and the wrapped noise leave them bit-identical here (32 px square
+    # images; a checkerboard patch), as docs/study_proportions.md shows.
+    points.append({"pretrain_base.poison.jpeg_quality": 75})
     return points
