@@ -121,35 +121,94 @@ def test_metrics_hold_each_term_temperature_grad_norm_and_lr():
     metrics = jax.device_get(metrics)
     assert set(metrics) == {"loss", "mmcl", "ssl", "temperature", "grad_norm", "learning_rate"}
     np.testing.assert_allclose(metrics["loss"], metrics["mmcl"] + 0.5 * metrics["ssl"], rtol=1e-6)
-    np.testing.assert_allclose(metrics["temperature"], 1 / 0.07, rtol=1e-3)
+    # Measured 9.5e-9 off, float32's rounding of 1/0.07; 1e-7 is about one and a half float32 steps at 14.3.
+    np.testing.assert_allclose(metrics["temperature"], 1 / 0.07, rtol=1e-7)
     # First update of a linear warm-up from 0 uses lr 0.
     assert metrics["learning_rate"] == 0.0
     assert metrics["grad_norm"] > 0
 
 
-def test_temperature_clamp_applied_inside_the_step():
+def _with_logit_scale(state, value):
+    """A fresh copy of `state` (the step donates its input) with logit_scale set to `value`."""
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    host = jax.device_get(state)
+    host["params"] = {**host["params"], "logit_scale": np.asarray(value, np.float32)}
+    return jax.device_put(host, shardings)
+
+
+@pytest.mark.parametrize(
+    "start, clamped",
+    [(np.log(100.0) + 0.5, np.float32(np.log(100.0))), (-0.5, np.float32(0.0))],
+    ids=["above_log_100", "below_0"],
+)
+def test_temperature_clamp_applied_inside_the_step(start, clamped):
     mesh = sharding.make_mesh()
     model_config, state, step = _setup("micro-vit", mesh, objectives.objective_config())
-    params = dict(state["params"])
-    params["logit_scale"] = jnp.asarray(np.log(100.0) + 0.5, jnp.float32)
-    state = {**state, "params": jax.device_put(params, jax.tree.map(lambda x: x.sharding, state["params"]))}
     batch = jax.device_put(_batch(model_config, 16), sharding.batch_sharding(mesh))
-    # The first update's learning rate is 0 (warm-up): only the clamp can lower the scale.
-    state, metrics = step(state, batch, jax.random.key(0))
-    assert float(state["params"]["logit_scale"]) <= np.log(100.0) + 1e-6
-    assert float(metrics["temperature"]) <= 100.0 + 1e-4
+    # The first update's learning rate is 0 (warm-up): only the clamp can move the scale, and it must
+    # land exactly on the bound, exp(logit_scale) in [1, 100].
+    state, metrics = step(_with_logit_scale(state, start), batch, jax.random.key(0))
+    assert float(metrics["learning_rate"]) == 0.0
+    assert np.asarray(state["params"]["logit_scale"]) == clamped
+    np.testing.assert_allclose(metrics["temperature"], np.exp(np.float64(clamped)), rtol=1e-6)
+
+
+def _decay_mask_by_path(model_name):
+    """{"image_tower/proj": True, ...}: the weight-decay mask of the model's parameters (SigLIP
+    bias included), keyed by slash-joined parameter paths."""
+    model_config = clip.model_config(model_name, siglip_bias=True)
+    model = clip.build_model(model_config)
+    shapes = jax.eval_shape(
+        lambda rng: train_step.init_variables(model, rng, model_config.image.size, model_config.text.context_length),
+        jax.random.key(0),
+    )
+    mask = optim.weight_decay_mask(shapes["params"])
+    return {"/".join(key.key for key in path): decayed for path, decayed in jax.tree_util.tree_leaves_with_path(mask)}
+
+
+def _transformer_paths(tower, names):
+    return {f"{tower}/transformer/block_{i}/{name}" for i in range(2) for name in names}
+
+
+# CLIP's convention (OpenCLIP's exclusion list): weight matrices, convolution kernels and embedding
+# tables decay; biases, norm gains and offsets, the class token and the scalars do not.
+_BLOCK_DECAYED = ("attn/qkv/kernel", "attn/out/kernel", "mlp_fc/kernel", "mlp_proj/kernel")
+_BLOCK_KEPT = ("attn/qkv/bias", "attn/out/bias", "mlp_fc/bias", "mlp_proj/bias",
+               "ln_1/scale", "ln_1/bias", "ln_2/scale", "ln_2/bias")
+_TEXT_DECAYED = {"text_tower/token_embedding/embedding", "text_tower/positional_embedding",
+                 "text_tower/text_projection"} | _transformer_paths("text_tower", _BLOCK_DECAYED)
+_TEXT_AND_SCALARS_KEPT = {"text_tower/ln_final/scale", "text_tower/ln_final/bias", "logit_scale",
+                          "logit_bias"} | _transformer_paths("text_tower", _BLOCK_KEPT)
 
 
 def test_weight_decay_mask_skips_vectors_and_temperature():
-    model_config = clip.model_config("micro-vit")
-    model = clip.build_model(model_config)
-    variables = train_step.init_variables(model, jax.random.key(0), model_config.image.size, model_config.text.context_length)
-    mask = optim.weight_decay_mask(variables["params"])
-    assert mask["logit_scale"] is False
-    flat = jax.tree_util.tree_leaves_with_path(mask)
-    params_flat = jax.tree.leaves(variables["params"])
-    for (path, decayed), p in zip(flat, params_flat):
-        assert decayed == (p.ndim >= 2), jax.tree_util.keystr(path)
+    decayed = _TEXT_DECAYED | {"image_tower/patch_embed/kernel", "image_tower/positional_embedding",
+                               "image_tower/proj"} | _transformer_paths("image_tower", _BLOCK_DECAYED)
+    kept = _TEXT_AND_SCALARS_KEPT | {
+        "image_tower/class_embedding", "image_tower/ln_pre/scale", "image_tower/ln_pre/bias",
+        "image_tower/ln_post/scale", "image_tower/ln_post/bias"} | _transformer_paths("image_tower", _BLOCK_KEPT)
+    mask = _decay_mask_by_path("micro-vit")
+    assert set(mask) == decayed | kept  # every parameter is named above
+    assert {path for path, decays in mask.items() if decays} == decayed
+
+
+def test_weight_decay_mask_of_a_resnet_skips_batch_norm():
+    blocks = [f"image_tower/layer{stage}_block0" for stage in (1, 2, 3, 4)]
+    decayed = _TEXT_DECAYED | {
+        *(f"image_tower/stem_conv{i}/kernel" for i in (1, 2, 3)),
+        *(f"{block}/{conv}/kernel" for block in blocks for conv in ("conv1", "conv2", "conv3", "downsample_conv")),
+        *(f"image_tower/attnpool/{proj}/kernel" for proj in ("q_proj", "k_proj", "v_proj", "c_proj")),
+        "image_tower/attnpool/positional_embedding",
+    }
+    kept = _TEXT_AND_SCALARS_KEPT | {
+        *(f"image_tower/stem_bn{i}/{name}" for i in (1, 2, 3) for name in ("scale", "bias")),
+        *(f"{block}/{bn}/{name}" for block in blocks for bn in ("bn1", "bn2", "bn3", "downsample_bn")
+          for name in ("scale", "bias")),
+        *(f"image_tower/attnpool/{proj}/bias" for proj in ("q_proj", "k_proj", "v_proj", "c_proj")),
+    }
+    mask = _decay_mask_by_path("micro-resnet")
+    assert set(mask) == decayed | kept
+    assert {path for path, decays in mask.items() if decays} == decayed
 
 
 def test_views_made_on_device_are_encoded_as_the_same_views_sent_by_the_host():
