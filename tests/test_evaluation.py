@@ -12,20 +12,39 @@ def _one_hot(ids, dim):
     return jnp.asarray(np.eye(dim, dtype=np.float32)[ids])
 
 
+def _scores_ranking(order, num_classes):
+    """An image embedding [C] whose similarity to class embedding e_c ranks the classes in `order`."""
+    scores = np.zeros(num_classes, np.float32)
+    scores[list(order)] = np.linspace(1.0, 0.1, len(order))
+    return scores
+
+
 def test_counts_on_known_embeddings():
-    # 4 classes, class k's embedding is e_k. Target class 3.
-    class_emb = _one_hot([0, 1, 2, 3], 4)
-    labels = jnp.array([0, 1, 2, 3, 1, 0])
-    predicted = [0, 2, 2, 3, 1, 1]  # 4 of the 5 valid rows right (row 5 is padding)
-    triggered = [3, 3, 2, 3, 3, 3]  # of rows 0-4, rows 0,1,4 are not class 3 and go to 3; row 2 doesn't
-    valid = jnp.array([True, True, True, True, True, False])
-    counts = evaluation.eval_counts(_one_hot(predicted, 4), _one_hot(triggered, 4), labels, valid, class_emb, 3)
+    # 8 classes, class k's embedding is e_k; the target is class 7. Each clean image ranks the classes
+    # in the order given, so its label's rank is known: 1st, 3rd, 6th (just outside the top 5), 5th (just
+    # inside), 1st, 1st (but padding), 8th.
+    num_classes, target = 8, 7
+    class_emb = _one_hot(list(range(num_classes)), num_classes)
+    labels = jnp.array([0, 1, 2, 7, 4, 5, 6])
+    rankings = [
+        [0, 1, 2, 3, 4, 5, 6, 7],
+        [3, 0, 1, 2, 4, 5, 6, 7],
+        [0, 1, 3, 4, 5, 2, 6, 7],
+        [0, 1, 2, 3, 7, 4, 5, 6],
+        [4, 0, 1, 2, 3, 5, 6, 7],
+        [5, 0, 1, 2, 3, 4, 6, 7],
+        [0, 1, 2, 3, 4, 5, 7, 6],
+    ]
+    image_emb = jnp.asarray(np.stack([_scores_ranking(order, num_classes) for order in rankings]))
+    triggered = [7, 7, 2, 7, 7, 7, 3]  # rows 0, 1, 4 flip to the target; 2 and 6 do not; 3 is a target image
+    valid = jnp.array([True, True, True, True, True, False, True])
+    counts = evaluation.eval_counts(image_emb, _one_hot(triggered, num_classes), labels, valid, class_emb, target)
     counts = {k: int(v) for k, v in counts.items()}
-    assert counts == {"count": 5, "top1": 4, "top5": 5, "asr_count": 4, "asr_hits": 3}
+    # 6 valid rows; right at top-1: rows 0, 4; in the top 5: rows 0, 1, 3, 4; attacked (valid, not of the
+    # target class): rows 0, 1, 2, 4, 6, of which rows 0, 1, 4 go to the target.
+    assert counts == {"count": 6, "top1": 2, "top5": 4, "asr_count": 5, "asr_hits": 3}
     summary = evaluation.summarise_counts([counts, counts])
-    assert summary["top1"] == pytest.approx(0.8)
-    assert summary["asr"] == pytest.approx(0.75)
-    assert summary["num_attacked"] == 8
+    assert summary == {"top1": 4 / 12, "top5": 8 / 12, "asr": 6 / 10, "num_images": 12, "num_attacked": 10}
 
 
 def test_asr_excludes_target_class_images():
