@@ -6,8 +6,11 @@ import os
 import ml_collections
 import numpy as np
 import pytest
+from absl import flags
+from ml_collections import config_flags
 from PIL import Image
 
+from bclip import sweep as sweep_lib
 from bclip.data import imagenet, imagenet_selection, sources
 from bclip.data.templates import IMAGENET_TEMPLATES
 
@@ -42,6 +45,17 @@ ALL_CONFIGS = (
     [(pretrain_cc, arg) for arg in PRETRAIN_ARGS + REFERENCE_ARGS] + [(clean_cc, arg) for arg in CLEAN_ARGS]
 )
 CONFIG_IDS = [f"pretrain:{arg}" for arg in PRETRAIN_ARGS + REFERENCE_ARGS] + [f"clean:{arg}" for arg in CLEAN_ARGS]
+
+
+def flat_fields(config: ml_collections.ConfigDict) -> dict:
+    """{"optim.learning_rate": 0.001, ...}: every leaf field by its dotted path."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            flat.update({f"{key}.{sub_key}": sub_value for sub_key, sub_value in flat_fields(value).items()})
+        else:
+            flat[key] = value
+    return flat
 
 
 def sub_configs(config: ml_collections.ConfigDict, path: str = "config"):
@@ -116,16 +130,36 @@ def test_eval_is_imagenet_folder_every_epoch_with_the_study_trigger(module, arg)
     }
 
 
+def load_from_command_line(config: str, *overrides: str) -> ml_collections.ConfigDict:
+    """The config that `python -m bclip.main --config CONFIG OVERRIDES...` runs with, loaded by
+    ml_collections' config_flags as bclip.main loads it (a fresh set of flags each time)."""
+    argv = ["bclip.main", f"--config={config}", *overrides]
+    flag_values = flags.FlagValues()
+    holder = config_flags.DEFINE_config_file("config", None, "config file", flag_values=flag_values, sys_argv=argv)
+    flag_values(argv)
+    return holder.value
+
+
 @pytest.mark.parametrize("module, arg", ALL_CONFIGS, ids=CONFIG_IDS)
 def test_command_line_style_overrides_work(module, arg):
-    config = module.get_config(arg)
-    config.data.train_csv = "/data/cc3m/train.csv"
-    config.eval.sets.imagenet.path = "/data/imagenet/val"
-    config.eval.sets.imagenet.kind = "tfds"
-    config.optim.learning_rate = 2e-4
-    assert config.optim.learning_rate == 2e-4
-    with pytest.raises(TypeError):
-        config.data.batch_size = "large"
+    config_path = f"{module.__file__}:{arg}"
+    overrides = {
+        "data.train_csv": "/data/cc3m/train.csv",
+        "eval.sets.imagenet.path": "/data/imagenet/val",
+        "eval.sets.imagenet.kind": "tfds",
+        "optim.learning_rate": 3.5e-4,  # no config's own value, so an ignored override shows
+    }
+    config = load_from_command_line(config_path, *(f"--config.{key}={value}" for key, value in overrides.items()))
+    defaults = module.get_config(arg)
+    for key, value in overrides.items():
+        assert defaults[key] != value, key  # the override changes something
+        assert config[key] == value and type(config[key]) is type(value), key
+    # Nothing else changes (a field tied to an overridden one by a reference would).
+    default_fields = flat_fields(defaults)
+    changed = {key for key, value in flat_fields(config).items() if default_fields[key] != value}
+    assert changed == set(overrides)
+    with pytest.raises(flags.IllegalFlagValueError, match="batch_size=large"):
+        load_from_command_line(config_path, "--config.data.batch_size=large")
 
 
 def test_unknown_args_are_rejected():
@@ -347,13 +381,16 @@ def test_sweep_is_the_study_learning_rate_grid(arg):
     assert sweep == [
         {"optim.learning_rate": lr} for lr in (5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3)
     ]
-    # Each override applies to the locked config as a command-line override would.
+    # Each run gets its learning rate both ways a sweep starts runs: in this process, and as
+    # --config flags of a bclip.main command.
+    config_path = f"{clean_cc.__file__}:{arg}"
+    base = clean_cc.get_config(arg)
     for overrides in sweep:
-        config = clean_cc.get_config(arg)
-        for dotted_key, value in overrides.items():
-            section, key = dotted_key.split(".")
-            config[section][key] = value
-        assert config.optim.learning_rate == overrides["optim.learning_rate"]
+        in_process = sweep_lib.apply_overrides(base, overrides)
+        from_flags = load_from_command_line(config_path, *sweep_lib.override_flags(overrides))
+        assert in_process.optim.learning_rate == from_flags.optim.learning_rate == overrides["optim.learning_rate"]
+        assert in_process.to_dict() == from_flags.to_dict()
+    assert base.optim.learning_rate == 5e-4  # untouched
 
 
 def test_cleaning_docstring_holds_command_hardware_and_time():

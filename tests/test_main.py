@@ -1,5 +1,6 @@
 """The command line: config files load with --config.key=value overrides; unknown keys fail."""
 
+import json
 import os
 import subprocess
 import sys
@@ -30,14 +31,32 @@ def test_missing_training_data_is_a_clear_error(tmp_path):
     assert "no_world/vocab.txt" in result.stderr or "no_world/train/train.csv" in result.stderr
 
 
-def test_tiny_config_overrides_apply():
+def test_tiny_config_overrides_apply(tmp_path):
+    # The run writes the config it was given to config.json before it reads any data, so a world
+    # that does not exist is enough to see what bclip.main handed the trainer.
+    world, workdir = tmp_path / "no_world", tmp_path / "run"
+    result = _main(
+        "--config", f"configs/tiny.py:{world}", "--workdir", str(workdir),
+        "--config.optim.learning_rate=0.05", "--config.model.text.layers=3", "--config.data.batch_size=32",
+    )
+    assert result.returncode != 0 and f"{world}/vocab.txt" in result.stderr  # stopped at the data
+    config = json.loads((workdir / "config.json").read_text())
+    # The three overrides, each a value tiny.py does not use itself...
+    assert config["optim"]["learning_rate"] == 0.05
+    assert config["model"]["text"]["layers"] == 3
+    assert config["data"]["batch_size"] == 32
+    # ...and tiny.py's own values, from its arg and its body, where nothing overrides them.
+    assert config["data"]["train_csv"] == f"{world}/train/train.csv"
+    assert config["eval"]["sets"]["test"]["path"] == f"{world}/test"
+    assert config["model"]["image"]["size"] == 32 and config["model"]["text"]["vocab_size"] == 256
+    assert config["optim"]["warmup_steps"] == 20
+
     sys.path.insert(0, os.path.join(REPO, "configs"))
     try:
         import tiny
     finally:
         sys.path.pop(0)
-    config = tiny.get_config("/data/world")
-    assert config.data.train_csv == "/data/world/train/train.csv"
-    assert config.model.image.size == 32 and config.model.text.vocab_size == 256
+    defaults = tiny.get_config(str(world))
+    assert (defaults.optim.learning_rate, defaults.model.text.layers, defaults.data.batch_size) == (1e-3, 2, 64)
     with pytest.raises(AttributeError):
-        config.optim.learning_rte = 0.1  # locked: a typo is an error
+        defaults.optim.learning_rte = 0.1  # locked: a typo is an error
