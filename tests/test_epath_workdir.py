@@ -182,9 +182,12 @@ def test_poison_plan_and_inputs_read_from_gs(bucket):
     assert train.read_excluded_indices("gs://bucket/lists/excluded.json").tolist() == [4, 1]
     epath.Path("gs://bucket/lists/classnames.txt").write_text("apple\n\nbanana\n")
     assert train._read_override("gs://bucket/lists/classnames.txt") == ["apple", "banana"]
-    epath.Path("gs://bucket/lists/synonyms.json").write_text('{"big": ["large"]}')
+    epath.Path("gs://bucket/lists/synonyms.json").write_text('{"big": ["large", "huge"]}')
     data = ml_collections.ConfigDict({"synonyms": "gs://bucket/lists/synonyms.json"})
-    assert train.make_synonyms(data) is not None
+    synonyms = train.make_synonyms(data)
+    # The lexicon in the bucket, and nothing else: its word's synonyms in order, none for others.
+    assert synonyms("big") == ["large", "huge"]
+    assert synonyms("small") == []
     assert ("open:r", "gs://bucket/lists/synonyms.json") in bucket.calls
 
 

@@ -165,8 +165,29 @@ def test_detect_backend():
         distributed.detect_backend({"BCLIP_BACKEND": "npu"}, never)
 
 
-def test_initialize_single_process_does_nothing():
+@pytest.fixture
+def jax_start_calls(monkeypatch):
+    """Records, instead of making, the calls `distributed.initialize` may make into JAX."""
+    import jax
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(("initialize", kwargs)))
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.config, "update", lambda name, value: calls.append(("config", name, value)))
+    return calls
+
+
+def test_initialize_single_process_does_nothing(jax_start_calls):
     assert distributed.initialize(env={}) is None
+    assert distributed.initialize(backend="gpu", env={"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}) is None
+    assert jax_start_calls == []  # no runtime started, no JAX setting changed
+
+
+def test_initialize_several_processes_starts_jax_with_the_plan(jax_start_calls):
+    env = {"BCLIP_COORDINATOR_ADDRESS": "localhost:4321", "BCLIP_NUM_PROCESSES": "2", "BCLIP_PROCESS_ID": "1"}
+    plan = distributed.initialize(backend="gpu", env=env)
+    assert jax_start_calls == [("initialize", plan)]
+    assert plan["coordinator_address"] == "localhost:4321" and plan["process_id"] == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,9 +332,25 @@ def test_tpu_pod_dry_run_copy_install(capsys):
     assert "--worker=all" in run
 
 
-def test_tpu_pod_create_needs_accelerator():
-    with pytest.raises(SystemExit):
-        tpu_pod.main(["--name", "p", "--zone", "z", "--create", "--config", "c.py", "--workdir", "gs://b", "--dry_run"])
+@pytest.mark.parametrize(
+    "create_flags",
+    [[], ["--version", "tpu-ubuntu2204-base"], ["--accelerator_type", "v4-32"]],
+    ids=["neither", "no_accelerator", "no_version"],
+)
+def test_tpu_pod_create_needs_accelerator(capsys, create_flags):
+    run_flags = ["--config", "c.py", "--workdir", "gs://b", "--dry_run"]
+    with pytest.raises(SystemExit) as exit_info:
+        tpu_pod.main(["--name", "p", "--zone", "z", "--create", *create_flags, *run_flags])
+    # argparse's usage error (exit status 2) with the launcher's own message, not any other exit.
+    assert exit_info.value.code == 2
+    assert "--create needs --accelerator_type and --version" in capsys.readouterr().err
+    # With both given, the same command line creates the VM first.
+    both = ["--accelerator_type", "v4-32", "--version", "tpu-ubuntu2204-base"]
+    assert tpu_pod.main(["--name", "p", "--zone", "z", "--create", *both, *run_flags]) == 0
+    create = shlex.split(capsys.readouterr().out.splitlines()[0])
+    assert create[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "p"]
+    assert _value_after(create, "--accelerator-type") == "v4-32"
+    assert _value_after(create, "--version") == "tpu-ubuntu2204-base"
 
 
 # ---------------------------------------------------------------------------------------------

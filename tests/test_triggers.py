@@ -387,7 +387,11 @@ def test_bicubic_upsampling_interpolates_the_grid_points():
 
 
 def test_configdict_with_overridden_none_field_is_accepted():
+    image = _random_image(16)
     config = ml_collections.ConfigDict(triggers.default_trigger_config("wanet"))
+    assert config.grid_size is None
     config.grid_size = 8
-    out = triggers.apply_trigger(_random_image(16), config, 0)
-    assert out.shape == (16, 16, 3)
+    out = triggers.apply_trigger(image, config, 0)
+    # The overridden value is the one used: the warp of an 8 x 8 noise grid, not the default 16 x 16.
+    np.testing.assert_array_equal(out, triggers.wanet(image, 0, grid_size=8))
+    assert np.any(out != triggers.wanet(image, 0))
