@@ -204,10 +204,24 @@ def test_runs_of_operations_match_pillow_applied_one_by_one():
                 np.testing.assert_array_equal(np.asarray(view), np.asarray(expected), err_msg=str(steps))
 
 
+# The geometric and sharpening operations of the ImageNet policy, as the reference AutoAugment calls
+# Pillow for them: an x-shear through Image.transform's affine map (output (x, y) samples input
+# (x + m y, y)), a rotation by m degrees counter-clockwise about the centre, both nearest-neighbour
+# with black brought in; sharpness blends with Pillow's smoothed image by the factor 1 + m.
+PILLOW_POLICY_REFERENCE = {
+    **PILLOW_REFERENCE,
+    "ShearX": lambda image, magnitude: image.transform(
+        image.size, Image.Transform.AFFINE, (1, magnitude, 0, 0, 1, 0),
+        resample=Image.Resampling.NEAREST, fillcolor=(0, 0, 0)),
+    "Rotate": lambda image, magnitude: image.rotate(
+        magnitude, resample=Image.Resampling.NEAREST, fillcolor=(0, 0, 0)),
+    "Sharpness": lambda image, magnitude: ImageEnhance.Sharpness(image).enhance(1 + magnitude),
+}
+
+
 def test_autoaugment_imagenet_matches_pillow_applied_one_by_one():
-    reference = dict(AUTOAUGMENT_OPERATIONS, **{op: (lambda f: lambda image, magnitude, fill: f(image, magnitude))(f)
-                                                for op, f in PILLOW_REFERENCE.items() if op != "Rotate"})
     image = textured_image()
+    applied = collections.Counter()
     for seed in range(300):
         rng = np.random.default_rng(seed)
         expected = Image.fromarray(image)
@@ -218,8 +232,14 @@ def test_autoaugment_imagenet_matches_pillow_applied_one_by_one():
                 magnitude = autoaugment_magnitude(operation, magnitude_bin, 40, 48)
                 if mirrored and operation not in ("Posterize", "Solarize", "Equalize", "AutoContrast", "Invert"):
                     magnitude = -magnitude
-                expected = reference[operation](expected, magnitude, 0)
+                expected = PILLOW_POLICY_REFERENCE[operation](expected, magnitude)
+                applied[operation, magnitude > 0] += 1
         np.testing.assert_array_equal(augment_image(image, "autoaugment_imagenet", seed), np.asarray(expected))
+    # The seeds reach every operation of the policy, the signed ones in both directions.
+    for operation in ("ShearX", "Rotate", "Sharpness", "Color", "Contrast"):
+        assert applied[operation, True] and applied[operation, False], operation
+    for operation in ("Posterize", "Solarize", "AutoContrast", "Equalize", "Invert"):
+        assert applied[operation, True] + applied[operation, False], operation
 
 
 def test_pil_views_leave_their_input_alone_and_match_the_array_api():
