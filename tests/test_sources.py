@@ -7,6 +7,7 @@ import pickle
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds  # a dependency of bclip: failing to import it must fail these tests
 from PIL import Image
 
 from bclip.data import records
@@ -314,8 +315,6 @@ def test_image_folder_eval_source_errors(tmp_path):
 
 
 # ----------------------------------------------------------------------------- TFDS
-
-tfds = pytest.importorskip("tensorflow_datasets")
 
 
 class BclipTinyEval(tfds.core.GeneratorBasedBuilder):
