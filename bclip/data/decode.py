@@ -168,11 +168,17 @@ def decode_and_resize_image(
 ) -> Image.Image:
     """`decode_and_resize` as a Pillow RGB image of `size` x `size`, for code that goes on with
     Pillow (augmentations) or copies the pixels straight into a batch."""
+    return _decode(image_bytes, size, _resize_and_centre_crop, draft_size=size, path=path, index=index)
+
+
+def _decode(image_bytes: bytes, size: int, geometry, *, draft_size: int | None, path, index) -> Image.Image:
+    """The RGB `size` x `size` image `geometry(decoded image, size)` makes of `image_bytes`; any
+    failure is a BadRecordError naming `path` and `index`."""
     _check_size(size)
     if not image_bytes:
         raise BadRecordError("empty image bytes", path=path, index=index)
     with _bad_record_on_error(path, index):
-        image = _resize_and_centre_crop(_open(image_bytes, draft_size=size), size)
+        image = geometry(_open(image_bytes, draft_size=draft_size), size)
     return _check_decoded(image, size, path, index)
 
 
@@ -215,12 +221,7 @@ def decode_and_squash_image(
     and the reference decoded at full scale. Returns an RGB Pillow image; raises BadRecordError
     as `decode_and_resize`.
     """
-    _check_size(size)
-    if not image_bytes:
-        raise BadRecordError("empty image bytes", path=path, index=index)
-    with _bad_record_on_error(path, index):
-        image = _squash(_open(image_bytes, draft_size=None), size)
-    return _check_decoded(image, size, path, index)
+    return _decode(image_bytes, size, _squash, draft_size=None, path=path, index=index)
 
 
 def decode_and_squash(
