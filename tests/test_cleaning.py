@@ -1,4 +1,4 @@
-"""Cleaning-method internals with known answers: the deep-clustering head's optimiser reset."""
+"""Cleaning-method internals with known answers: the deep-clustering head's optimiser reset, its loss and spherical k-means."""
 
 import jax
 import jax.numpy as jnp
@@ -125,3 +125,45 @@ def test_reloaded_adam_continues_the_model_and_leaves_a_new_head_fresh():
     assert float(optim.current_learning_rate(state)) == 0.0
     hyperparams = [s.hyperparams for s in jax.tree.leaves(state, is_leaf=lambda s: hasattr(s, "hyperparams")) if hasattr(s, "hyperparams")]
     assert [float(h["weight_decay"]) for h in hyperparams] == [pytest.approx(0.1)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Deep clustering: the loss and spherical k-means with known answers
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cluster_loss_is_the_mean_cross_entropy_of_rows_with_a_cluster():
+    from bclip import objectives
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6, 5)).astype(np.float32) * 3
+    ids = np.array([0, 4, -1, 2, 2, -1])
+    # Cross-entropy from its definition, over the four rows that have a cluster.
+    expected = np.mean([np.log(np.exp(logits[i]).sum()) - logits[i, ids[i]] for i in (0, 1, 3, 4)])
+    np.testing.assert_allclose(objectives.cluster_loss(jnp.asarray(logits), jnp.asarray(ids)), expected, rtol=1e-6)
+    # No row with a cluster: the term is 0, not NaN.
+    assert float(objectives.cluster_loss(jnp.asarray(logits), jnp.full(6, -1))) == 0.0
+
+
+def test_spherical_kmeans_finds_well_separated_directions():
+    # Three tight bundles of unit vectors around the axes of R^3, 5 vectors each, shuffled, plus two
+    # invalid rows that point elsewhere and must be left out.
+    rng = np.random.default_rng(1)
+    axes = np.eye(3)
+    truth = rng.permutation(np.repeat(np.arange(3), 5))
+    vectors = axes[truth] + 0.05 * rng.normal(size=(15, 3))
+    vectors = np.concatenate([vectors, [[1.0, 1.0, 1.0], [-1.0, 0.0, 0.0]]])
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    valid = np.arange(17) < 15
+    assignments, centroids = cleaning.spherical_kmeans(jnp.asarray(vectors, jnp.float32), jnp.asarray(valid), 3, 10, jax.random.key(0))
+    assignments, centroids = np.asarray(assignments), np.asarray(centroids)
+    np.testing.assert_array_equal(assignments[15:], -1)
+    # The same partition as the truth, whatever the cluster numbering.
+    mapping = {t: a for t, a in zip(truth, assignments[:15])}
+    assert len(set(mapping.values())) == 3
+    np.testing.assert_array_equal(assignments[:15], [mapping[t] for t in truth])
+    # Each centroid is the normalised mean of its bundle (unit length, next to its axis).
+    for t, a in mapping.items():
+        members = vectors[:15][truth == t]
+        mean = members.sum(axis=0) / np.linalg.norm(members.sum(axis=0))
+        np.testing.assert_allclose(centroids[a], mean, atol=1e-5)
