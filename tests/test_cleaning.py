@@ -1,4 +1,5 @@
-"""Cleaning-method internals with known answers: the deep-clustering head's optimiser reset, its loss and spherical k-means."""
+"""Cleaning-method internals with known answers: the deep-clustering head's optimiser reset, its
+loss and spherical k-means."""
 
 import jax
 import jax.numpy as jnp
