@@ -109,3 +109,31 @@ def test_counts_sharded_over_eight_devices_match():
     split = sharding.batch_sharding(mesh)
     sharded = fn(*(jax.device_put(x, split) for x in (emb, trig, labels, valid)), class_emb, 2)
     assert {k: int(v) for k, v in single.items()} == {k: int(v) for k, v in sharded.items()}
+
+
+def test_class_embeddings_pad_the_last_chunk_and_drop_the_padding():
+    # 5 classes x 2 templates = 10 prompts in chunks of 4: the last chunk holds 2 prompts and 2 rows
+    # of padding. The stub encoder counts the rows it sees and embeds prompt p of class c as a
+    # one-hot on c, so any padding row that leaked into a class mean would tilt it.
+    calls = []
+
+    def encode_text(tokens):
+        calls.append(len(tokens))
+        return jnp.eye(6)[tokens[:, 0]] + jnp.where(tokens[:, 1:2] == 1, 0.5, 0.0) * jnp.eye(6)[5]
+
+    tokens = np.asarray([[c, t] for c in range(5) for t in range(2)], np.int32)
+    emb = np.asarray(evaluation.class_embeddings(encode_text, tokens, 5, chunk_size=4))
+    assert calls == [4, 4, 4]  # every call has the compiled size
+    unit = lambda v: v / np.linalg.norm(v)  # noqa: E731
+    expected = np.stack([unit(unit(np.eye(6)[c]) + unit(np.eye(6)[c] + 0.5 * np.eye(6)[5])) for c in range(5)])
+    np.testing.assert_allclose(emb, expected, atol=1e-6)
+
+
+def test_summary_of_a_set_without_attacked_images_and_of_an_empty_set():
+    # Only target-class images: top-1 is defined, ASR is not (NaN, never 0 %).
+    only_target = {"count": 3, "top1": 2, "top5": 3, "asr_count": 0, "asr_hits": 0}
+    summary = evaluation.summarise_counts([only_target])
+    assert (summary["top1"], summary["top5"], summary["num_attacked"]) == (2 / 3, 1.0, 0)
+    assert np.isnan(summary["asr"])
+    with pytest.raises(ValueError, match="no images"):
+        evaluation.summarise_counts([{"count": 0, "top1": 0, "top5": 0, "asr_count": 0, "asr_hits": 0}])
