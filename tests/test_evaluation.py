@@ -137,3 +137,56 @@ def test_summary_of_a_set_without_attacked_images_and_of_an_empty_set():
     assert np.isnan(summary["asr"])
     with pytest.raises(ValueError, match="no images"):
         evaluation.summarise_counts([{"count": 0, "top1": 0, "top5": 0, "asr_count": 0, "asr_hits": 0}])
+
+
+class _StubCLIP:
+    """Stands in for a CLIP model in the Evaluator: each image is a one-hot on (the sum of its red
+    channel) mod 24, each prompt a one-hot on (its token sum) mod 24. Deterministic and
+    content-dependent, so clean and triggered images land on different classes."""
+
+    num_classes = 24
+
+    def apply(self, variables, inputs, method=None, **kwargs):
+        from bclip.models import clip
+
+        if method is clip.CLIP.encode_image:
+            return jax.nn.one_hot(jnp.sum(inputs[..., 0].astype(jnp.int32), axis=(1, 2)) % self.num_classes, self.num_classes)
+        return jax.nn.one_hot(jnp.sum(inputs, axis=1) % self.num_classes, self.num_classes)
+
+
+def test_evaluator_scores_clean_images_for_accuracy_and_triggered_ones_for_asr(tmp_path):
+    """The Evaluator's wiring: top-1 comes from the clean images' embeddings and ASR from the
+    triggered ones', each computed here image by image from the stub's outputs."""
+    from bclip import config as run_configs
+    from bclip import sharding, train
+    from bclip.data import pipeline, synthetic
+
+    world = synthetic.write_world(tmp_path / "world", image_size=32, num_train=8, num_test=96, num_selection=0)
+    config = run_configs.run_config("micro-vit", image={"size": 32}, text={"context_length": 24, "vocab_size": 256})
+    config.data.tokenizer.path = str(world / synthetic.VOCAB_FILE)
+    config.poison.trigger.patch = "checkerboard"  # changes the red sum: another class for most images
+    config.poison.trigger.size = 16
+    config.eval.batch_size = 16
+    with config.unlocked():
+        config.eval.sets = {"test": run_configs.eval_set_config("folder", str(world / "test"))}
+    model = _StubCLIP()
+    (evaluator,) = train.make_evaluators(config, model, train.make_tokenizer(config), sharding.make_mesh(), 0, 1).values()
+    figures = evaluator({"params": {}})
+
+    class_emb = np.asarray(evaluation.class_embeddings(lambda t: model.apply(None, t), evaluator.prompt_tokens, len(evaluator.classnames)))
+
+    def predictions(images):
+        red = np.asarray(images)[..., 0].astype(np.int64).sum(axis=(1, 2)) % 24
+        return (np.eye(24)[red] @ class_emb.T).argmax(1)
+
+    batches = list(pipeline.eval_batches(evaluator.source, image_size=32, batch_size=16, trigger=config.poison.trigger, seed=config.eval.seed))
+    valid = np.concatenate([b["valid"] for b in batches])
+    labels = np.concatenate([b["label"] for b in batches])[valid]
+    clean = np.concatenate([predictions(b["image"]) for b in batches])[valid]
+    triggered = np.concatenate([predictions(b["triggered"]) for b in batches])[valid]
+    others = labels != evaluator.target
+    assert figures["num_images"] == len(labels) == 96
+    assert figures["top1"] == pytest.approx(np.mean(clean == labels), abs=1e-12)
+    assert figures["asr"] == pytest.approx(np.mean(triggered[others] == evaluator.target), abs=1e-12)
+    # Swapped halves would give other figures here, so the test tells them apart.
+    assert (np.mean(triggered == labels), np.mean(clean[others] == evaluator.target)) != (figures["top1"], figures["asr"])
