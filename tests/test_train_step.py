@@ -324,3 +324,30 @@ def test_each_statistics_group_holds_its_pairs_originals_and_views():
         [run_alone(all_images[i : i + group_size], all_tokens[i : i + group_size])[0] for i in range(0, 2 * batch_size, group_size)]
     )
     assert np.abs(wrong[:batch_size] - expected["image"]).max() > 1e-2
+
+
+def test_siglip_step_minimises_the_sigmoid_loss_of_the_models_embeddings():
+    """SigLIP through the sharded step: its loss is the pairwise sigmoid loss of the embeddings the
+    model gives (computed here with numpy), and the bias is trained."""
+    mesh = sharding.make_mesh()
+    model_config = clip.model_config("micro-vit", siglip_bias=True)
+    model = clip.build_model(model_config)
+    tx = optim.make_optimizer(optim.optim_config(learning_rate=1e-3, warmup_steps=0, eps=1e-3), 100)
+    state, shardings = train_step.create_sharded_state(model, tx, jax.random.key(0), mesh, model_config, sharding.sharding_config())
+    objective = objectives.objective_config(mmcl=0.0, siglip=1.0)
+    step = train_step.shard_and_jit_train_step(train_step.make_train_step(model, tx, objective), shardings, mesh)
+    host_batch = _batch(model_config, 16)
+    params = jax.device_get(state["params"])
+    (image_emb, text_emb), _ = clip.apply_model(model, {"params": params}, host_batch["image"], host_batch["text"])
+    logits = np.exp(params["logit_scale"]) * np.asarray(image_emb, np.float64) @ np.asarray(text_emb, np.float64).T + params["logit_bias"]
+    signs = 2 * np.eye(16) - 1
+    expected = np.sum(np.log1p(np.exp(-signs * logits))) / 16
+
+    new_state, metrics = step(state, jax.device_put(host_batch, sharding.batch_sharding(mesh)), jax.random.key(0))
+    metrics = jax.device_get(metrics)
+    assert set(metrics) == {"loss", "siglip", "temperature", "grad_norm", "learning_rate"}
+    np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-5)
+    np.testing.assert_allclose(metrics["siglip"], expected, rtol=1e-5)
+    # The first step runs at the peak learning rate (no warm-up): the bias moves by about lr.
+    bias_change = float(jax.device_get(new_state["params"]["logit_bias"]) - params["logit_bias"])
+    assert 0.5e-3 < abs(bias_change) < 1.5e-3
