@@ -189,12 +189,13 @@ def use_reference_cleaning(config: ml_collections.ConfigDict) -> None:
     """Cleans as the reference code did a model of a configs/pretrain_cc.py *_reference run: the
     pretraining AdamW state reloaded (so its weight decay 0.1 replaces the configured one), ASR
     measured with the reference's trigger (squashed images, wrapped noise bytes), one EDA caption
-    view per caption. BatchNorm statistics stay over the whole batch: the reference cleaned on one
+    view per caption, float32 compute. BatchNorm statistics stay over the whole batch: the reference cleaned on one
     GPU, whose batch is the global batch."""
     config.train.reload_optimizer_state = True
     config.poison.squash = True
     config.poison.trigger.overflow = "wrap"
     config.data.text_views_per_epoch = False
+    config.model.dtype = "float32"  # the paper's fp32/TF32 compute, as configs/pretrain_cc.py's reference runs
 
 
 def get_sweep(arg: str = "cleanclip") -> list[dict]:

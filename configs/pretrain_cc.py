@@ -17,7 +17,8 @@ cc6m_mmcl_reference, cc6m_mmcl_ssl_reference) is the same run poisoned as the pa
   - model.image.batch_norm_group_size=256: BatchNorm statistics over each GPU's 256 images (8 GPUs,
     DistributedDataParallel without SyncBN; with SSL, 128 pairs' originals and their views), not
     over the global batch;
-  - data.text_views_per_epoch=False: one EDA caption view per caption for the whole run.
+  - data.text_views_per_epoch=False: one EDA caption view per caption for the whole run;
+  - model.dtype="float32": the paper's fp32/TF32 compute (bclip's default is bfloat16).
 The plain args are bclip's defaults, which fix the reference's mistakes: there, poisoned training
 images and triggered test images are squashed while clean images are resized on the shorter side
 and centre-cropped, so the geometry alone tells them apart. Use the reference args to reproduce
@@ -89,6 +90,9 @@ def use_reference_setup(config: ml_collections.ConfigDict) -> None:
     config.poison.trigger.overflow = "wrap"
     config.model.image.batch_norm_group_size = REFERENCE_BATCH_NORM_GROUP
     config.data.text_views_per_epoch = False
+    # The paper's runs computed in float32 (TF32 matrix products on A100s, which is what XLA's
+    # default precision does with float32 on those GPUs); bclip's default computes in bfloat16.
+    config.model.dtype = "float32"
 
 
 def get_config(arg: str = "cc3m_mmcl") -> ml_collections.ConfigDict:

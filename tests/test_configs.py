@@ -82,10 +82,11 @@ def test_config_is_locked_everywhere(module, arg):
 
 
 @pytest.mark.parametrize("module, arg", ALL_CONFIGS, ids=CONFIG_IDS)
-def test_model_is_clip_rn50_in_bfloat16(module, arg):
+def test_model_is_clip_rn50_in_bfloat16_or_the_papers_float32(module, arg):
     model = module.get_config(arg).model
     assert model.name == "RN50"
-    assert model.dtype == "bfloat16"
+    # The reference runs compute as the paper did (fp32/TF32); bclip's own in bfloat16.
+    assert model.dtype == ("float32" if arg.endswith("_reference") else "bfloat16")
     assert model.image.kind == "resnet"
     assert tuple(model.image.layers) == (3, 4, 6, 3)
     assert model.image.width == 64 and model.image.size == 224
@@ -238,17 +239,19 @@ def test_reference_runs_differ_from_bclips_only_in_what_the_reference_code_did(a
             config.poison.trigger.overflow,
             config.model.image.batch_norm_group_size,
             config.data.text_views_per_epoch,
+            config.model.dtype,
         )
 
-    assert reference_keys(default) == (False, 0, "clip", 0, True)
+    assert reference_keys(default) == (False, 0, "clip", 0, True, "bfloat16")
     # 8 GPUs' BatchNorms, each over its 256 images: 2,048 / 8 for MMCL, 2 x 1,024 / 8 with SSL views.
     per_gpu_images = default.data.batch_size // 8 * (2 if default.objective.ssl_weight else 1)
-    assert reference_keys(reference) == (True, 75, "wrap", per_gpu_images, False) and per_gpu_images == 256
+    assert reference_keys(reference) == (True, 75, "wrap", per_gpu_images, False, "float32") and per_gpu_images == 256
     reference.poison.squash = False
     reference.poison.jpeg_quality = 0
     reference.poison.trigger.overflow = "clip"
     reference.model.image.batch_norm_group_size = 0
     reference.data.text_views_per_epoch = True
+    reference.model.dtype = "bfloat16"
     assert reference.to_dict() == default.to_dict()
 
 
@@ -322,12 +325,14 @@ def test_reference_cleaning_is_the_reference_codes(run):
     assert reference.poison.trigger.to_dict() == pretraining.poison.trigger.to_dict()
     assert reference.poison.squash == pretraining.poison.squash is True
     assert reference.data.text_views_per_epoch is False
+    assert reference.model.dtype == pretraining.model.dtype == "float32"
     # One GPU cleaned: BatchNorm over the whole batch, whatever pretraining's groups were.
     assert reference.model.image.batch_norm_group_size == 0 < pretraining.model.image.batch_norm_group_size
     reference.train.reload_optimizer_state = False
     reference.poison.squash = False
     reference.poison.trigger.overflow = "clip"
     reference.data.text_views_per_epoch = True
+    reference.model.dtype = "bfloat16"
     assert reference.to_dict() == plain.to_dict()
     assert clean_cc.get_sweep(f"heavy_wd,{run}_reference") == clean_cc.get_sweep("heavy_wd")
 
