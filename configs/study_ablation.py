@@ -7,8 +7,8 @@ per point, so the table shows where the paper's contrast appears on the toy and 
 Writes runs/ablation/ablation.md and .json (one row per point: both pretrained models' top-1 and
 ASR, and CleanCLIP's lowest ASR keeping top-1 within 2 points of each) and each point's full study
 report under runs/ablation/points/. Points that differ only in their cleaning share the synthetic
-world and their pretraining runs. About 70 minutes on 2 CPU cores (the 15 % cleaning budget and
-the longer pretraining cost most); docs/study_proportions.md holds the measured table.
+world and their pretraining runs. 82 minutes on 2 CPU cores (the 15 % cleaning budgets and the
+12-epoch pretraining cost most); docs/study_proportions.md holds the measured table.
 
 Every point is configs/study_synthetic.py's default study with the named proportions changed:
   - poison rate: the default 7 % (the lowest rate of its ladder at which both objectives' ASR
