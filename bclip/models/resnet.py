@@ -89,26 +89,17 @@ def _batch_norm(
     group_size, per group of that many images (GroupedBatchNorm), when training. Evaluation uses
     the running statistics either way, so it stays nn.BatchNorm.
     """
-    scale_init = nn.initializers.zeros if zero_scale else nn.initializers.ones
-    if train and group_size:
-        return GroupedBatchNorm(
-            group_size=group_size,
-            momentum=0.9,
-            epsilon=1e-5,
-            scale_init=scale_init,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            name=name,
-        )
-    return nn.BatchNorm(
-        use_running_average=not train,
+    options = dict(
         momentum=0.9,
         epsilon=1e-5,
-        scale_init=scale_init,
+        scale_init=nn.initializers.zeros if zero_scale else nn.initializers.ones,
         dtype=dtype,
         param_dtype=param_dtype,
         name=name,
     )
+    if train and group_size:
+        return GroupedBatchNorm(group_size=group_size, **options)
+    return nn.BatchNorm(use_running_average=not train, **options)
 
 
 def _avg_pool(x: jax.Array, stride: int) -> jax.Array:
