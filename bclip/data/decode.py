@@ -8,7 +8,6 @@ for its reference poisoning mode, again one function for training and evaluation
 
 from __future__ import annotations
 
-import contextlib
 import io
 
 import numpy as np
@@ -108,35 +107,20 @@ def resize_array(image: np.ndarray, size: int) -> np.ndarray:
     Returns:
       uint8 [size, size, 3].
     """
-    pillow_image = _pillow_image(image)
-    _check_size(size)
-    return np.array(_resize_and_centre_crop(pillow_image, size), dtype=np.uint8)
+    return _array_in_geometry(image, size, _resize_and_centre_crop)
 
 
 def squash_array(image: np.ndarray, size: int) -> np.ndarray:
-    """The squash of `decode_and_squash` on an already decoded image (e.g. a TFDS record's).
+    """The squash of `decode_and_squash` on an already decoded image (e.g. a TFDS record's);
+    arguments and result as `resize_array`'s."""
+    return _array_in_geometry(image, size, _squash)
 
-    Args:
-      image: uint8 [H, W, 3], [H, W, 1] or [H, W] (grey levels are repeated over RGB).
-      size: output side length.
 
-    Returns:
-      uint8 [size, size, 3].
-    """
+def _array_in_geometry(image: np.ndarray, size: int, geometry) -> np.ndarray:
+    """uint8 [size, size, 3]: `geometry(Pillow image, size)` of decoded pixels."""
     pillow_image = _pillow_image(image)
     _check_size(size)
-    return np.array(_squash(pillow_image, size), dtype=np.uint8)
-
-
-@contextlib.contextmanager
-def _bad_record_on_error(path: str | None, index: int | None):
-    """Turns whatever decoding raises into a BadRecordError naming the record."""
-    try:
-        yield
-    except Exception as error:  # Pillow signals bad data with many exception types.
-        raise BadRecordError(
-            f"cannot decode image: {type(error).__name__}: {error}", path=path, index=index
-        ) from error
+    return np.array(geometry(pillow_image, size), dtype=np.uint8)
 
 
 def _open(image_bytes: bytes, draft_size: int | None) -> Image.Image:
@@ -177,8 +161,12 @@ def _decode(image_bytes: bytes, size: int, geometry, *, draft_size: int | None, 
     _check_size(size)
     if not image_bytes:
         raise BadRecordError("empty image bytes", path=path, index=index)
-    with _bad_record_on_error(path, index):
+    try:
         image = geometry(_open(image_bytes, draft_size=draft_size), size)
+    except Exception as error:  # Pillow signals bad data with many exception types.
+        raise BadRecordError(
+            f"cannot decode image: {type(error).__name__}: {error}", path=path, index=index
+        ) from error
     return _check_decoded(image, size, path, index)
 
 
