@@ -139,8 +139,8 @@ def test_poisoned_set_is_exact_and_poisoned_examples_carry_trigger_and_template(
         assert np.sum(np.any(example["image"] != clean, axis=-1)) > PATCH_SIZE * PATCH_SIZE // 2
 
 
-def test_poisoning_is_identical_across_worker_counts_and_process_shards(source, tokenizer):
-    poison = _poison()
+def _epoch_alike_with_threads_and_workers(source, tokenizer, poison):
+    """One epoch of batches, asserted identical when built by 3 threads and by 2 worker processes."""
     single = _take(_pipeline(source, tokenizer, poison=poison), BATCHES_PER_EPOCH)
     _assert_batches_equal(single, _take(_pipeline(source, tokenizer, poison=poison, num_threads=3), BATCHES_PER_EPOCH))
     with_workers = _pipeline(source, tokenizer, poison=poison, num_workers=2)
@@ -148,6 +148,12 @@ def test_poisoning_is_identical_across_worker_counts_and_process_shards(source, 
         _assert_batches_equal(single, _take(with_workers, BATCHES_PER_EPOCH))
     finally:
         with_workers.close()
+    return single
+
+
+def test_poisoning_is_identical_across_worker_counts_and_process_shards(source, tokenizer):
+    poison = _poison()
+    single = _epoch_alike_with_threads_and_workers(source, tokenizer, poison)
 
     by_index = {int(e["index"]): e for e in _examples(single)}
     poisoned_in_shards = []
@@ -299,13 +305,7 @@ def test_jpeg_quality_stores_poisoned_training_images_once_before_their_views(so
 def test_reference_mode_is_identical_across_threads_and_workers(source, tokenizer):
     poison = _poison(squash=True, jpeg_quality=75)
     poison.trigger.overflow = "wrap"
-    single = _take(_pipeline(source, tokenizer, poison=poison), BATCHES_PER_EPOCH)
-    _assert_batches_equal(single, _take(_pipeline(source, tokenizer, poison=poison, num_threads=3), BATCHES_PER_EPOCH))
-    with_workers = _pipeline(source, tokenizer, poison=poison, num_workers=2)
-    try:
-        _assert_batches_equal(single, _take(with_workers, BATCHES_PER_EPOCH))
-    finally:
-        with_workers.close()
+    _epoch_alike_with_threads_and_workers(source, tokenizer, poison)
 
 
 def test_bad_reference_options_are_errors_naming_them(source, tokenizer):
