@@ -414,8 +414,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         )
         logging.info("Initialising from %s", where)
         if config.train.reload_optimizer_state:
+            # Read in the structure of the pretraining run's optimiser: `tx` may also hold a
+            # deep-clustering head's AdamW, which pretraining never had.
             saved_opt, saved_weight_decay = reloaded_optimizer_state(
-                where, tx, variables_abstract["params"], mesh, config
+                where, optim.make_optimizer(config.optim, total_steps), variables_abstract["params"], mesh, config
             )
     state, start_step = checkpointing.restore_latest(manager, abstract, data.iterator)
     original_variables = None
