@@ -20,7 +20,7 @@ from absl import logging
 from etils import epath
 
 from bclip import config as run_configs
-from bclip import checkpointing, report, sweep, train
+from bclip import checkpointing, study_report, sweep, train
 from bclip.data import synthetic
 
 TrainFn = Callable[[ml_collections.ConfigDict, str], dict]
@@ -266,8 +266,8 @@ def run_study(
                 run_dir = clean_run_dir(workdir, name, method, lr)
                 run_once(train_fn, clean_config(study, config, pretrain_dir, method, lr), run_dir)
                 run = os.fspath(epath.Path(run_dir).relative_to(epath.Path(workdir)))
-                points[name] += report.points_from_evals(read_evals(run_dir), method, run, lr)
-    return report.write_report(workdir, originals, points)
+                points[name] += study_report.points_from_evals(read_evals(run_dir), method, run, lr)
+    return study_report.write_report(workdir, originals, points)
 
 
 # ---------------------------------------------------------------------------------------------

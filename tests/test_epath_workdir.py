@@ -18,7 +18,7 @@ from etils import epath
 from etils.epath import backend as epath_backend
 from etils.epath import gpath
 
-from bclip import checkpointing, experiment, report, sweep, train
+from bclip import checkpointing, experiment, sweep, sweep_report, train
 from bclip import config as run_configs
 from bclip.data import poisoning, synthetic
 
@@ -349,7 +349,7 @@ def test_sweep_report_on_gs(bucket):
     for run in runs:
         sweep.write_overrides(run)
         _fake_train(sweep.apply_overrides(base, run.overrides), run.workdir)
-    assert report.main(["--sweep", root]) == 0
+    assert sweep_report.main([root]) == 0
     summary = json.loads(epath.Path(f"{root}/sweep_report.json").read_text())
     assert [(row["name"], row["epoch"]) for row in summary["points"]] == [("lr=1e-04", 1), ("lr=0.001", 1)]
     assert summary["chosen"] == {"name": "lr=0.001", "epoch": 1, "step": 4}
@@ -360,7 +360,7 @@ def test_sweep_report_on_gs(bucket):
 # Complement: no run-file code calls the local-only file API
 # ---------------------------------------------------------------------------------------------
 
-RUN_FILE_MODULES = ("train.py", "checkpointing.py", "experiment.py", "report.py", os.path.join("data", "poisoning.py"))
+RUN_FILE_MODULES = ("train.py", "checkpointing.py", "experiment.py", "study_report.py", "sweep_report.py", os.path.join("data", "poisoning.py"))
 LOCAL_ONLY_CALLS = {
     "open", "os.makedirs", "os.mkdir", "os.replace", "os.rename", "os.remove", "os.listdir",
     "os.path.exists", "os.path.isdir", "os.path.isfile", "os.path.abspath", "os.path.relpath",

@@ -1,4 +1,4 @@
-"""The sweep report (`python -m bclip.report --sweep ROOT`): every evaluated epoch of every run is a
+"""The sweep report (`python -m bclip.sweep_report ROOT`): every evaluated epoch of every run is a
 point, from hand-written run folders with known figures; the point the study's rule picks (on the
 selection split, never the step-0 original), unfinished runs listed as such, corrupt files named,
 and a sweep expanded by bclip.sweep's own functions reported end to end."""
@@ -12,7 +12,7 @@ import sys
 import pytest
 from PIL import Image
 
-from bclip import report, sweep
+from bclip import sweep, sweep_report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLEANING_CONFIG = {"train": {"init_from": "/runs/pretrained"}, "eval": {"selection_set": "selection"}}
@@ -106,7 +106,7 @@ def point(name, step, epoch, top1, top5, asr, selection_top1, selection_asr, sta
 
 
 def test_every_epoch_is_a_point_and_the_pick_is_made_on_the_selection_split(cleaning_sweep):
-    summary = report.write_sweep_report(cleaning_sweep)
+    summary = sweep_report.write_sweep_report(cleaning_sweep)
     assert json.loads((cleaning_sweep / "sweep_report.json").read_text()) == summary
     assert summary["varying_keys"] == [LR]  # the SSL weight is the same in every run
     assert (summary["test_set"], summary["selection_set"]) == ("test", "selection")
@@ -160,7 +160,7 @@ def test_the_original_is_never_a_point(tmp_path):
     write_plan(root, [("lr=1e-04", RUNS["lr=1e-04"])])
     start = record(0, 0, 0.60, 0.85, 0.50, 0.58, 0.50)
     write_run(root, "lr=1e-04", RUNS["lr=1e-04"], [start, record(10, 1, 0.60, 0.85, 0.7, 0.58, 0.7), record(20, 2, 0.60, 0.85, 0.6, 0.58, 0.6)])
-    summary = report.summarise_sweep(root)
+    summary = sweep_report.summarise_sweep(root)
     assert [row["step"] for row in summary["points"]] == [10, 20]
     assert summary["chosen"] == {"name": "lr=1e-04", "epoch": 2, "step": 20}
 
@@ -169,7 +169,7 @@ def test_reference_run_gives_the_original_figures(cleaning_sweep, tmp_path):
     # The pretrained model's own run: its selection top-1 (52 %) makes more epochs eligible
     # (>= 50 %), among them lr=5e-04's last epoch with a selection ASR of 6 %.
     reference = write_run(tmp_path, "pretrained", {}, [record(30, 3, 0.62, 0.86, 0.995, 0.52, 0.99)], config={})
-    summary = report.write_sweep_report(cleaning_sweep, reference=str(reference))
+    summary = sweep_report.write_sweep_report(cleaning_sweep, reference=str(reference))
     assert summary["chosen"] == {"name": "lr=5e-04", "epoch": 3, "step": 30}
     assert summary["original_source"] == f"last evaluation of the reference run {reference}"
     original = {"step": 30, "epoch": 3, "test_top1": 0.62, "test_top5": 0.86, "test_asr": 0.995, "selection_top1": 0.52, "selection_asr": 0.99}
@@ -185,7 +185,7 @@ def test_without_original_or_selection_split_no_point_is_chosen(tmp_path):
     scratch = {"train": {"init_from": ""}, "eval": {"selection_set": "selection"}}
     write_run(root, "wd=0.1", entries[0][1], [record(0, 0, 0.1, 0.5, 0.1, 0.1, 0.1), record(8, 1, 0.5, 0.8, 0.9, 0.5, 0.9)], config=scratch)
     write_run(root, "wd=1", entries[1][1], [record(0, 0, 0.1, 0.5, 0.1, 0.1, 0.1), record(8, 1, 0.4, 0.7, 0.3, 0.4, 0.3)], config=scratch)
-    summary = report.write_sweep_report(root)
+    summary = sweep_report.write_sweep_report(root)
     assert [(row["name"], row["step"]) for row in summary["points"]] == [("wd=0.1", 8), ("wd=1", 8)]
     assert summary["chosen"] is None and summary["original_source"] is None
     assert summary["note"].startswith("no original figures")
@@ -194,7 +194,7 @@ def test_without_original_or_selection_split_no_point_is_chosen(tmp_path):
     for name, _ in entries:
         evals = root / name / "evals.jsonl"
         evals.write_text("".join(json.dumps({k: v for k, v in json.loads(line).items() if not k.startswith("selection/")}) + "\n" for line in evals.read_text().splitlines()))
-    summary = report.write_sweep_report(root, reference=str(root / "wd=0.1"))
+    summary = sweep_report.write_sweep_report(root, reference=str(root / "wd=0.1"))
     assert summary["selection_set"] is None  # configured, but never evaluated
     assert summary["chosen"] is None and summary["note"].startswith("no selection split")
     assert [row["selection_top1"] for row in summary["points"]] == [None, None]
@@ -208,39 +208,39 @@ def test_eval_set_names_come_from_the_runs(tmp_path):
     for name in ("a", "b"):
         evals = [{"step": 5, "epoch": 1, "imagenet/top1": 0.3, "imagenet/top5": 0.6, "imagenet/asr": 0.2, "heldout/top1": 0.31, "heldout/asr": 0.21}]
         write_run(root, name, {"seed": 1 if name == "a" else 2}, evals, config={"train": {"init_from": "x"}, "eval": {"selection_set": "heldout"}})
-    summary = report.summarise_sweep(root)
+    summary = sweep_report.summarise_sweep(root)
     assert (summary["test_set"], summary["selection_set"]) == ("imagenet", "heldout")
     assert [row["test_top1"] for row in summary["points"]] == [0.3, 0.3]
     assert summary["points"][0]["selection_top1"] == 0.31
     for name in ("a", "b"):
         (root / name / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="--test_set"):
-        report.summarise_sweep(root)
-    assert report.summarise_sweep(root, test_set="imagenet", selection_set="heldout")["points"][0]["selection_asr"] == 0.21
+        sweep_report.summarise_sweep(root)
+    assert sweep_report.summarise_sweep(root, test_set="imagenet", selection_set="heldout")["points"][0]["selection_asr"] == 0.21
 
 
 def test_corrupt_files_are_named(cleaning_sweep, capsys):
     evals = cleaning_sweep / "lr=1e-03" / "evals.jsonl"
     good = evals.read_text()
     evals.write_text(good.replace("\n", "\n{not json", 1))
-    with pytest.raises(report.RunFileError, match=f"{evals}, line 2, is not valid JSON"):
-        report.write_sweep_report(cleaning_sweep)
+    with pytest.raises(sweep_report.RunFileError, match=f"{evals}, line 2, is not valid JSON"):
+        sweep_report.write_sweep_report(cleaning_sweep)
     evals.write_text(good)
 
     done = cleaning_sweep / "lr=5e-04" / "done.json"
     done.write_text('{"steps": 20, "results": {')
-    assert report.main(["--sweep", str(cleaning_sweep)]) == 2
+    assert sweep_report.main([str(cleaning_sweep)]) == 2
     assert f"{done} is not valid JSON" in capsys.readouterr().err
     assert not (cleaning_sweep / "sweep_report.md").exists()
 
     (cleaning_sweep / "sweep.json").write_text('{"runs": [{"name": "x"}]}')
-    with pytest.raises(report.RunFileError, match="sweep.json is not a sweep plan"):
-        report.write_sweep_report(cleaning_sweep)
+    with pytest.raises(sweep_report.RunFileError, match="sweep.json is not a sweep plan"):
+        sweep_report.write_sweep_report(cleaning_sweep)
 
 
 def test_without_a_plan_the_run_folders_are_found(cleaning_sweep):
     (cleaning_sweep / "sweep.json").unlink()
-    summary = report.summarise_sweep(cleaning_sweep)
+    summary = sweep_report.summarise_sweep(cleaning_sweep)
     # No plan: only folders with overrides.json exist, so no run is "not started".
     assert sorted({row["name"] for row in summary["points"]}) == ["lr=1e-03", "lr=1e-04", "lr=2e-03", "lr=5e-04"]
     assert summary["config"] is None and summary["chosen"] == {"name": "lr=5e-04", "epoch": 2, "step": 20}
@@ -249,8 +249,8 @@ def test_without_a_plan_the_run_folders_are_found(cleaning_sweep):
 def test_run_file_names_match_the_trainer_and_sweep():
     from bclip import train
 
-    assert report.DONE_FILE == train.DONE_FILE == sweep.DONE_FILE
-    assert report.EVALS_FILE == train.EVALS_FILE
+    assert sweep_report.DONE_FILE == train.DONE_FILE == sweep.DONE_FILE
+    assert sweep_report.EVALS_FILE == train.EVALS_FILE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,7 +312,7 @@ def test_report_of_a_sweep_expanded_by_bclip_sweep(tmp_path):
         fake_train(sweep.apply_overrides(config, run.overrides), run.workdir)
 
     result = subprocess.run(
-        [sys.executable, "-m", "bclip.report", "--sweep", root], cwd=REPO, capture_output=True, text=True, check=False
+        [sys.executable, "-m", "bclip.sweep_report", root], cwd=REPO, capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "sweep" / "sweep_report.json").read_text())

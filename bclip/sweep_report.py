@@ -1,246 +1,19 @@
-"""The study's report: accuracy-vs-ASR figures from evaluated points, as JSON, Markdown and a plot;
-and the report of any sweep's runs (`python -m bclip.report --sweep ROOT`).
-
-A point is one evaluated epoch of one cleaning run: test and selection accuracy and ASR (fractions),
-plus the run's method and learning rate. The figures follow the paper: for each cleaning method,
-the lowest ASR that keeps accuracy within 1/2/5 points of the original model, the best accuracy with
-ASR ≤ 5 %, and the point a researcher would pick without looking at the test set (on the selection
-split). Reports are written through epath, so they may go to gs://.
-"""
+"""The report of a sweep's runs (`python -m bclip.sweep_report ROOT`): every evaluated epoch of every
+run as one point, and the (run, epoch) the study's selection rule picks, in ROOT/sweep_report.json,
+.md and .png, read and written through epath (so ROOT may be on gs://)."""
 
 import argparse
 import dataclasses
-import io
 import json
 import math
 import os
 import sys
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from etils import epath
 
 from bclip import sweep
-
-ACCURACY_DROPS = (1.0, 2.0, 5.0)  # percentage points
-LOW_ASR = 0.05
-
-
-@dataclasses.dataclass(frozen=True)
-class Point:
-    method: str
-    run: str
-    epoch: int
-    test_top1: float
-    test_asr: float
-    selection_top1: float = math.nan
-    selection_asr: float = math.nan
-    learning_rate: float = math.nan
-    test_top5: float = math.nan
-
-
-def _describe(point: Point | None) -> dict | None:
-    if point is None:
-        return None
-    return {
-        "top1": point.test_top1,
-        "asr": point.test_asr,
-        "run": point.run,
-        "epoch": point.epoch,
-        "learning_rate": point.learning_rate,
-    }
-
-
-def lowest_asr_within(points: Sequence[Point], original_top1: float, drop_points: float) -> Point | None:
-    """The point with the lowest test ASR among those with top-1 ≥ original − drop (in % points).
-
-    Ties go to the higher accuracy.
-    """
-    floor = original_top1 - drop_points / 100.0
-    eligible = [p for p in points if p.test_top1 >= floor - 1e-12]
-    return min(eligible, key=lambda p: (p.test_asr, -p.test_top1), default=None)
-
-
-def best_accuracy_with_low_asr(points: Sequence[Point], max_asr: float = LOW_ASR) -> Point | None:
-    """The point with the highest test top-1 among those with test ASR ≤ max_asr."""
-    eligible = [p for p in points if p.test_asr <= max_asr + 1e-12]
-    return max(eligible, key=lambda p: (p.test_top1, -p.test_asr), default=None)
-
-
-def chosen_on_selection(points: Sequence[Point], original_selection_top1: float, drop_points: float = 2.0) -> Point | None:
-    """The point picked on the selection split: lowest selection ASR with selection top-1 within
-    `drop_points` of the original's; if none qualifies, the best selection (top-1 − ASR)."""
-    with_selection = [p for p in points if not math.isnan(p.selection_top1)]
-    if not with_selection:
-        return None
-    floor = original_selection_top1 - drop_points / 100.0
-    eligible = [p for p in with_selection if p.selection_top1 >= floor - 1e-12]
-    if eligible:
-        return min(eligible, key=lambda p: (p.selection_asr, -p.selection_top1))
-    return max(with_selection, key=lambda p: p.selection_top1 - p.selection_asr)
-
-
-def summarise_method(points: Sequence[Point], original: dict) -> dict:
-    """The figures for one cleaning method's points against the original model's evaluation."""
-    summary = {
-        "num_points": len(points),
-        "lowest_asr_within": {
-            f"{drop:g}pt": _describe(lowest_asr_within(points, original["test_top1"], drop)) for drop in ACCURACY_DROPS
-        },
-        "best_top1_with_asr_at_most_5pct": _describe(best_accuracy_with_low_asr(points)),
-    }
-    if not math.isnan(original.get("selection_top1", math.nan)):
-        summary["chosen_on_selection"] = _describe(chosen_on_selection(points, original["selection_top1"]))
-    return summary
-
-
-def summarise(originals: dict[str, dict], points: dict[str, Sequence[Point]]) -> dict:
-    """{pretrained model: {"original": figures, "methods": {method: summary}}}."""
-    summary = {}
-    for model, original in originals.items():
-        model_points = points.get(model, [])
-        methods = sorted({p.method for p in model_points})
-        summary[model] = {
-            "original": original,
-            "methods": {m: summarise_method([p for p in model_points if p.method == m], original) for m in methods},
-        }
-    return summary
-
-
-# ---------------------------------------------------------------------------------------------
-# Writing
-# ---------------------------------------------------------------------------------------------
-
-
-def _pct(x) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
-
-
-def _cell(described: dict | None) -> str:
-    if described is None:
-        return "none"
-    return f"{_pct(described['asr'])} (acc {_pct(described['top1'])})"
-
-
-def markdown(summary: dict) -> str:
-    lines = ["# Backdoor cleaning report", ""]
-    lines += [
-        "Accuracy is zero-shot top-1 on the test split; ASR is the share of triggered test images of",
-        "other classes classified as the target. Figures in %.",
-        "",
-        "## Pretrained models",
-        "",
-        "| pretraining | top-1 | ASR |",
-        "|---|---|---|",
-    ]
-    for model, entry in summary.items():
-        lines.append(f"| {model} | {_pct(entry['original']['test_top1'])} | {_pct(entry['original']['test_asr'])} |")
-    for model, entry in summary.items():
-        lines += [
-            "",
-            f"## Cleaning {model}",
-            "",
-            "| method | points | lowest ASR, acc ≥ orig − 1 pt | − 2 pt | − 5 pt | best acc with ASR ≤ 5 % | chosen on selection split: ASR (acc) |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for method, s in entry["methods"].items():
-            within = s["lowest_asr_within"]
-            best = s["best_top1_with_asr_at_most_5pct"]
-            chosen = s.get("chosen_on_selection")
-            lines.append(
-                f"| {method} | {s['num_points']} | {_cell(within['1pt'])} | {_cell(within['2pt'])} | "
-                f"{_cell(within['5pt'])} | {_pct(best['top1']) if best else 'none'} | {_cell(chosen)} |"
-            )
-    return "\n".join(lines) + "\n"
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save_figure(fig, path: str | os.PathLike) -> None:
-    """PNG bytes rendered in memory, then written through epath (savefig cannot write to gs://)."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    epath.Path(path).write_bytes(buffer.getvalue())
-
-
-def plot(originals: dict[str, dict], points: dict[str, Sequence[Point]], path: str | os.PathLike) -> None:
-    """Accuracy vs ASR, one panel per pretrained model, methods as colours, the original marked."""
-    plt = _pyplot()
-    models = list(originals)
-    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.5), squeeze=False)
-    methods = sorted({p.method for ps in points.values() for p in ps})
-    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
-    for ax, model in zip(axes[0], models):
-        for method in methods:
-            ps = [p for p in points.get(model, []) if p.method == method]
-            if ps:
-                ax.scatter([100 * p.test_asr for p in ps], [100 * p.test_top1 for p in ps], s=18, alpha=0.75, color=colours[method], label=method)
-        original = originals[model]
-        ax.scatter([100 * original["test_asr"]], [100 * original["test_top1"]], marker="*", s=220, color="black", label="original", zorder=5)
-        ax.set_title(model)
-        ax.set_xlabel("attack success rate (%)")
-        ax.set_ylabel("zero-shot top-1 (%)")
-        ax.set_xlim(-3, 103)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    _save_figure(fig, path)
-    plt.close(fig)
-
-
-def write_report(workdir: str | os.PathLike, originals: dict[str, dict], points: dict[str, Sequence[Point]]) -> dict:
-    """Write summary.json, report.md and report.png to `workdir`; returns the summary."""
-    summary = summarise(originals, points)
-    workdir = epath.Path(workdir)
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-    (workdir / "report.md").write_text(markdown(summary))
-    plot(originals, points, workdir / "report.png")
-    return summary
-
-
-def points_from_evals(
-    evals: Iterable[dict],
-    method: str,
-    run: str,
-    learning_rate: float,
-    test_set: str = "test",
-    selection_set: str | None = "selection",
-) -> list[Point]:
-    """Points from a cleaning run's evals.jsonl records (the epoch-0 evaluation, which is the
-    original model, is left out; a repeated step keeps its last record). Keys are
-    "{eval set}/{figure}" of the named test and selection sets."""
-    by_step = {}
-    for record in evals:
-        by_step[record["step"]] = record
-    points = []
-    for step, record in sorted(by_step.items()):
-        if step == 0:
-            continue
-        points.append(
-            Point(
-                method=method,
-                run=run,
-                epoch=record["epoch"],
-                test_top1=record[f"{test_set}/top1"],
-                test_asr=record[f"{test_set}/asr"],
-                selection_top1=record.get(f"{selection_set}/top1", math.nan) if selection_set else math.nan,
-                selection_asr=record.get(f"{selection_set}/asr", math.nan) if selection_set else math.nan,
-                learning_rate=learning_rate,
-                test_top5=record.get(f"{test_set}/top5", math.nan),
-            )
-        )
-    return points
-
-
-# ---------------------------------------------------------------------------------------------
-# Sweep report
-# ---------------------------------------------------------------------------------------------
+from bclip.study_report import pct, pyplot, save_figure
 
 SWEEP_REPORT = "sweep_report"  # ROOT/sweep_report.md, .json and .png
 # Files bclip.train writes in a run folder (its DONE_FILE and EVALS_FILE; bclip.train is not
@@ -552,9 +325,9 @@ def sweep_markdown(summary: dict) -> str:
         )
         original = row["original"]["selection_top1"] if row["original"] else None
         lines.append(
-            f"| {row['name']} | {overrides}{row['status']} | {_epoch_text(row['epoch'])} | {_pct(row['test_top1'])} | "
-            f"{_pct(row['test_top5'])} | {_pct(row['test_asr'])} | {_pct(row['selection_top1'])} | "
-            f"{_pct(row['selection_asr'])} | {_pct(original)} | {'✓' if row['chosen'] else ''} |"
+            f"| {row['name']} | {overrides}{row['status']} | {_epoch_text(row['epoch'])} | {pct(row['test_top1'])} | "
+            f"{pct(row['test_top5'])} | {pct(row['test_asr'])} | {pct(row['selection_top1'])} | "
+            f"{pct(row['selection_asr'])} | {pct(original)} | {'✓' if row['chosen'] else ''} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -563,7 +336,7 @@ def sweep_plot(summary: dict, path: str | os.PathLike) -> None:
     """Test top-1 vs ASR: every evaluated epoch of every run, a run's epochs joined in order and
     its last one labelled; unfinished runs hollow, the chosen point ringed, a shared original as a
     star."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
     plotted = [row for row in summary["points"] if None not in (row["test_top1"], row["test_asr"])]
     names = list(dict.fromkeys(row["name"] for row in plotted))
@@ -592,7 +365,7 @@ def sweep_plot(summary: dict, path: str | os.PathLike) -> None:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -613,16 +386,16 @@ def write_sweep_report(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m bclip.report",
+        prog="python -m bclip.sweep_report",
         description="Report a sweep's runs: ROOT/sweep_report.md, .json and .png (see bclip.sweep).",
     )
-    parser.add_argument("--sweep", required=True, help="The sweep's root folder (local or gs://).")
+    parser.add_argument("root", metavar="ROOT", help="The sweep's root folder (local or gs://).")
     parser.add_argument("--reference", help="Run folder of the original (e.g. pretrained) model the rule compares to.")
     parser.add_argument("--test_set", help="Eval set of the test figures (default: inferred from the runs).")
     parser.add_argument("--selection_set", help="Eval set the run is chosen on (default: the runs' eval.selection_set).")
     args = parser.parse_args(argv)
     try:
-        summary = write_sweep_report(args.sweep, args.reference, args.test_set, args.selection_set)
+        summary = write_sweep_report(args.root, args.reference, args.test_set, args.selection_set)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -630,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{summary['num_runs']} runs, {summary['num_finished']} finished, "
         f"{summary['num_points']} evaluated epochs; {summary['note']}"
     )
-    print(f"Report: {epath.Path(args.sweep) / (SWEEP_REPORT + '.md')} (and .json, .png)")
+    print(f"Report: {epath.Path(args.root) / (SWEEP_REPORT + '.md')} (and .json, .png)")
     return 0
 
 

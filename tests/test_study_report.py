@@ -5,11 +5,11 @@ import math
 
 import pytest
 
-from bclip import report
+from bclip import study_report
 
 
 def _points():
-    P = report.Point
+    P = study_report.Point
     return [
         # method, run, epoch, test top-1, test ASR, selection top-1, selection ASR, lr
         P("cleanclip", "lr=1e-4", 1, 0.60, 0.90, 0.61, 0.88, 1e-4),
@@ -27,35 +27,35 @@ ORIGINAL = {"test_top1": 0.60, "test_asr": 0.99, "selection_top1": 0.60, "select
 def test_lowest_asr_within_accuracy_drops():
     clean = [p for p in _points() if p.method == "cleanclip"]
     # within 1 pt (≥ 0.59): epochs with acc 0.60 and 0.595 -> lowest ASR 0.40
-    assert report.lowest_asr_within(clean, 0.60, 1.0).test_asr == 0.40
+    assert study_report.lowest_asr_within(clean, 0.60, 1.0).test_asr == 0.40
     # within 2 pt (≥ 0.58): adds acc 0.58 / ASR 0.10
-    assert report.lowest_asr_within(clean, 0.60, 2.0).test_asr == 0.10
+    assert study_report.lowest_asr_within(clean, 0.60, 2.0).test_asr == 0.10
     # within 5 pt (≥ 0.55): same
-    assert report.lowest_asr_within(clean, 0.60, 5.0).test_asr == 0.10
-    assert report.lowest_asr_within(clean, 0.90, 1.0) is None
+    assert study_report.lowest_asr_within(clean, 0.60, 5.0).test_asr == 0.10
+    assert study_report.lowest_asr_within(clean, 0.90, 1.0) is None
 
 
 def test_best_accuracy_with_low_asr():
     clean = [p for p in _points() if p.method == "cleanclip"]
-    best = report.best_accuracy_with_low_asr(clean)
+    best = study_report.best_accuracy_with_low_asr(clean)
     assert (best.test_top1, best.test_asr) == (0.50, 0.03)
-    assert report.best_accuracy_with_low_asr([p for p in _points() if p.method == "mmcl"]) is None
+    assert study_report.best_accuracy_with_low_asr([p for p in _points() if p.method == "mmcl"]) is None
 
 
 def test_chosen_on_selection_never_looks_at_test():
     clean = [p for p in _points() if p.method == "cleanclip"]
     # Selection floor 0.58: candidates sel acc 0.61/0.60 (and not 0.575) -> lowest sel ASR 0.42.
-    chosen = report.chosen_on_selection(clean, 0.60)
+    chosen = study_report.chosen_on_selection(clean, 0.60)
     assert (chosen.run, chosen.epoch) == ("lr=1e-4", 2)
     # Changing test figures does not change the choice.
-    shuffled = [report.Point(p.method, p.run, p.epoch, 0.0, 1.0, p.selection_top1, p.selection_asr) for p in clean]
-    again = report.chosen_on_selection(shuffled, 0.60)
+    shuffled = [study_report.Point(p.method, p.run, p.epoch, 0.0, 1.0, p.selection_top1, p.selection_asr) for p in clean]
+    again = study_report.chosen_on_selection(shuffled, 0.60)
     assert (again.run, again.epoch) == ("lr=1e-4", 2)
 
 
 def test_write_report(tmp_path):
     points = {"MMCL": _points()}
-    summary = report.write_report(str(tmp_path), {"MMCL": ORIGINAL}, points)
+    summary = study_report.write_report(str(tmp_path), {"MMCL": ORIGINAL}, points)
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
     methods = on_disk["MMCL"]["methods"]
@@ -75,6 +75,6 @@ def test_points_from_evals_skip_the_start_and_keep_the_last_repeat():
         {"step": 10, "epoch": 1, "test/top1": 0.55, "test/asr": 0.4},
         {"step": 20, "epoch": 2, "test/top1": 0.52, "test/asr": 0.2, "selection/top1": 0.5, "selection/asr": 0.3},
     ]
-    points = report.points_from_evals(evals, "cleanclip", "lr=1e-3", 1e-3)
+    points = study_report.points_from_evals(evals, "cleanclip", "lr=1e-3", 1e-3)
     assert [(p.epoch, p.test_top1) for p in points] == [(1, 0.55), (2, 0.52)]
     assert math.isnan(points[0].selection_top1) and points[1].selection_asr == pytest.approx(0.3)

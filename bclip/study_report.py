@@ -1,0 +1,234 @@
+"""The study's report: for each cleaning method, the paper's figures from its evaluated points (the
+lowest ASR within 1/2/5 points of the original's accuracy, the best accuracy with ASR ≤ 5 %, the point
+picked on the selection split), written through epath (so possibly to gs://) as JSON, Markdown and a
+plot. A point is one evaluated epoch of one cleaning run."""
+
+import dataclasses
+import io
+import json
+import math
+import os
+from typing import Iterable, Sequence
+
+from etils import epath
+
+ACCURACY_DROPS = (1.0, 2.0, 5.0)  # percentage points
+LOW_ASR = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """One evaluated epoch of one cleaning run: test and selection accuracy and ASR (fractions), plus
+    the run's method and learning rate."""
+
+    method: str
+    run: str
+    epoch: int
+    test_top1: float
+    test_asr: float
+    selection_top1: float = math.nan
+    selection_asr: float = math.nan
+    learning_rate: float = math.nan
+    test_top5: float = math.nan
+
+
+def _describe(point: Point | None) -> dict | None:
+    if point is None:
+        return None
+    return {
+        "top1": point.test_top1,
+        "asr": point.test_asr,
+        "run": point.run,
+        "epoch": point.epoch,
+        "learning_rate": point.learning_rate,
+    }
+
+
+def lowest_asr_within(points: Sequence[Point], original_top1: float, drop_points: float) -> Point | None:
+    """The point with the lowest test ASR among those with top-1 ≥ original − drop (in % points).
+
+    Ties go to the higher accuracy.
+    """
+    floor = original_top1 - drop_points / 100.0
+    eligible = [p for p in points if p.test_top1 >= floor - 1e-12]
+    return min(eligible, key=lambda p: (p.test_asr, -p.test_top1), default=None)
+
+
+def best_accuracy_with_low_asr(points: Sequence[Point], max_asr: float = LOW_ASR) -> Point | None:
+    """The point with the highest test top-1 among those with test ASR ≤ max_asr."""
+    eligible = [p for p in points if p.test_asr <= max_asr + 1e-12]
+    return max(eligible, key=lambda p: (p.test_top1, -p.test_asr), default=None)
+
+
+def chosen_on_selection(points: Sequence[Point], original_selection_top1: float, drop_points: float = 2.0) -> Point | None:
+    """The point picked on the selection split: lowest selection ASR with selection top-1 within
+    `drop_points` of the original's; if none qualifies, the best selection (top-1 − ASR)."""
+    with_selection = [p for p in points if not math.isnan(p.selection_top1)]
+    if not with_selection:
+        return None
+    floor = original_selection_top1 - drop_points / 100.0
+    eligible = [p for p in with_selection if p.selection_top1 >= floor - 1e-12]
+    if eligible:
+        return min(eligible, key=lambda p: (p.selection_asr, -p.selection_top1))
+    return max(with_selection, key=lambda p: p.selection_top1 - p.selection_asr)
+
+
+def summarise_method(points: Sequence[Point], original: dict) -> dict:
+    """The figures for one cleaning method's points against the original model's evaluation."""
+    summary = {
+        "num_points": len(points),
+        "lowest_asr_within": {
+            f"{drop:g}pt": _describe(lowest_asr_within(points, original["test_top1"], drop)) for drop in ACCURACY_DROPS
+        },
+        "best_top1_with_asr_at_most_5pct": _describe(best_accuracy_with_low_asr(points)),
+    }
+    if not math.isnan(original.get("selection_top1", math.nan)):
+        summary["chosen_on_selection"] = _describe(chosen_on_selection(points, original["selection_top1"]))
+    return summary
+
+
+def summarise(originals: dict[str, dict], points: dict[str, Sequence[Point]]) -> dict:
+    """{pretrained model: {"original": figures, "methods": {method: summary}}}."""
+    summary = {}
+    for model, original in originals.items():
+        model_points = points.get(model, [])
+        methods = sorted({p.method for p in model_points})
+        summary[model] = {
+            "original": original,
+            "methods": {m: summarise_method([p for p in model_points if p.method == m], original) for m in methods},
+        }
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+
+
+def pct(x) -> str:
+    """A fraction as a percentage with one decimal; a dash for a missing figure."""
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def _cell(described: dict | None) -> str:
+    if described is None:
+        return "none"
+    return f"{pct(described['asr'])} (acc {pct(described['top1'])})"
+
+
+def markdown(summary: dict) -> str:
+    lines = ["# Backdoor cleaning report", ""]
+    lines += [
+        "Accuracy is zero-shot top-1 on the test split; ASR is the share of triggered test images of",
+        "other classes classified as the target. Figures in %.",
+        "",
+        "## Pretrained models",
+        "",
+        "| pretraining | top-1 | ASR |",
+        "|---|---|---|",
+    ]
+    for model, entry in summary.items():
+        lines.append(f"| {model} | {pct(entry['original']['test_top1'])} | {pct(entry['original']['test_asr'])} |")
+    for model, entry in summary.items():
+        lines += [
+            "",
+            f"## Cleaning {model}",
+            "",
+            "| method | points | lowest ASR, acc ≥ orig − 1 pt | − 2 pt | − 5 pt | best acc with ASR ≤ 5 % | chosen on selection split: ASR (acc) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for method, s in entry["methods"].items():
+            within = s["lowest_asr_within"]
+            best = s["best_top1_with_asr_at_most_5pct"]
+            chosen = s.get("chosen_on_selection")
+            lines.append(
+                f"| {method} | {s['num_points']} | {_cell(within['1pt'])} | {_cell(within['2pt'])} | "
+                f"{_cell(within['5pt'])} | {pct(best['top1']) if best else 'none'} | {_cell(chosen)} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | os.PathLike) -> None:
+    """PNG bytes rendered in memory, then written through epath (savefig cannot write to gs://)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    epath.Path(path).write_bytes(buffer.getvalue())
+
+
+def plot(originals: dict[str, dict], points: dict[str, Sequence[Point]], path: str | os.PathLike) -> None:
+    """Accuracy vs ASR, one panel per pretrained model, methods as colours, the original marked."""
+    plt = pyplot()
+    models = list(originals)
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.5), squeeze=False)
+    methods = sorted({p.method for ps in points.values() for p in ps})
+    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    for ax, model in zip(axes[0], models):
+        for method in methods:
+            ps = [p for p in points.get(model, []) if p.method == method]
+            if ps:
+                ax.scatter([100 * p.test_asr for p in ps], [100 * p.test_top1 for p in ps], s=18, alpha=0.75, color=colours[method], label=method)
+        original = originals[model]
+        ax.scatter([100 * original["test_asr"]], [100 * original["test_top1"]], marker="*", s=220, color="black", label="original", zorder=5)
+        ax.set_title(model)
+        ax.set_xlabel("attack success rate (%)")
+        ax.set_ylabel("zero-shot top-1 (%)")
+        ax.set_xlim(-3, 103)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def write_report(workdir: str | os.PathLike, originals: dict[str, dict], points: dict[str, Sequence[Point]]) -> dict:
+    """Write summary.json, report.md and report.png to `workdir`; returns the summary."""
+    summary = summarise(originals, points)
+    workdir = epath.Path(workdir)
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    (workdir / "report.md").write_text(markdown(summary))
+    plot(originals, points, workdir / "report.png")
+    return summary
+
+
+def points_from_evals(
+    evals: Iterable[dict],
+    method: str,
+    run: str,
+    learning_rate: float,
+    test_set: str = "test",
+    selection_set: str | None = "selection",
+) -> list[Point]:
+    """Points from a cleaning run's evals.jsonl records (the epoch-0 evaluation, which is the
+    original model, is left out; a repeated step keeps its last record). Keys are
+    "{eval set}/{figure}" of the named test and selection sets."""
+    by_step = {}
+    for record in evals:
+        by_step[record["step"]] = record
+    points = []
+    for step, record in sorted(by_step.items()):
+        if step == 0:
+            continue
+        points.append(
+            Point(
+                method=method,
+                run=run,
+                epoch=record["epoch"],
+                test_top1=record[f"{test_set}/top1"],
+                test_asr=record[f"{test_set}/asr"],
+                selection_top1=record.get(f"{selection_set}/top1", math.nan) if selection_set else math.nan,
+                selection_asr=record.get(f"{selection_set}/asr", math.nan) if selection_set else math.nan,
+                learning_rate=learning_rate,
+                test_top5=record.get(f"{test_set}/top5", math.nan),
+            )
+        )
+    return points
