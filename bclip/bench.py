@@ -81,16 +81,24 @@ def random_batch(model_config, batch_size: int, with_views: bool, seed: int = 0,
     return batch
 
 
+def _with_sections(objective, optim_config) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({"objective": objective, "optim": optim_config})
+
+
 def bench_step(args) -> dict:
     model_config = clip.model_config(args.model, dtype=args.dtype)
     model = clip.build_model(model_config)
     objective = objectives.objective_config(**OBJECTIVES[args.objective])
-    tx = optim.make_optimizer(optim.optim_config(learning_rate=1e-4, warmup_steps=10), 10_000)
+    optim_config = optim.optim_config(learning_rate=1e-4, warmup_steps=10)
+    tx = optim.make_optimizer(optim_config)
     mesh = sharding.make_mesh()
     state, shardings = train_step.create_sharded_state(
         model, tx, jax.random.key(0), mesh, model_config, sharding.sharding_config(params=args.params_sharding)
     )
-    step = train_step.shard_and_jit_train_step(train_step.make_train_step(model, tx, objective), shardings, mesh)
+    step = train_step.shard_and_jit_train_step(
+        train_step.make_train_step(model, tx, objective, optim_config, 10_000), shardings, mesh
+    )
+    hparams = train_step.run_hyperparams(_with_sections(objective, optim_config))
     batch = jax.device_put(
         random_batch(
             model_config, args.batch_size, objectives.needs_augmented_views(objective),
@@ -99,15 +107,15 @@ def bench_step(args) -> dict:
         sharding.batch_sharding(mesh),
     )
     start = time.perf_counter()
-    compiled = step.lower(state, batch, jax.random.key(0)).compile()
+    compiled = step.lower(state, batch, jax.random.key(0), hparams).compile()
     compile_s = time.perf_counter() - start
     for i in range(args.warmup_steps):
-        state, metrics = compiled(state, batch, jax.random.key(i))
+        state, metrics = compiled(state, batch, jax.random.key(i), hparams)
     jax.block_until_ready(metrics)
     usage_before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     for i in range(args.steps):
-        state, metrics = compiled(state, batch, jax.random.key(i))
+        state, metrics = compiled(state, batch, jax.random.key(i), hparams)
     jax.block_until_ready(metrics)
     s_per_step = (time.perf_counter() - start) / args.steps
     usage = resource.getrusage(resource.RUSAGE_SELF)

@@ -113,6 +113,12 @@ def _resolve_step_dir(path: str | os.PathLike, epoch: int = -1) -> tuple[epath.P
     raise CheckpointError(f"init_from {path} holds no finished checkpoint step")
 
 
+def step_dir(path: str | os.PathLike, epoch: int = -1) -> str:
+    """The step directory `load_model_variables(path, ..., epoch)` reads."""
+    directory, step = _resolve_step_dir(path, epoch)
+    return os.fspath(directory / str(step))
+
+
 def _step_of_epoch(directory: epath.Path, steps, epoch: int) -> int:
     """The finished step in `directory` saved at the end of (1-based) `epoch`."""
     epochs_file = directory / EPOCHS_FILE

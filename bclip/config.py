@@ -13,9 +13,12 @@ from bclip.models import clip
 
 
 def eval_set_config(kind: str = "folder", path: str = "", **overrides) -> ml_collections.ConfigDict:
-    """One zero-shot eval set: an image folder with labels.csv or a TFDS dataset."""
+    """One eval set: an image folder with labels.csv or a TFDS dataset, and its evaluator."""
     config = ml_collections.ConfigDict(
         {
+            "evaluator": "zero_shot",  # a key of bclip.evaluators.EVALUATORS
+            # Evaluate after every k-th epoch (and the last); 0 = eval.every_epochs.
+            "every_epochs": 0,
             "kind": kind,  # "folder" | "tfds"
             "path": path,  # folder path, or TFDS dataset name
             "split": "validation",  # TFDS only

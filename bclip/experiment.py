@@ -20,7 +20,7 @@ from absl import logging
 from etils import epath
 
 from bclip import config as run_configs
-from bclip import checkpointing, study_report, sweep, train
+from bclip import checkpointing, run_files, study_report, sweep, train
 from bclip.data import synthetic
 
 TrainFn = Callable[[ml_collections.ConfigDict, str], dict]
@@ -185,7 +185,7 @@ def prepare_world(world: ml_collections.ConfigDict, workdir: str) -> str:
 
 def run_once(train_fn: TrainFn, config: ml_collections.ConfigDict, run_dir: str) -> bool:
     """Run unless `run_dir` already holds a finished run; True when it ran now."""
-    if (epath.Path(run_dir) / train.DONE_FILE).exists():
+    if (epath.Path(run_dir) / run_files.DONE_FILE).exists():
         logging.info("Already finished: %s", run_dir)
         return False
     start = time.perf_counter()
@@ -195,7 +195,7 @@ def run_once(train_fn: TrainFn, config: ml_collections.ConfigDict, run_dir: str)
 
 
 def read_evals(run_dir: str) -> list[dict]:
-    text = (epath.Path(run_dir) / train.EVALS_FILE).read_text()
+    text = (epath.Path(run_dir) / run_files.EVALS_FILE).read_text()
     return [json.loads(line) for line in text.split("\n") if line.strip()]
 
 
@@ -225,7 +225,7 @@ def clean_config(study, pretrain_config, pretrain_dir: str, method: str, learnin
             "optim": {"learning_rate": float(learning_rate)},
             "train": {
                 "init_from": pretrain_dir,
-                "exclude_indices_file": _join(pretrain_dir, train.POISON_FILE),
+                "exclude_indices_file": _join(pretrain_dir, run_files.POISON_FILE),
             },
             # The cleaning set is clean; the trigger stays configured so ASR can be measured.
             "poison": {"count": 0, "rate": None},

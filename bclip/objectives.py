@@ -4,34 +4,44 @@ Every loss is written once, on global arrays: under `jit` with a sharded batch, 
 collectives, so negatives always span the whole global batch over every device.
 """
 
-from typing import Mapping
+import dataclasses
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 
-def _contrastive_cross_entropy(logits: jax.Array) -> jax.Array:
-    """Mean cross-entropy of each row of `logits` [B, B] against the diagonal as the target."""
+def _contrastive_cross_entropy(logits: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+    """Mean cross-entropy of each row of `logits` [B, B] against the diagonal as the target; with
+    per-row `weights` [B], their weighted mean (rows of weight 0 leave the mean but still serve as
+    negatives for the others)."""
     logits = logits.astype(jnp.float32)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.mean(jnp.diagonal(log_probs))
+    if weights is None:
+        return -jnp.mean(jnp.diagonal(log_probs))
+    weights = weights.astype(jnp.float32)
+    return -jnp.sum(weights * jnp.diagonal(log_probs)) / jnp.maximum(jnp.sum(weights), 1e-12)
 
 
-def mmcl_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array) -> jax.Array:
+def mmcl_loss(
+    image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array, weights: jax.Array | None = None
+) -> jax.Array:
     """CLIP's symmetric InfoNCE loss over the batch.
 
     Args:
       image_emb: [B, D] L2-normalised image embeddings.
       text_emb: [B, D] L2-normalised text embeddings; row i is the caption of image i.
       logit_scale: scalar log temperature multiplier; logits are exp(logit_scale) * cosine.
+      weights: optional per-pair weights [B] (e.g. 0/1: which pairs count as positives); every pair
+        still serves as a negative.
 
     Returns:
       scalar `½[CE(s·I·Tᵀ, diag) + CE(s·T·Iᵀ, diag)]`.
     """
     scale = jnp.exp(logit_scale.astype(jnp.float32))
     logits = scale * image_emb.astype(jnp.float32) @ text_emb.astype(jnp.float32).T
-    return 0.5 * (_contrastive_cross_entropy(logits) + _contrastive_cross_entropy(logits.T))
+    return 0.5 * (_contrastive_cross_entropy(logits, weights) + _contrastive_cross_entropy(logits.T, weights))
 
 
 def ssl_loss(
@@ -40,6 +50,7 @@ def ssl_loss(
     text_emb: jax.Array,
     aug_text_emb: jax.Array,
     logit_scale: jax.Array,
+    weights: jax.Array | None = None,
 ) -> jax.Array:
     """CleanCLIP's in-modal contrastive term, one direction per modality, CLIP's temperature.
 
@@ -47,6 +58,7 @@ def ssl_loss(
       image_emb, aug_image_emb: [B, D] normalised embeddings of images and their augmented views.
       text_emb, aug_text_emb: [B, D] normalised embeddings of captions and augmented captions.
       logit_scale: scalar log temperature multiplier shared with the MMCL term.
+      weights: optional per-example weights [B].
 
     Returns:
       scalar `½[CE(s·I·I′ᵀ, diag) + CE(s·T·T′ᵀ, diag)]`.
@@ -55,7 +67,7 @@ def ssl_loss(
     f32 = lambda x: x.astype(jnp.float32)
     image_logits = scale * f32(image_emb) @ f32(aug_image_emb).T
     text_logits = scale * f32(text_emb) @ f32(aug_text_emb).T
-    return 0.5 * (_contrastive_cross_entropy(image_logits) + _contrastive_cross_entropy(text_logits))
+    return 0.5 * (_contrastive_cross_entropy(image_logits, weights) + _contrastive_cross_entropy(text_logits, weights))
 
 
 def siglip_loss(
@@ -88,72 +100,93 @@ def cluster_loss(cluster_logits: jax.Array, cluster_ids: jax.Array) -> jax.Array
     return -jnp.sum(jnp.where(valid, picked, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
 
 
-def objective_config(
-    mmcl: float = 1.0, ssl: float = 0.0, siglip: float = 0.0, cluster: float = 0.0
-) -> ml_collections.ConfigDict:
-    """The objective section of a config: one weight per loss term.
+# ---------------------------------------------------------------------------------------------
+# The objective's terms, declared once
+# ---------------------------------------------------------------------------------------------
+
+# Per-example weights [B] a term reads when the batch has them (a per-epoch pass's table, e.g. a
+# pretraining-time defence that down-weights suspect pairs); absent, every example weighs 1.
+PAIR_WEIGHTS = "pair_weight"
+
+
+@dataclasses.dataclass(frozen=True)
+class Term:
+    """One loss term: `loss(inputs) -> scalar`, where inputs holds "image", "text" [B, D] (and
+    "aug_image", "aug_text" when `needs_views`), "logit_scale", "logit_bias" (None without one), the
+    model's extra outputs (e.g. "cluster_logits") and the batch's per-example fields (e.g.
+    PAIR_WEIGHTS, "cluster")."""
+
+    loss: Callable[[Mapping[str, Any]], jax.Array]
+    needs_views: bool = False
+
+
+def _siglip_term(inputs) -> jax.Array:
+    if inputs["logit_bias"] is None:
+        raise ValueError("siglip_weight > 0 needs a model built with model.siglip_bias=True")
+    return siglip_loss(inputs["image"], inputs["text"], inputs["logit_scale"], inputs["logit_bias"])
+
+
+# Term name -> Term. Its weight is config.objective.<name>_weight (objective_config makes the keys),
+# a per-run hyperparameter of the train step; a term with weight 0 is not computed.
+TERMS = {
+    "mmcl": Term(lambda x: mmcl_loss(x["image"], x["text"], x["logit_scale"], x.get(PAIR_WEIGHTS))),
+    "ssl": Term(
+        lambda x: ssl_loss(x["image"], x["aug_image"], x["text"], x["aug_text"], x["logit_scale"], x.get(PAIR_WEIGHTS)),
+        needs_views=True,
+    ),
+    "siglip": Term(_siglip_term),
+    "cluster": Term(lambda x: cluster_loss(x["cluster_logits"], x["cluster"])),
+}
+
+
+def weight_key(term: str) -> str:
+    """The config key (in config.objective) and hyperparameter name of a term's weight."""
+    return f"{term}_weight"
+
+
+def objective_config(mmcl: float = 1.0, **weights: float) -> ml_collections.ConfigDict:
+    """The objective section of a config: one weight per term of TERMS (`<term>_weight`).
 
     MMCL pretraining is mmcl=1; MMCL+SSL and CleanCLIP are mmcl=1, ssl=1; SSL-only cleaning is
     mmcl=0, ssl=1; SigLIP replaces MMCL with mmcl=0, siglip=1; deep clustering adds cluster=5.
     """
-    return ml_collections.ConfigDict(
-        {
-            "mmcl_weight": float(mmcl),
-            "ssl_weight": float(ssl),
-            "siglip_weight": float(siglip),
-            "cluster_weight": float(cluster),
-        }
-    )
+    unknown = sorted(set(weights) - set(TERMS))
+    if unknown:
+        raise ValueError(f"unknown objective terms {unknown}; known: {sorted(TERMS)}")
+    weights = {"mmcl": mmcl, **weights}
+    return ml_collections.ConfigDict({weight_key(name): float(weights.get(name, 0.0)) for name in TERMS})
+
+
+def active_terms(objective: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The terms computed for this objective: those with a nonzero weight."""
+    return tuple(name for name in TERMS if objective[weight_key(name)])
 
 
 def needs_augmented_views(objective: ml_collections.ConfigDict) -> bool:
     """Whether the objective needs augmented image and caption views in each batch."""
-    return objective.ssl_weight != 0.0
+    return any(TERMS[name].needs_views for name in active_terms(objective))
 
 
 def combined_loss(
-    embeddings: Mapping[str, jax.Array],
-    logit_scale: jax.Array,
-    logit_bias: jax.Array | None,
+    inputs: Mapping[str, Any],
     objective: ml_collections.ConfigDict,
+    weights: Mapping[str, jax.Array] | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The weighted sum of the configured loss terms.
+    """The weighted sum of the objective's terms.
 
     Args:
-      embeddings: "image", "text" [B, D]; plus "aug_image", "aug_text" [B, D] when SSL is on, and
-        "cluster_logits" [B, K] with "cluster_ids" [B] when deep clustering is on.
-      logit_scale: scalar log temperature multiplier.
-      logit_bias: scalar SigLIP bias, or None when the model has none.
-      objective: weights `mmcl_weight`, `ssl_weight`, `siglip_weight`, `cluster_weight`; terms
-        with weight 0 are not computed.
+      inputs: what the terms read (see Term).
+      objective: which terms to compute (those with a nonzero `<term>_weight`).
+      weights: {`<term>_weight`: scalar} to weigh them with (a run's hyperparameters); default the
+        objective's own weights.
 
     Returns:
       (total loss, {term name: unweighted term value}).
     """
-    terms = {}
-    if objective.mmcl_weight:
-        terms["mmcl"] = mmcl_loss(embeddings["image"], embeddings["text"], logit_scale)
-    if objective.ssl_weight:
-        terms["ssl"] = ssl_loss(
-            embeddings["image"],
-            embeddings["aug_image"],
-            embeddings["text"],
-            embeddings["aug_text"],
-            logit_scale,
-        )
-    if objective.siglip_weight:
-        if logit_bias is None:
-            raise ValueError("siglip_weight > 0 needs a model built with model.siglip_bias=True")
-        terms["siglip"] = siglip_loss(embeddings["image"], embeddings["text"], logit_scale, logit_bias)
-    if objective.cluster_weight:
-        terms["cluster"] = cluster_loss(embeddings["cluster_logits"], embeddings["cluster_ids"])
-    if not terms:
+    names = active_terms(objective)
+    if not names:
         raise ValueError(f"every objective weight is zero: {objective}")
-    weights = {
-        "mmcl": objective.mmcl_weight,
-        "ssl": objective.ssl_weight,
-        "siglip": objective.siglip_weight,
-        "cluster": objective.cluster_weight,
-    }
-    total = sum(weights[name] * value for name, value in terms.items())
+    terms = {name: TERMS[name].loss(inputs) for name in names}
+    weights = weights if weights is not None else {weight_key(name): objective[weight_key(name)] for name in names}
+    total = sum(weights[weight_key(name)] * value for name, value in terms.items())
     return total, terms

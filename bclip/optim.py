@@ -24,19 +24,26 @@ def optim_config(**overrides) -> ml_collections.ConfigDict:
     return config
 
 
-def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int, peak=None) -> optax.Schedule:
     """Linear warm-up from 0 to the peak over `warmup_steps`, then cosine decay to 0 at `total_steps`.
+
+    peak: the peak learning rate, default optim.learning_rate; a traced scalar in the train step,
+    where each run's peak is a hyper-parameter argument. Built from optax's two pieces rather than
+    `warmup_cosine_decay_schedule`, which branches on the peak's value in Python; the arithmetic is
+    the same.
 
     The schedule counts from the optimiser's own step 0, so a cleaning run started from a pretrained
     checkpoint gets its full warm-up (the reference skipped its first epoch).
     """
+    peak = optim.learning_rate if peak is None else peak
     warmup = min(optim.warmup_steps, max(total_steps - 1, 0))
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=optim.learning_rate,
-        warmup_steps=warmup,
-        decay_steps=max(total_steps, warmup + 1),
-        end_value=0.0,
+    decay_steps = max(total_steps, warmup + 1)
+    return optax.join_schedules(
+        [
+            optax.linear_schedule(init_value=0.0, end_value=peak, transition_steps=warmup),
+            optax.cosine_decay_schedule(init_value=peak, decay_steps=decay_steps - warmup, alpha=0.0),
+        ],
+        [warmup],
     )
 
 
@@ -46,28 +53,56 @@ def weight_decay_mask(params):
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(
-    optim: ml_collections.ConfigDict, total_steps: int, resettable_head: str | None = None
-) -> optax.GradientTransformation:
-    """AdamW as CLIP trains it; `optax.inject_hyperparams` exposes the learning rate for logging.
+# The optimiser's per-run hyper-parameters, set by the train step before every update (see
+# with_hyperparams): a run's peak learning rate times the schedule, and its weight decay.
+HYPERPARAMS = ("learning_rate", "weight_decay")
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, resettable_head: str | None = None) -> optax.GradientTransformation:
+    """AdamW as CLIP trains it, with the learning rate and weight decay as state values
+    (`optax.inject_hyperparams`) that the train step sets before each update, so that they are
+    per-run arguments of one compiled step (and the learning rate is logged).
 
     resettable_head: a top-level parameter (e.g. deep clustering's "cluster_head") updated by its own
-    AdamW with the same settings and schedule, so that `reset_head_moments` can restart its moments
-    and bias correction alone while the rest of the model's optimiser state runs on.
+    AdamW with the same settings and learning rate, so that `reset_head_moments` can restart its
+    moments and bias correction alone while the rest of the model's optimiser state runs on.
     """
-    schedule = learning_rate_schedule(optim, total_steps)
-    adamw_options = dict(b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay, mask=weight_decay_mask)
-    # The mask is a function of the params, not a schedule: keep it out of the injected values.
-    adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(learning_rate=schedule, **adamw_options)
+    # The mask is a function of the params, not a hyper-parameter: keep it out of the injected values.
+    injected_adamw = lambda: optax.inject_hyperparams(optax.adamw, static_args=("mask",))(  # noqa: E731
+        learning_rate=0.0, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=0.0, mask=weight_decay_mask
+    )
+    adamw = injected_adamw()
     if resettable_head is not None:
         labels = lambda params: {name: (_HEAD if name == resettable_head else _MODEL) for name in params}  # noqa: E731
-        # The head's schedule step (kept in its ScaleByScheduleState) advances with every update and
-        # is never reset, so the head follows the run's learning rate whatever its Adam count.
-        head_adamw = optax.adamw(learning_rate=schedule, **adamw_options)
-        adamw = optax.multi_transform({_MODEL: adamw, _HEAD: head_adamw}, labels)
+        adamw = optax.multi_transform({_MODEL: adamw, _HEAD: injected_adamw()}, labels)
     if optim.grad_clip_norm is None:
         return adamw
     return optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), adamw)
+
+
+def _is_injected(node) -> bool:
+    return hasattr(node, "hyperparams") and "learning_rate" in getattr(node, "hyperparams", {})
+
+
+def update_count(opt_state) -> jax.Array:
+    """How many updates the optimiser has made (its injected state's count, never reset; with a
+    resettable head, the model part's)."""
+    for node in jax.tree.leaves(opt_state, is_leaf=_is_injected):
+        if _is_injected(node):
+            return node.count
+    raise ValueError("optimizer state holds no injected hyperparameters: build it with make_optimizer")
+
+
+def with_hyperparams(opt_state, **values: jax.Array):
+    """`opt_state` with the injected hyperparameters (`learning_rate`, `weight_decay`) replaced in
+    every injected AdamW (the model's and a resettable head's)."""
+
+    def replace(node):
+        if not _is_injected(node):
+            return node
+        return node._replace(hyperparams={**node.hyperparams, **values})
+
+    return jax.tree.map(replace, opt_state, is_leaf=_is_injected)
 
 
 _MODEL, _HEAD = "model", "resettable_head"
@@ -106,19 +141,14 @@ def reset_head_moments(opt_state):
 
 def current_learning_rate(opt_state) -> jax.Array:
     """The learning rate the last update used, read from the injected hyperparameters."""
-    has_hyperparams = lambda s: hasattr(s, "hyperparams") and "learning_rate" in s.hyperparams
-    for state in jax.tree.leaves(opt_state, is_leaf=has_hyperparams):
-        if has_hyperparams(state):
-            return state.hyperparams["learning_rate"]
+    for node in jax.tree.leaves(opt_state, is_leaf=_is_injected):
+        if _is_injected(node):
+            return node.hyperparams["learning_rate"]
     raise ValueError("optimizer state holds no injected learning rate")
 
 
 def _is_adam_state(node) -> bool:
     return isinstance(node, optax.ScaleByAdamState)
-
-
-def _has_injected_weight_decay(node) -> bool:
-    return hasattr(node, "hyperparams") and "weight_decay" in node.hyperparams
 
 
 def adam_state(opt_state) -> optax.ScaleByAdamState:
@@ -129,19 +159,20 @@ def adam_state(opt_state) -> optax.ScaleByAdamState:
     return found[0]
 
 
-def with_reloaded_adam(opt_state, saved_opt_state, weight_decay: float):
+def with_reloaded_adam(opt_state, saved_opt_state):
     """A fresh `make_optimizer` state continuing a saved one as PyTorch's AdamW reload does.
 
     Adam's moments (mu, nu) and its step count (which sets the bias correction) come from
     `saved_opt_state`; parameters it has no moments for (a deep-clustering head added for cleaning)
-    keep the fresh zeros. The injected weight decay becomes `weight_decay`, because PyTorch's
-    `optimizer.load_state_dict` also replaces the hyper-parameters. The injected hyperparameters'
-    own step count, which drives the learning-rate schedule, stays at `opt_state`'s (0 for a fresh
-    state): PyTorch keeps the scheduler apart from the optimizer state, so the schedule starts over.
+    keep the fresh zeros. The injected hyperparameters' own step count, which drives the
+    learning-rate schedule, stays at `opt_state`'s (0 for a fresh state): PyTorch keeps the
+    scheduler apart from the optimizer state, so the schedule starts over. (PyTorch's
+    `optimizer.load_state_dict` also replaces the weight decay: the caller sets the run's
+    weight-decay hyper-parameter to the saved run's.)
     """
     # With a resettable head (deep clustering), only the model's part continues the saved run: the
     # head is new and keeps its fresh state.
-    return _on_model_part(opt_state, lambda model_part: _with_reloaded_adam(model_part, saved_opt_state, weight_decay))
+    return _on_model_part(opt_state, lambda model_part: _with_reloaded_adam(model_part, saved_opt_state))
 
 
 def _on_model_part(opt_state, function):
@@ -159,7 +190,7 @@ def _on_model_part(opt_state, function):
     return jax.tree.map(apply, opt_state, is_leaf=is_split)
 
 
-def _with_reloaded_adam(opt_state, saved_opt_state, weight_decay: float):
+def _with_reloaded_adam(opt_state, saved_opt_state):
     saved = adam_state(saved_opt_state)
     unknown = sorted(set(saved.mu) - set(adam_state(opt_state).mu))
     if unknown:
@@ -170,11 +201,4 @@ def _with_reloaded_adam(opt_state, saved_opt_state, weight_decay: float):
             return node
         return node._replace(count=saved.count, mu={**node.mu, **saved.mu}, nu={**node.nu, **saved.nu})
 
-    def set_weight_decay(node):
-        if not _has_injected_weight_decay(node):
-            return node
-        current = node.hyperparams["weight_decay"]
-        return node._replace(hyperparams={**node.hyperparams, "weight_decay": jnp.asarray(weight_decay, current.dtype)})
-
-    opt_state = jax.tree.map(take_saved, opt_state, is_leaf=_is_adam_state)
-    return jax.tree.map(set_weight_decay, opt_state, is_leaf=_has_injected_weight_decay)
+    return jax.tree.map(take_saved, opt_state, is_leaf=_is_adam_state)

@@ -7,7 +7,7 @@ dicts; each becomes one run in its own readable folder under a root, run here or
   local, --parallel 1: runs one after another in this process (bclip.train.train_and_evaluate).
   local, --parallel N: N `python -m bclip.main` subprocesses at once (output in RUN/stdout.log).
   local, --vectorize: the unfinished runs train together as one jitted program reading one shared
-         input stream (bclip.train_vectorised). Only for sweeps whose runs differ in nothing but
+         input stream (bclip.train.train_group). Only for sweeps whose runs differ in nothing but
          optim.learning_rate, optim.weight_decay and objective.*_weight (any other differing key
          is an error that names it); deep clustering cannot be vectorised. Each run still gets its
          folder with the files a lone run writes (metrics.jsonl, evals.jsonl, its final checkpoint,
@@ -335,9 +335,9 @@ def configs_of_runs(config: ml_collections.ConfigDict, runs: Sequence[Run]) -> l
 
 def check_vectorisable(config: ml_collections.ConfigDict, runs: Sequence[Run]) -> None:
     """Fail, naming the offending keys, unless the runs can train as one vectorised program."""
-    from bclip import train_vectorised  # Imported here: it pulls in all of JAX and Flax.
+    from bclip import run_group  # Imported here: it pulls in all of JAX and Flax.
 
-    train_vectorised.check_vectorisable(configs_of_runs(config, runs), [run.name for run in runs])
+    run_group.check_vectorisable(configs_of_runs(config, runs), [run.name for run in runs])
 
 
 def vectorised_group_dir(root: str, runs: Sequence[Run]) -> str:
@@ -350,14 +350,14 @@ def vectorised_group_dir(root: str, runs: Sequence[Run]) -> str:
 def run_vectorised(config: ml_collections.ConfigDict, runs: Sequence[Run], root: str) -> list[str]:
     """Trains the runs together as one vectorised program in this process; returns the failed run
     names (those that diverged, or all of them when the group itself fails)."""
-    from bclip import train_vectorised
+    from bclip import train
 
     group_dir = vectorised_group_dir(root, runs)
     for run in runs:
         write_overrides(run)
     print(f"training {len(runs)} runs as one vectorised program (group state in {group_dir})", flush=True)
     try:
-        outcome = train_vectorised.train_and_evaluate_vectorised(
+        outcome = train.train_group(
             configs_of_runs(config, runs), [run.workdir for run in runs], group_dir
         )
     except Exception as error:  # noqa: BLE001 - reported like failed runs of a sequential sweep.

@@ -13,44 +13,12 @@ from typing import Sequence
 from etils import epath
 
 from bclip import sweep
+from bclip.run_files import CONFIG_FILE, DONE_FILE, EVALS_FILE, RunFileError, read_json, read_json_lines
 from bclip.study_report import pct, pyplot, save_figure
 
 SWEEP_REPORT = "sweep_report"  # ROOT/sweep_report.md, .json and .png
-# Files bclip.train writes in a run folder (its DONE_FILE and EVALS_FILE; bclip.train is not
-# imported for them because it pulls in all of JAX).
-DONE_FILE = "done.json"
-EVALS_FILE = "evals.jsonl"
-CONFIG_FILE = "config.json"
 SELECTION_DROP_POINTS = 2.0
 FIGURES = ("test_top1", "test_top5", "test_asr", "selection_top1", "selection_asr")
-
-
-class RunFileError(ValueError):
-    """A sweep or run file that is not the JSON it should be."""
-
-
-def _read_json(path: epath.Path):
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise RunFileError(f"{path} is not valid JSON: {error}") from None
-
-
-def read_json_lines(path: str | os.PathLike) -> list[dict]:
-    """The evaluation records of a JSON-lines file; a bad line is an error naming file and line."""
-    path = epath.Path(path)
-    records = []
-    for number, line in enumerate(path.read_text().split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise RunFileError(f"{path}, line {number}, is not valid JSON: {error}") from None
-        if not isinstance(record, dict) or "step" not in record:
-            raise RunFileError(f"{path}, line {number}, is not an evaluation record (a JSON object with a step)")
-        records.append(record)
-    return records
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,9 +39,9 @@ class SweepRun:
 def read_run(run_dir: str | os.PathLike, name: str, overrides: dict) -> SweepRun:
     """A run folder's state and evaluations; corrupt JSON is an error naming the file."""
     run_dir = epath.Path(run_dir)
-    done = _read_json(run_dir / DONE_FILE) if (run_dir / DONE_FILE).exists() else None
+    done = read_json(run_dir / DONE_FILE) if (run_dir / DONE_FILE).exists() else None
     records = read_json_lines(run_dir / EVALS_FILE) if (run_dir / EVALS_FILE).exists() else []
-    config = _read_json(run_dir / CONFIG_FILE) if (run_dir / CONFIG_FILE).exists() else {}
+    config = read_json(run_dir / CONFIG_FILE) if (run_dir / CONFIG_FILE).exists() else {}
     by_step = {}
     for record in records:  # a step logged twice (a resumed run) keeps its last record
         by_step[record["step"]] = record
@@ -105,7 +73,7 @@ def read_sweep(root: str | os.PathLike) -> tuple[str | None, list[SweepRun]]:
     root = epath.Path(root)
     plan_path = root / sweep.PLAN_FILE
     if plan_path.exists():
-        plan = _read_json(plan_path)
+        plan = read_json(plan_path)
         try:
             runs = [sweep.Run(**run) for run in plan["runs"]]
         except (KeyError, TypeError) as error:
@@ -117,7 +85,7 @@ def read_sweep(root: str | os.PathLike) -> tuple[str | None, list[SweepRun]]:
     runs = []
     for run_dir in sorted(root.iterdir(), key=lambda path: path.name):
         if (run_dir / sweep.OVERRIDES_FILE).exists():
-            runs.append(read_run(run_dir, run_dir.name, _read_json(run_dir / sweep.OVERRIDES_FILE)))
+            runs.append(read_run(run_dir, run_dir.name, read_json(run_dir / sweep.OVERRIDES_FILE)))
     if not runs:
         raise FileNotFoundError(f"{root} holds no {sweep.PLAN_FILE} and no run folder with {sweep.OVERRIDES_FILE}")
     return None, runs

@@ -1,10 +1,11 @@
-"""Training state and the pure, sharded train step.
+"""Training state and the pure train step, written once for one run; `run_group` lays it over
+the runs of a group (one run, or a vectorised sweep's).
 
 State is a plain dict of pytrees: {"params", "batch_stats", "opt", "step"}. `batch_stats` is empty
 for ViT towers and holds BatchNorm statistics for ResNets (computed over the global batch, since the
 step sees global arrays, or per group of model.image.batch_norm_group_size images). The train step
-is a pure function `(state, batch, rng) -> (state, metrics)`, jitted with explicit shardings and the
-state donated.
+is a pure function `(state, batch, rng, hparams) -> (state, metrics)`; `hparams` holds the run's
+scalar hyper-parameters (`run_hyperparams`): its peak learning rate, weight decay and term weights.
 """
 
 import functools
@@ -15,10 +16,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from bclip import cpu_runtime, device_augment, objectives, optim, sharding
+from bclip import cleaning, cpu_runtime, device_augment, objectives, optim, sharding
 from bclip.models import clip
 
 # CLIP clamps the learned temperature multiplier so it never exceeds 100.
@@ -31,15 +33,23 @@ def init_variables(model: nn.Module, rng: jax.Array, image_size: int, context_le
     return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
 
-def init_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array, image_size: int, context_length: int) -> dict:
-    """A fresh training state; pure, so it can be traced by `jax.eval_shape` and sharded `jit`."""
-    variables = init_variables(model, rng, image_size, context_length)
+def init_state(tx: optax.GradientTransformation, variables: dict) -> dict:
+    """A run's training state at step 0 with a fresh optimiser, from its model variables (random,
+    or a pretrained checkpoint's); pure, so it can be traced by `jax.eval_shape` and sharded `jit`."""
     return {
         "params": variables["params"],
-        "batch_stats": variables["batch_stats"],
+        "batch_stats": variables.get("batch_stats", {}),
         "opt": tx.init(variables["params"]),
         "step": jnp.zeros((), jnp.int32),
     }
+
+
+def run_hyperparams(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+    """A run's hyper-parameters, the train step's `hparams`: float32 scalars for its peak learning
+    rate and weight decay (optim.HYPERPARAMS) and each term's weight (`<term>_weight`)."""
+    values = {key: config.optim[key] for key in optim.HYPERPARAMS}
+    values.update({objectives.weight_key(name): config.objective[objectives.weight_key(name)] for name in objectives.TERMS})
+    return {key: np.float32(value) for key, value in values.items()}
 
 
 def clamp_logit_scale(params: dict) -> dict:
@@ -143,96 +153,104 @@ def compute_embeddings(model, params, batch_stats, batch, with_views: bool, trai
     return embeddings, batch_stats
 
 
-def objective_embeddings(model, params, batch_stats, batch, objective: ml_collections.ConfigDict):
-    """Everything the objective's terms read: the embeddings (and augmented views) and, with deep
-    clustering, the cluster head's logits [B, K] and the batch's cluster ids [B].
+def loss_inputs(model, params, batch_stats, batch, objective: ml_collections.ConfigDict):
+    """Everything the objective's terms read (objectives.Term): the embeddings (and augmented
+    views), the temperature and bias, with deep clustering the cluster head's logits [B, K], and
+    the batch's per-example fields from per-epoch passes (e.g. "cluster" [B]).
 
     Returns:
-      (embeddings dict for `objectives.combined_loss`, new batch_stats)
+      (inputs for `objectives.combined_loss`, new batch_stats)
     """
-    model_params = {k: v for k, v in params.items() if k != "cluster_head"}
+    model_params = {k: v for k, v in params.items() if k != cleaning.CLUSTER_HEAD}
     with_views = objectives.needs_augmented_views(objective)
     embeddings, batch_stats = compute_embeddings(model, model_params, batch_stats, batch, with_views)
-    if objective.cluster_weight:
-        head = params["cluster_head"]
-        embeddings["cluster_logits"] = embeddings["image"] @ head["kernel"] + head["bias"]
-        embeddings["cluster_ids"] = batch["cluster"]
-    return embeddings, batch_stats
+    inputs = {
+        **{key: value for key, value in batch.items() if key not in MODEL_BATCH_KEYS},
+        **embeddings,
+        "logit_scale": params["logit_scale"],
+        "logit_bias": params.get("logit_bias"),
+    }
+    if cleaning.CLUSTER_HEAD in params:
+        head = params[cleaning.CLUSTER_HEAD]
+        inputs["cluster_logits"] = embeddings["image"] @ head["kernel"] + head["bias"]
+    return inputs, batch_stats
 
 
 def make_train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
     objective: ml_collections.ConfigDict,
+    optim_config: ml_collections.ConfigDict,
+    total_steps: int,
 ) -> Callable:
-    """The pure train step `(state, batch, rng) -> (state, metrics)` for one objective.
+    """The pure train step of one run, `(state, batch, rng, hparams) -> (state, metrics)`.
 
-    Metrics: "loss", each term ("mmcl", "ssl", "siglip", "cluster"), "temperature"
-    (exp(logit_scale)), "grad_norm", "learning_rate". With deep clustering, `params` also holds
-    "cluster_head" and batches carry "cluster" ids.
+    `objective` says which terms are computed (nonzero weights; in a group, those any run weighs);
+    `hparams` (`run_hyperparams`) weighs them and sets the optimiser: the learning rate at step t is
+    the run's peak through `optim.learning_rate_schedule`, its weight decay the run's. So one
+    compiled step serves every run of a sweep that differs only in these values.
+
+    Args (of the returned step):
+      state: {"params", "batch_stats", "opt", "step"}, `opt` from `tx` = `optim.make_optimizer`.
+      batch: "image" uint8 [B, H, W, 3], "text" int32 [B, L], plus the SSL views and per-example
+        fields (e.g. "cluster" int32 [B]) the objective reads.
+      rng: a key (the step has no stochastic layers yet).
+      hparams: {name: float32 scalar}.
+
+    Metrics: "loss", each computed term, "temperature" (exp(logit_scale)), "grad_norm",
+    "learning_rate". With deep clustering, `params` also holds "cluster_head".
     """
 
-    def loss_fn(params, batch_stats, batch):
-        embeddings, new_batch_stats = objective_embeddings(model, params, batch_stats, batch, objective)
-        total, terms = objectives.combined_loss(
-            embeddings, params["logit_scale"], params.get("logit_bias"), objective
-        )
+    def loss_fn(params, batch_stats, batch, hparams):
+        inputs, new_batch_stats = loss_inputs(model, params, batch_stats, batch, objective)
+        total, terms = objectives.combined_loss(inputs, objective, hparams)
         return total, (terms, new_batch_stats)
 
-    def train_step(state, batch, rng):
+    def train_step(state, batch, rng, hparams):
         del rng  # No stochastic layers yet; the argument keeps the signature stable.
+        count = optim.update_count(state["opt"])
+        schedule = optim.learning_rate_schedule(optim_config, total_steps, peak=hparams["learning_rate"])
+        opt_state = optim.with_hyperparams(state["opt"], learning_rate=schedule(count), weight_decay=hparams["weight_decay"])
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, (terms, batch_stats)), grads = grad_fn(state["params"], state["batch_stats"], batch)
-        return apply_gradients(tx, state, state["opt"], grads, batch_stats, loss, terms)
+        (loss, (terms, batch_stats)), grads = grad_fn(state["params"], state["batch_stats"], batch, hparams)
+        updates, opt_state = tx.update(grads, opt_state, state["params"])
+        params = clamp_logit_scale(optax.apply_updates(state["params"], updates))
+        new_state = {"params": params, "batch_stats": batch_stats, "opt": opt_state, "step": state["step"] + 1}
+        metrics = {
+            "loss": loss,
+            **terms,
+            "temperature": jnp.exp(params["logit_scale"]),
+            "grad_norm": optax.tree.norm(grads),
+            "learning_rate": optim.current_learning_rate(opt_state),
+        }
+        return new_state, metrics
 
     return train_step
 
 
-def apply_gradients(tx, state, opt_state, grads, batch_stats, loss, terms):
-    """The optimiser update, the temperature clamp and the step's metrics, shared by the train
-    step and the vectorised sweep's per-run step (which passes `opt_state` with its own
-    hyperparameters injected).
-
-    Returns:
-      (new state, metrics)
-    """
-    updates, opt_state = tx.update(grads, opt_state, state["params"])
-    params = clamp_logit_scale(optax.apply_updates(state["params"], updates))
-    new_state = {"params": params, "batch_stats": batch_stats, "opt": opt_state, "step": state["step"] + 1}
-    metrics = {
-        "loss": loss,
-        **terms,
-        "temperature": jnp.exp(params["logit_scale"]),
-        "grad_norm": optax.tree.norm(grads),
-        "learning_rate": optim.current_learning_rate(opt_state),
-    }
-    return new_state, metrics
-
-
 def shard_and_jit_train_step(train_step: Callable, state_shardings, mesh: Mesh) -> Callable:
-    """`jit` the step with explicit shardings: state as given, batch split over the mesh, state donated."""
+    """`jit` one run's step with explicit shardings: state as given, batch split over the mesh,
+    hyper-parameters replicated, state donated."""
+    replicated = sharding.replicated(mesh)
     return jax.jit(
         train_step,
-        in_shardings=(state_shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
-        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        in_shardings=(state_shardings, sharding.batch_sharding(mesh), replicated, replicated),
+        out_shardings=(state_shardings, replicated),
         donate_argnums=(0,),
         compiler_options=cpu_runtime.compiler_options(mesh.devices.flat),
     )
 
 
 def create_sharded_state(model, tx, rng, mesh: Mesh, model_config, sharding_config):
-    """Initialise the state directly into its shardings (no full copy on one device first).
+    """A fresh random state initialised directly into its shardings (no full copy on one device).
 
     Returns:
       (state, state_shardings)
     """
-    init = functools.partial(
-        init_state,
-        model,
-        tx,
-        image_size=model_config.image.size,
-        context_length=model_config.text.context_length,
-    )
+
+    def init(rng):
+        return init_state(tx, init_variables(model, rng, model_config.image.size, model_config.text.context_length))
+
     abstract = jax.eval_shape(init, rng)
     shardings = sharding.state_shardings(abstract, mesh, sharding_config)
     state = jax.jit(init, out_shardings=shardings)(rng)

@@ -246,13 +246,6 @@ def test_without_a_plan_the_run_folders_are_found(cleaning_sweep):
     assert summary["config"] is None and summary["chosen"] == {"name": "lr=5e-04", "epoch": 2, "step": 20}
 
 
-def test_run_file_names_match_the_trainer_and_sweep():
-    from bclip import train
-
-    assert sweep_report.DONE_FILE == train.DONE_FILE == sweep.DONE_FILE
-    assert sweep_report.EVALS_FILE == train.EVALS_FILE
-
-
 # ---------------------------------------------------------------------------------------------
 # End to end with bclip.sweep
 # ---------------------------------------------------------------------------------------------

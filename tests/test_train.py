@@ -24,9 +24,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from bclip import checkpointing, experiment, optim, sharding, train, train_step
+from bclip import checkpointing, epoch_passes, experiment, optim, run_files, run_group, run_start, sharding, train, train_step
 from bclip import config as run_configs
-from bclip.data import pipeline, poisoning, synthetic
+from bclip.data import pipeline, poisoning, synthetic, training_input
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -87,7 +87,7 @@ def cleaning_config(world_dir: str, pretrain_dir: str, overrides: dict | None = 
             "train": {
                 "num_epochs": 1,
                 "init_from": pretrain_dir,
-                "exclude_indices_file": os.path.join(pretrain_dir, train.POISON_FILE),
+                "exclude_indices_file": os.path.join(pretrain_dir, run_files.POISON_FILE),
                 "subset_size": CLEAN_SUBSET,
                 "checkpoint_every_steps": 100,
                 "keep_checkpoint_every_epochs": 0,
@@ -162,23 +162,24 @@ class RunRecorder:
         self.indices = []  # [B] example indices per training batch
         self.is_poisoned = []
         self.cluster_tables = []
-        real_jit_step = train_step.shard_and_jit_train_step
+        real_jit_step = run_group.RunGroup.jit_step
         real_next = pipeline.TrainPipeline.__next__
-        real_assignments = train.cluster_assignments
+        real_assignments = epoch_passes.cluster_assignments
 
-        def jit_step(step, shardings, mesh):
-            jitted = real_jit_step(step, shardings, mesh)
+        def jit_step(group, step, shardings):
+            jitted = real_jit_step(group, step, shardings)
 
-            def call(state, batch, rng):
+            def call(state, batch, rng, hparams):
                 if fail_at_call is not None and self.num_steps == fail_at_call:
                     raise Interrupted(f"before step {self.num_steps + 1}")
                 if self.first_state is None:
                     self.first_state = jax.device_get(state)  # before the step donates it
+                    self.first_hparams = jax.device_get(hparams)
                 self.num_steps += 1
                 self.batch_shardings.append(batch["image"].sharding)
                 if "cluster" in batch:
                     self.cluster_ids.append(np.asarray(batch["cluster"]))
-                return jitted(state, batch, rng)
+                return jitted(state, batch, rng, hparams)
 
             return call
 
@@ -193,15 +194,15 @@ class RunRecorder:
             self.cluster_tables.append(table)
             return table
 
-        monkeypatch.setattr(train_step, "shard_and_jit_train_step", jit_step)
+        monkeypatch.setattr(run_group.RunGroup, "jit_step", jit_step)
         monkeypatch.setattr(pipeline.TrainPipeline, "__next__", next_batch)
-        monkeypatch.setattr(train, "cluster_assignments", assignments)
+        monkeypatch.setattr(epoch_passes, "cluster_assignments", assignments)
 
 
 class CleaningRun:
     def __init__(self, run_dir: str, config: ml_collections.ConfigDict, recorder: RunRecorder):
         self.run_dir, self.config, self.recorder = run_dir, config, recorder
-        self.metrics = read_jsonl(os.path.join(run_dir, train.METRICS_FILE))
+        self.metrics = read_jsonl(os.path.join(run_dir, run_files.METRICS_FILE))
 
 
 CLEANING_METHODS = {
@@ -274,7 +275,7 @@ def test_killed_run_resumes_to_identical_parameters(world_dir, pretrained, tmp_p
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
     }
-    metrics_path = os.path.join(run_dir, train.METRICS_FILE)
+    metrics_path = os.path.join(run_dir, run_files.METRICS_FILE)
     with open(tmp_path / "run.log", "w") as log:
         process = subprocess.Popen(
             [sys.executable, "-c", _KILLABLE_RUN, TESTS_DIR, world_dir, run_dir], env=env, stdout=log, stderr=log
@@ -293,18 +294,18 @@ def test_killed_run_resumes_to_identical_parameters(world_dir, pretrained, tmp_p
             process.kill()
             process.wait()
 
-    assert not os.path.exists(os.path.join(run_dir, train.DONE_FILE))
+    assert not os.path.exists(os.path.join(run_dir, run_files.DONE_FILE))
     resume_step = saved_steps(run_dir)[-1]
     assert 4 <= resume_step < PRETRAIN_STEPS
     metrics_before = read_jsonl(metrics_path)
-    evals_before = read_jsonl(os.path.join(run_dir, train.EVALS_FILE))
+    evals_before = read_jsonl(os.path.join(run_dir, run_files.EVALS_FILE))
     assert metrics_before[-1]["step"] < PRETRAIN_STEPS
 
     train.train_and_evaluate(pretrain_config(world_dir), run_dir)
 
     assert saved_steps(run_dir)[-1] == PRETRAIN_STEPS
     assert_trees_equal(saved_state(run_dir, PRETRAIN_STEPS), saved_state(pretrained, PRETRAIN_STEPS))
-    with open(os.path.join(run_dir, train.POISON_FILE)) as f, open(os.path.join(pretrained, train.POISON_FILE)) as g:
+    with open(os.path.join(run_dir, run_files.POISON_FILE)) as f, open(os.path.join(pretrained, run_files.POISON_FILE)) as g:
         assert json.load(f) == json.load(g)
 
     # Every step logged once; what came before the checkpoint is kept as it was written.
@@ -312,13 +313,13 @@ def test_killed_run_resumes_to_identical_parameters(world_dir, pretrained, tmp_p
     assert [record["step"] for record in metrics] == list(range(1, PRETRAIN_STEPS + 1))
     kept = [record for record in metrics_before if record["step"] <= resume_step]
     assert metrics[: len(kept)] == kept
-    reference = read_jsonl(os.path.join(pretrained, train.METRICS_FILE))
+    reference = read_jsonl(os.path.join(pretrained, run_files.METRICS_FILE))
     for key in ("loss", "grad_norm", "learning_rate"):
         assert [record[key] for record in metrics] == [record[key] for record in reference]
-    evals = read_jsonl(os.path.join(run_dir, train.EVALS_FILE))
+    evals = read_jsonl(os.path.join(run_dir, run_files.EVALS_FILE))
     assert [record["step"] for record in evals] == [0, 6, 12]
     assert evals[0] == evals_before[0]
-    assert evals == read_jsonl(os.path.join(pretrained, train.EVALS_FILE))
+    assert evals == read_jsonl(os.path.join(pretrained, run_files.EVALS_FILE))
 
 
 def test_finished_run_is_not_trained_again(world_dir, pretrained, tmp_path, monkeypatch):
@@ -327,10 +328,10 @@ def test_finished_run_is_not_trained_again(world_dir, pretrained, tmp_path, monk
     recorder = RunRecorder(monkeypatch)
     results = train.train_and_evaluate(pretrain_config(world_dir), run_dir)
     assert recorder.num_steps == 0
-    last_eval = read_jsonl(os.path.join(pretrained, train.EVALS_FILE))[-1]
+    last_eval = read_jsonl(os.path.join(pretrained, run_files.EVALS_FILE))[-1]
     assert results == {k: v for k, v in last_eval.items() if k not in ("step", "epoch")}
     assert results["test/num_images"] == 16
-    assert read_jsonl(os.path.join(run_dir, train.METRICS_FILE)) == read_jsonl(os.path.join(pretrained, train.METRICS_FILE))
+    assert read_jsonl(os.path.join(run_dir, run_files.METRICS_FILE)) == read_jsonl(os.path.join(pretrained, run_files.METRICS_FILE))
 
 
 @pytest.mark.slow
@@ -415,9 +416,9 @@ def test_shrink_and_perturb_records_the_unshrunk_original_at_step_0(world_dir, p
     )
     run_dir = str(tmp_path / "run")
     train.train_and_evaluate(config, run_dir)
-    start = read_jsonl(os.path.join(run_dir, train.EVALS_FILE))[0]
+    start = read_jsonl(os.path.join(run_dir, run_files.EVALS_FILE))[0]
     # The pretraining run evaluated the same weights (its last step's) on the same set and seed.
-    pretrained_final = read_jsonl(os.path.join(pretrained, train.EVALS_FILE))[-1]
+    pretrained_final = read_jsonl(os.path.join(pretrained, run_files.EVALS_FILE))[-1]
     assert start["step"] == 0
     figures = ("test/top1", "test/top5", "test/asr")
     assert {key: start[key] for key in figures} == {key: pretrained_final[key] for key in figures}
@@ -440,8 +441,8 @@ def test_missing_init_checkpoint_fails_before_training(world_dir, pretrained, tm
     with pytest.raises(checkpointing.CheckpointError, match=re.escape(missing)):
         train.train_and_evaluate(config, run_dir)
     assert recorder.num_steps == 0
-    assert not os.path.exists(os.path.join(run_dir, train.METRICS_FILE))
-    assert not os.path.exists(os.path.join(run_dir, train.EVALS_FILE))
+    assert not os.path.exists(os.path.join(run_dir, run_files.METRICS_FILE))
+    assert not os.path.exists(os.path.join(run_dir, run_files.EVALS_FILE))
 
     empty = tmp_path / "empty_run"
     empty.mkdir()
@@ -461,8 +462,8 @@ def test_init_checkpoint_of_another_model_fails_before_training(world_dir, pretr
     assert os.path.join(pretrained, "checkpoints", str(PRETRAIN_STEPS)) in message
     assert "['text_tower']['token_embedding']['embedding']: checkpoint (256, 32) vs model (256, 64)" in message
     assert recorder.num_steps == 0
-    assert not os.path.exists(os.path.join(run_dir, train.METRICS_FILE))
-    assert not os.path.exists(os.path.join(run_dir, train.EVALS_FILE))
+    assert not os.path.exists(os.path.join(run_dir, run_files.METRICS_FILE))
+    assert not os.path.exists(os.path.join(run_dir, run_files.EVALS_FILE))
 
 
 def abstract_variables(params) -> dict:
@@ -534,21 +535,21 @@ def test_missing_start_epoch_fails_before_training(world_dir, pretrained, tmp_pa
     with pytest.raises(checkpointing.CheckpointError, match=re.escape("epochs with a checkpoint: [1, 2]")):
         train.train_and_evaluate(config, run_dir)
     assert recorder.num_steps == 0
-    assert not os.path.exists(os.path.join(run_dir, train.METRICS_FILE))
+    assert not os.path.exists(os.path.join(run_dir, run_files.METRICS_FILE))
 
 
 def test_start_keys_need_init_from():
     config = run_configs.run_config()
-    train.check_start_keys(config.train)
+    run_start.check_start_keys(config.train)
     config.train.init_from_epoch = 21
     with pytest.raises(ValueError, match="train.init_from_epoch=21 needs train.init_from"):
-        train.check_start_keys(config.train)
+        run_start.check_start_keys(config.train)
     config.train.init_from_epoch = -1
     config.train.reload_optimizer_state = True
     with pytest.raises(ValueError, match="reload_optimizer_state needs train.init_from"):
-        train.check_start_keys(config.train)
+        run_start.check_start_keys(config.train)
     config.train.init_from = "/runs/pretrained"
-    train.check_start_keys(config.train)
+    run_start.check_start_keys(config.train)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -593,14 +594,15 @@ def test_reloaded_optimizer_continues_adam_with_the_pretraining_weight_decay(rel
     assert any(np.any(leaf) for leaf in jax.tree.leaves(adam.nu))
     # The pretraining run's weight decay replaced the configured 1.0, and the log says so.
     assert reloading_run.config.optim.weight_decay == 1.0
-    assert float(opt.hyperparams["weight_decay"]) == pytest.approx(0.1)
+    np.testing.assert_array_equal(reloading_run.recorder.first_hparams["weight_decay"], np.float32([0.1]))
+    step_dir = os.path.join(pretrained, "checkpoints", "6")
     assert [w for w in reloading_run.warnings if "reload_optimizer_state" in w] == [
-        f"train.reload_optimizer_state: Adam's moments and step count 6 come from "
-        f"{os.path.join(pretrained, 'checkpoints', '6')}, and its run's weight decay 0.1 replaces the configured "
-        "optim.weight_decay 1 (as the reference's optimizer.load_state_dict did); the learning-rate schedule starts fresh"
+        f"train.reload_optimizer_state: Adam's moments and step count 6 come from {step_dir}; the learning-rate "
+        "schedule starts fresh",
+        f"train.reload_optimizer_state: the weight decay 0.1 of {step_dir} replaces the configured optim.weight_decay 1",
     ]
     # The schedule starts over: its own count is 0 and the warm-up runs from 0 as in a fresh run.
-    assert int(opt.count) == 0 and int(opt.hyperparams_states["learning_rate"].count) == 0
+    assert int(opt.count) == 0
     learning_rates = [record["learning_rate"] for record in reloading_run.metrics]
     np.testing.assert_allclose(learning_rates[:4], [0.0, CLEAN_LEARNING_RATE / 3, 2 * CLEAN_LEARNING_RATE / 3, CLEAN_LEARNING_RATE], rtol=1e-6)
 
@@ -625,22 +627,21 @@ def test_with_reloaded_adam_keeps_fresh_moments_for_new_params():
     params = {"w": jnp.ones((2, 3)), "cluster_head": jnp.ones((3, 4))}
     model_params = {"w": params["w"]}
     for clip in (None, 1.0):
-        tx = optim.make_optimizer(optim.optim_config(warmup_steps=2, grad_clip_norm=clip, weight_decay=0.5), 10)
+        tx = optim.make_optimizer(optim.optim_config(warmup_steps=2, grad_clip_norm=clip, weight_decay=0.5))
         saved = tx.init(model_params)
         for _ in range(3):
             _, saved = tx.update({"w": jnp.full((2, 3), 0.5)}, saved, model_params)
         fresh = tx.init(params)
-        reloaded = optim.with_reloaded_adam(fresh, saved, weight_decay=0.1)
+        reloaded = optim.with_reloaded_adam(fresh, saved)
         adam = optim.adam_state(reloaded)
         assert int(adam.count) == 3
         np.testing.assert_array_equal(adam.mu["w"], optim.adam_state(saved).mu["w"])
         np.testing.assert_array_equal(adam.nu["w"], optim.adam_state(saved).nu["w"])
         assert not np.any(adam.mu["cluster_head"]) and not np.any(adam.nu["cluster_head"])
         injected = reloaded[-1] if clip else reloaded
-        assert float(injected.hyperparams["weight_decay"]) == pytest.approx(0.1)
         assert int(injected.count) == 0  # the schedule's own count: fresh
     with pytest.raises(ValueError, match=r"parameters the model does not have: \['extra'\]"):
-        optim.with_reloaded_adam(tx.init(model_params), tx.init({"w": params["w"], "extra": params["w"]}), 0.1)
+        optim.with_reloaded_adam(tx.init(model_params), tx.init({"w": params["w"], "extra": params["w"]}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -662,12 +663,12 @@ def test_non_finite_loss_stops_the_run_without_saving_it(world_dir, tmp_path):
     # of step 3, computed from them, is NaN.
     last_good = os.path.join(run_dir, "checkpoints", "1")
     assert str(error.value) == f"loss is nan at step 3; last good checkpoint: {last_good}"
-    metrics = read_jsonl(os.path.join(run_dir, train.METRICS_FILE))
+    metrics = read_jsonl(os.path.join(run_dir, run_files.METRICS_FILE))
     assert [record["step"] for record in metrics] == [1, 2]
     assert all(np.isfinite(record["loss"]) for record in metrics)
     # The state after step 2, which produced the NaN, is not kept either.
     assert saved_steps(run_dir) == [1]
-    assert not os.path.exists(os.path.join(run_dir, train.DONE_FILE))
+    assert not os.path.exists(os.path.join(run_dir, run_files.DONE_FILE))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -691,10 +692,12 @@ def test_cleaning_method_trains_sharded_with_finite_losses(cleaning_run, method)
         terms = {name: record[name] for name, weight in weights.items() if weight}
         assert set(terms) == {name for name in weights if name in record}
         np.testing.assert_allclose(record["loss"], sum(weights[name] * value for name, value in terms.items()), rtol=1e-5)
-    # The injected hyperparameters of the (model's) AdamW; deep clustering's head has its own AdamW.
-    has_hyperparams = lambda node: hasattr(node, "hyperparams")  # noqa: E731
-    (hyperparams,) = [node.hyperparams for node in jax.tree.leaves(run.recorder.first_state["opt"], is_leaf=has_hyperparams) if has_hyperparams(node)]
-    assert float(hyperparams["weight_decay"]) == pytest.approx(run.config.optim.weight_decay)
+    # The run's hyper-parameters, arguments of the step.
+    hparams = run.recorder.first_hparams
+    np.testing.assert_array_equal(hparams["weight_decay"], np.float32([run.config.optim.weight_decay]))
+    np.testing.assert_array_equal(hparams["learning_rate"], np.float32([run.config.optim.learning_rate]))
+    for name in weights:
+        np.testing.assert_array_equal(hparams[f"{name}_weight"], np.float32([weights[name]]))
     assert run.config.optim.weight_decay == (1.0 if method == "heavy weight decay" else 0.1)
     assert saved_steps(run.run_dir)[-1] == steps
 
@@ -703,10 +706,11 @@ def test_cleaning_method_trains_sharded_with_finite_losses(cleaning_run, method)
 def test_deep_clustering_trains_on_kmeans_ids_of_the_cleaning_set(cleaning_run, pretrained):
     run = cleaning_run("deep clustering")
     recorder = run.recorder
-    clean_indices = train.clean_training_source(pipeline.training_source(run.config.data), run.config.train).indices
+    source = pipeline.training_source(run.config.data)
+    clean_indices = training_input.clean_training_source(source, run.config.train).indices
     assert len(recorder.cluster_tables) == 2  # once before each epoch
     for table in recorder.cluster_tables:
-        assert table.shape == (clean_indices.max() + 1,)
+        assert table.shape == (len(source),)
         assigned = np.flatnonzero(table >= 0)
         assert np.array_equal(assigned, clean_indices)
         assert table.max() < 4
@@ -716,15 +720,10 @@ def test_deep_clustering_trains_on_kmeans_ids_of_the_cleaning_set(cleaning_run, 
     for step, (ids, indices) in enumerate(zip(recorder.cluster_ids, recorder.indices)):
         table = recorder.cluster_tables[step // 4]
         assert np.array_equal(ids, table[indices])
-    assert sorted(os.listdir(os.path.join(run.run_dir, train.CLUSTERS_DIR))) == ["epoch_0.npy", "epoch_1.npy"]
-    assert "cluster_head" in saved_state(run.run_dir, 8)["params"]
-
-
-def test_only_the_last_two_epochs_cluster_tables_are_kept(tmp_path):
-    for epoch in range(4):
-        train._save_cluster_table(str(tmp_path), epoch, np.full(5, epoch, np.int32))
-    assert sorted(os.listdir(tmp_path / train.CLUSTERS_DIR)) == ["epoch_2.npy", "epoch_3.npy"]
-    assert np.array_equal(np.load(tmp_path / train.CLUSTERS_DIR / "epoch_3.npy"), np.full(5, 3, np.int32))
+    final = saved_state(run.run_dir, 8)
+    assert "cluster_head" in final["params"]
+    # The checkpoint holds the epoch's table with the state it trained.
+    np.testing.assert_array_equal(final[train.EPOCH_TABLES]["cluster"], recorder.cluster_tables[1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -779,4 +778,4 @@ def test_cleaning_run_reads_only_clean_examples(cleaning_run, pretrained):
     drawn = remaining[np.random.default_rng(run.config.train.subset_seed).choice(len(remaining), CLEAN_SUBSET, replace=False)]
     assert np.array_equal(np.sort(seen), np.sort(drawn))
     assert not np.any(np.concatenate(run.recorder.is_poisoned))
-    assert not os.path.exists(os.path.join(run.run_dir, train.POISON_FILE))  # nothing poisoned here
+    assert not os.path.exists(os.path.join(run.run_dir, run_files.POISON_FILE))  # nothing poisoned here
