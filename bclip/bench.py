@@ -29,8 +29,9 @@ import numpy as np
 from PIL import Image
 
 from bclip import cpu_runtime, device_augment, objectives, optim, sharding, train_step
-from bclip.data import decode, pipeline, sources, synthetic, text_augment
+from bclip.data import decode, pipeline, sources, text_augment
 from bclip.data import tokenizer as tokenizer_lib
+from bclip.data.synthetic import captions, writer
 from bclip.models import clip
 
 OBJECTIVES = {
@@ -279,13 +280,13 @@ def _bench_dataset(args):
         )
         synonyms = text_augment.wordnet_synonyms() if args.synonyms == "wordnet" else _lexicon(args.synonyms)
         return source, tokenizer, synonyms
-    world = synthetic.write_world(
+    world = writer.write_world(
         args.data_dir, image_size=args.source_size or args.image_size, num_train=args.num_images,
         num_test=0, num_selection=0, num_workers=os.cpu_count() or 1,
     )
     source = sources.CsvImageTextSource(pathlib.Path(world) / "train" / "train.csv")
-    tokenizer = tokenizer_lib.WordTokenizer.from_file(pathlib.Path(world) / synthetic.VOCAB_FILE)
-    return source, tokenizer, text_augment.lexicon_synonyms(synthetic.lexicon().synonyms)
+    tokenizer = tokenizer_lib.WordTokenizer.from_file(pathlib.Path(world) / writer.VOCAB_FILE)
+    return source, tokenizer, text_augment.lexicon_synonyms(captions.lexicon().synonyms)
 
 
 def _lexicon(path):

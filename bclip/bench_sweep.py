@@ -287,10 +287,10 @@ def _run_command(command: list[str], log_path: str) -> tuple[float, float]:
 def prepare_cleaning_sweep(workdir: str) -> tuple[str, str]:
     """The synthetic world and a tiny poisoned pretraining run (configs/tiny.py, 1 epoch) under
     workdir, made once; returns their directories."""
-    from bclip.data import synthetic
+    from bclip.data.synthetic import writer
 
     world = os.path.join(workdir, "world")
-    synthetic.write_world(world, image_size=32, num_train=2000)
+    writer.write_world(world, image_size=32, num_train=2000)
     pretrained = os.path.join(workdir, "pretrained")
     if not os.path.exists(os.path.join(pretrained, "done.json")):
         command = [sys.executable, "-m", "bclip.main", "--config", f"{PRETRAINING_CONFIG}:{world}",

@@ -21,7 +21,7 @@ from etils import epath
 
 from bclip import config as run_configs
 from bclip import checkpointing, run_files, study_report, sweep, train
-from bclip.data import synthetic
+from bclip.data.synthetic import writer
 
 TrainFn = Callable[[ml_collections.ConfigDict, str], dict]
 
@@ -153,8 +153,8 @@ def _with_world(config: ml_collections.ConfigDict, world_dir: str) -> ml_collect
         {
             "data": {
                 "train_csv": os.path.join(world_dir, "train", "train.csv"),
-                "tokenizer": {"kind": "word", "path": os.path.join(world_dir, synthetic.VOCAB_FILE)},
-                "synonyms": os.path.join(world_dir, synthetic.SYNONYMS_FILE),
+                "tokenizer": {"kind": "word", "path": os.path.join(world_dir, writer.VOCAB_FILE)},
+                "synonyms": os.path.join(world_dir, writer.SYNONYMS_FILE),
             },
             "eval": {
                 "sets": {
@@ -172,7 +172,7 @@ def prepare_world(world: ml_collections.ConfigDict, workdir: str) -> str:
     if "://" in os.fspath(workdir):
         raise ValueError(f"the synthetic world is written to local disk; {workdir} is remote (use world.enabled=False)")
     world_dir = os.path.join(workdir, "world")
-    synthetic.write_world(
+    writer.write_world(
         world_dir,
         image_size=world.image_size,
         num_train=world.num_train,

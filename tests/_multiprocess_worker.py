@@ -27,7 +27,8 @@ from jax.experimental import multihost_utils  # noqa: E402
 
 from bclip import checkpointing, optim, sharding, train_step  # noqa: E402
 from bclip import config as run_configs  # noqa: E402
-from bclip.data import pipeline, sources, synthetic  # noqa: E402
+from bclip.data import pipeline, sources  # noqa: E402
+from bclip.data.synthetic import writer  # noqa: E402
 from bclip.data.tokenizer import WordTokenizer  # noqa: E402
 from bclip.models import clip  # noqa: E402
 
@@ -39,7 +40,7 @@ def worker_config(world: str, batch_size: int):
     """Poisoned MMCL pretraining of the micro ViT preset, with parameters split over the devices."""
     config = run_configs.run_config("micro-vit")
     config.data.train_csv = os.path.join(world, "train", "train.csv")
-    config.data.tokenizer.path = os.path.join(world, synthetic.VOCAB_FILE)
+    config.data.tokenizer.path = os.path.join(world, writer.VOCAB_FILE)
     config.data.batch_size = batch_size
     config.data.shuffle_seed = 3
     config.poison.count = 8

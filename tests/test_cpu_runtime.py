@@ -11,7 +11,7 @@ import numpy as np
 
 from bclip import config as run_configs
 from bclip import cpu_runtime, sharding, train, train_step
-from bclip.data import synthetic
+from bclip.data.synthetic import writer
 from bclip.models import clip, vit
 
 
@@ -68,9 +68,9 @@ def test_forward_options_keep_matrix_products_with_xla_and_results_unchanged():
 
 
 def test_evaluator_jits_use_the_forward_options(tmp_path):
-    world = synthetic.write_world(tmp_path / "world", image_size=32, num_train=8, num_test=16, num_selection=0)
+    world = writer.write_world(tmp_path / "world", image_size=32, num_train=8, num_test=16, num_selection=0)
     config = run_configs.run_config("micro-vit", text={"vocab_size": 256, "context_length": 24})
-    config.data.tokenizer.path = os.path.join(world, synthetic.VOCAB_FILE)
+    config.data.tokenizer.path = os.path.join(world, writer.VOCAB_FILE)
     with config.unlocked():
         config.eval.sets = {"test": run_configs.eval_set_config("folder", os.path.join(world, "test"))}
     model = clip.build_model(config.model)

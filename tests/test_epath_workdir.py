@@ -20,7 +20,8 @@ from etils.epath import gpath
 
 from bclip import checkpointing, experiment, sweep, sweep_report, train
 from bclip import config as run_configs
-from bclip.data import poisoning, synthetic
+from bclip.data import poisoning
+from bclip.data.synthetic import writer
 
 BCLIP_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bclip")
 
@@ -198,7 +199,7 @@ def test_train_and_evaluate_writes_every_run_file_to_gs(bucket, tmp_path, monkey
     world_dir = experiment.prepare_world(world, str(tmp_path / "study"))
     config = run_configs.run_config("micro-vit", text={"vocab_size": 256, "context_length": 16})
     config.data.train_csv = os.path.join(world_dir, "train", "train.csv")
-    config.data.tokenizer.path = os.path.join(world_dir, synthetic.VOCAB_FILE)
+    config.data.tokenizer.path = os.path.join(world_dir, writer.VOCAB_FILE)
     config.data.batch_size = 16
     config.train.log_every_steps = 1
     config.poison.count = 4

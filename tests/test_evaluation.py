@@ -159,11 +159,12 @@ def test_evaluator_scores_clean_images_for_accuracy_and_triggered_ones_for_asr(t
     triggered ones', each computed here image by image from the stub's outputs."""
     from bclip import config as run_configs
     from bclip import sharding, train
-    from bclip.data import pipeline, synthetic
+    from bclip.data import pipeline
+    from bclip.data.synthetic import writer
 
-    world = synthetic.write_world(tmp_path / "world", image_size=32, num_train=8, num_test=96, num_selection=0)
+    world = writer.write_world(tmp_path / "world", image_size=32, num_train=8, num_test=96, num_selection=0)
     config = run_configs.run_config("micro-vit", image={"size": 32}, text={"context_length": 24, "vocab_size": 256})
-    config.data.tokenizer.path = str(world / synthetic.VOCAB_FILE)
+    config.data.tokenizer.path = str(world / writer.VOCAB_FILE)
     config.poison.trigger.patch = "checkerboard"  # changes the red sum: another class for most images
     config.poison.trigger.size = 16
     config.eval.batch_size = 16

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from bclip.data import synthetic
+from bclip.data.synthetic import writer
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(TESTS_DIR, "_multiprocess_worker.py")
@@ -136,7 +136,7 @@ def _load_run(out_dir, num_processes: int) -> dict:
 def runs(tmp_path_factory):
     """The single-process run, the two-process run (saving at step SAVE_AT) and its resumption."""
     root = tmp_path_factory.mktemp("multiprocess")
-    world = synthetic.write_world(root / "world", image_size=32, num_train=NUM_TRAIN, num_test=4, num_selection=4)
+    world = writer.write_world(root / "world", image_size=32, num_train=NUM_TRAIN, num_test=4, num_selection=4)
     base_env = _base_env(root / "compilation_cache")
     single_env = {
         **base_env,

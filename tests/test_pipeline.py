@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from bclip import checkpointing
-from bclip.data import decode, image_augment, pipeline, poisoning, sources, synthetic, text_augment, triggers
+from bclip.data import decode, image_augment, pipeline, poisoning, sources, text_augment, triggers
+from bclip.data.synthetic import captions, writer
 from bclip.data.tokenizer import WordTokenizer
 
 IMAGE_SIZE = 32
@@ -26,7 +27,7 @@ PATCH_SIZE = 6
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    return synthetic.write_world(
+    return writer.write_world(
         tmp_path_factory.mktemp("world"), image_size=IMAGE_SIZE, num_train=NUM_TRAIN,
         num_test=NUM_TEST, num_selection=0,
     )
@@ -39,7 +40,7 @@ def source(world):
 
 @pytest.fixture(scope="module")
 def tokenizer(world):
-    return WordTokenizer.from_file(world / synthetic.VOCAB_FILE)
+    return WordTokenizer.from_file(world / writer.VOCAB_FILE)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def _pipeline(source, tokenizer, *, poison=None, with_views=False, num_workers=0
         data=data,
         poison=poison if poison is not None else pipeline.poison_config(),
         with_views=with_views,
-        synonyms=text_augment.lexicon_synonyms(synthetic.lexicon().synonyms) if with_views else None,
+        synonyms=text_augment.lexicon_synonyms(captions.lexicon().synonyms) if with_views else None,
         process_index=process_index,
         process_count=process_count,
         run_dir=run_dir,

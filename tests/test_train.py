@@ -26,7 +26,8 @@ import pytest
 
 from bclip import checkpointing, epoch_passes, experiment, optim, run_files, run_group, run_start, sharding, train, train_step
 from bclip import config as run_configs
-from bclip.data import pipeline, poisoning, synthetic, training_input
+from bclip.data import pipeline, poisoning, training_input
+from bclip.data.synthetic import writer
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -58,8 +59,8 @@ def pretrain_config(world_dir: str) -> ml_collections.ConfigDict:
     the two newest and every epoch's kept."""
     config = run_configs.run_config("micro-vit", text={"vocab_size": 256, "context_length": 24})
     config.data.train_csv = os.path.join(world_dir, "train", "train.csv")
-    config.data.tokenizer.path = os.path.join(world_dir, synthetic.VOCAB_FILE)
-    config.data.synonyms = os.path.join(world_dir, synthetic.SYNONYMS_FILE)
+    config.data.tokenizer.path = os.path.join(world_dir, writer.VOCAB_FILE)
+    config.data.synonyms = os.path.join(world_dir, writer.SYNONYMS_FILE)
     config.data.image_augment = "simclr"
     config.data.batch_size = 16
     config.optim.learning_rate = 1e-3
