@@ -182,22 +182,33 @@ assert OPERATIONS.keys() == image_augment.AUTOAUGMENT_OPERATIONS.keys()
 
 
 class _PolicyTables:
-    """A policy as arrays: per sub-policy and step, the branch to run, its probability, its
-    unsigned magnitude and whether the magnitude may be mirrored."""
+    """A policy as arrays: per sub-policy and step, the branch to run and its unsigned magnitude."""
 
     def __init__(self, subpolicies, height: int, width: int):
         # Only the operations the policy uses become branches; branch 0 is "no operation".
         names = sorted({operation for subpolicy in subpolicies for operation, _, _ in subpolicy})
         self.branches = [_identity] + [OPERATIONS[name] for name in names]
         self.branch = np.array([[1 + names.index(op) for op, _, _ in sub] for sub in subpolicies], np.int32)
-        self.probability = np.array([[p for _, p, _ in sub] for sub in subpolicies], np.float32)
         self.magnitude = np.array(
             [[image_augment.autoaugment_magnitude(op, m, height, width) for op, _, m in sub] for sub in subpolicies],
             np.float32,
         )
-        self.signed = np.array(
-            [[op in image_augment.SIGNED_OPERATIONS for op, _, _ in sub] for sub in subpolicies], bool
-        )
+
+
+def autoaugment_choices(
+    key: jax.Array, subpolicies=image_augment.AUTOAUGMENT_IMAGENET_SUBPOLICIES
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The random choices of one view, from its key alone: (sub-policy index int32 [], drawn
+    uniformly; applied bool [2], each step with its probability; mirrored bool [2], with
+    probability 1/2 where the step's operation has a direction, else False). autoaugment_view
+    makes its view from exactly these."""
+    probability = np.array([[p for _, p, _ in sub] for sub in subpolicies], np.float32)
+    signed = np.array([[op in image_augment.SIGNED_OPERATIONS for op, _, _ in sub] for sub in subpolicies], bool)
+    choose, apply_key, mirror_key = jax.random.split(key, 3)
+    subpolicy = jax.random.randint(choose, (), 0, len(subpolicies))
+    applied = jax.random.uniform(apply_key, (2,)) < jnp.asarray(probability)[subpolicy]
+    mirrored = (jax.random.uniform(mirror_key, (2,)) < 0.5) & jnp.asarray(signed)[subpolicy]
+    return subpolicy, applied, mirrored
 
 
 def autoaugment_view(
@@ -205,13 +216,11 @@ def autoaugment_view(
 ) -> jax.Array:
     """AutoAugment view of one uint8 [H, W, 3] image: a sub-policy drawn uniformly, each of its two
     steps applied with its probability and its magnitude mirrored with probability 1/2 where the
-    operation has a direction (as image_augment.autoaugment_view). Black fill."""
+    operation has a direction (as image_augment.autoaugment_view; the draws are
+    autoaugment_choices'). Black fill."""
     height, width = image.shape[:2]
     tables = _PolicyTables(subpolicies, height, width)
-    choose, apply_key, mirror_key = jax.random.split(key, 3)
-    subpolicy = jax.random.randint(choose, (), 0, len(subpolicies))
-    applies = jax.random.uniform(apply_key, (2,)) < jnp.asarray(tables.probability)[subpolicy]
-    mirrored = (jax.random.uniform(mirror_key, (2,)) < 0.5) & jnp.asarray(tables.signed)[subpolicy]
+    subpolicy, applies, mirrored = autoaugment_choices(key, subpolicies)
     magnitudes = jnp.where(mirrored, -1.0, 1.0) * jnp.asarray(tables.magnitude)[subpolicy]
     branches = jnp.where(applies, jnp.asarray(tables.branch)[subpolicy], 0)
     view = image.astype(jnp.float32)

@@ -162,3 +162,77 @@ def test_trigger_patch_survives_colour_operations_in_the_view():
     patch = view[:6, :6].reshape(-1, 3)
     assert np.all(patch == patch[0])
     assert np.any(view[6:] != patch[0])
+
+
+def binomial_bound(p, n, standard_errors=5.0):
+    """How far a frequency of n independent draws of probability p may lie from p: `standard_errors`
+    binomial standard errors, sqrt(p (1 - p) / n); 0 when p is 0 or 1 (no draw may go the other way)."""
+    return standard_errors * np.sqrt(p * (1.0 - p) / n)
+
+
+def test_choices_draw_sub_policies_and_steps_with_the_host_policys_probabilities():
+    """The choices of 100,000 views (the pipeline's view keys) against the probabilities that
+    image_augment's ImageNet policy table states, each frequency within 5 binomial standard errors
+    sqrt(p (1 - p) / n) of its probability, n the number of draws it counts (exactly equal where p
+    is 0 or 1):
+      - each sub-policy index: 1 / 25 (drawn uniformly, as image_augment.autoaugment_view does);
+      - each step of each sub-policy, among the views that drew the sub-policy: the step's
+        probability; both steps: the product (independent draws, as on the host);
+      - each step's magnitude mirrored: 1/2 among views drawing its sub-policy where the operation
+        is in image_augment.SIGNED_OPERATIONS, never otherwise;
+      - each operation, among all views: the chance that at least one step applies it,
+        sum over sub-policies of (1 - prod over its steps with that operation of (1 - p)) / 25.
+    A correct sampler passes each of these ~160 comparisons unless a ~5-sigma deviation occurs
+    (normal approximation: about 6e-7 per comparison, under 1e-4 for all of them). With ~4,000 views
+    per sub-policy a step's bound is at most 0.04 and its standard error under 0.008, so a step
+    probability off by 0.06 or more fails all but rarely."""
+    policy = image_augment.AUTOAUGMENT_IMAGENET_SUBPOLICIES
+    n = 100_000
+    view_keys = jax.random.wrap_key_data(keys(n, seed=2), impl="threefry2x32")
+    subpolicy, applied, mirrored = map(np.asarray, jax.jit(jax.vmap(device_augment.autoaugment_choices))(view_keys))
+    assert subpolicy.shape == (n,) and applied.shape == mirrored.shape == (n, 2)
+    assert set(np.unique(subpolicy)) <= set(range(len(policy)))
+
+    p_subpolicy = 1.0 / len(policy)
+    for s, steps in enumerate(policy):
+        drew = subpolicy == s
+        n_s = int(drew.sum())
+        assert abs(n_s / n - p_subpolicy) <= binomial_bound(p_subpolicy, n), (s, n_s / n, p_subpolicy)
+        for step, (operation, probability, _) in enumerate(steps):
+            frequency = applied[drew, step].mean()
+            assert abs(frequency - probability) <= binomial_bound(probability, n_s), (s, step, operation, frequency, probability)
+            p_mirror = 0.5 if operation in image_augment.SIGNED_OPERATIONS else 0.0
+            frequency = mirrored[drew, step].mean()
+            assert abs(frequency - p_mirror) <= binomial_bound(p_mirror, n_s), (s, step, operation, frequency, p_mirror)
+        p_both = steps[0][1] * steps[1][1]
+        frequency = np.all(applied[drew], axis=1).mean()
+        assert abs(frequency - p_both) <= binomial_bound(p_both, n_s), (s, "both steps", frequency, p_both)
+
+    step_operations = np.array([[operation for operation, _, _ in steps] for steps in policy])[subpolicy]  # [n, 2]
+    for operation in sorted({operation for steps in policy for operation, _, _ in steps}):
+        p_operation = sum(
+            1.0 - np.prod([1.0 - probability for op, probability, _ in steps if op == operation]) for steps in policy
+        ) / len(policy)
+        frequency = np.any(applied & (step_operations == operation), axis=1).mean()
+        assert abs(frequency - p_operation) <= binomial_bound(p_operation, n), (operation, frequency, p_operation)
+
+
+def test_views_apply_the_chosen_steps():
+    """Each view is its image after the steps autoaugment_choices drew for its key, in order, with
+    the policy's magnitudes mirrored as drawn: so the draws the test above checks are the views'."""
+    policy = image_augment.AUTOAUGMENT_IMAGENET_SUBPOLICIES
+    images = np.stack([photo_like(seed=s) for s in range(8)] * 8)
+    batch_keys = keys(64, seed=3)
+    views = np.asarray(make_views(images, batch_keys))
+    choices = jax.vmap(device_augment.autoaugment_choices)(jax.random.wrap_key_data(batch_keys, impl="threefry2x32"))
+    operations = {name: jax.jit(operation) for name, operation in device_augment.OPERATIONS.items()}
+    applied_steps = 0
+    for image, view, subpolicy, applied, mirrored in zip(images, views, *map(np.asarray, choices)):
+        want = jnp.asarray(image, jnp.float32)
+        for (operation, _, magnitude_bin), applies, mirror in zip(policy[subpolicy], applied, mirrored):
+            if applies:
+                magnitude = image_augment.autoaugment_magnitude(operation, magnitude_bin, *image.shape[:2])
+                want = operations[operation](want, jnp.float32(-magnitude if mirror else magnitude))
+                applied_steps += 1
+        np.testing.assert_array_equal(view, np.asarray(want).astype(np.uint8), err_msg=str(policy[subpolicy]))
+    assert 0 < applied_steps < 2 * len(images)
