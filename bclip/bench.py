@@ -82,10 +82,6 @@ def random_batch(model_config, batch_size: int, with_views: bool, seed: int = 0,
     return batch
 
 
-def _with_sections(objective, optim_config) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict({"objective": objective, "optim": optim_config})
-
-
 def bench_step(args) -> dict:
     model_config = clip.model_config(args.model, dtype=args.dtype)
     model = clip.build_model(model_config)
@@ -99,7 +95,7 @@ def bench_step(args) -> dict:
     step = train_step.shard_and_jit_train_step(
         train_step.make_train_step(model, tx, objective, optim_config, 10_000), shardings, mesh
     )
-    hparams = train_step.run_hyperparams(_with_sections(objective, optim_config))
+    hparams = train_step.run_hyperparams(optim_config, objective)
     batch = jax.device_put(
         random_batch(
             model_config, args.batch_size, objectives.needs_augmented_views(objective),

@@ -80,6 +80,18 @@ def make_optimizer(optim: ml_collections.ConfigDict, resettable_head: str | None
     return optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), adamw)
 
 
+def scheduled_update(tx, optim_config, total_steps: int, grads, opt_state, params, learning_rate, weight_decay):
+    """`tx.update` (tx from `make_optimizer`) with a run's hyper-parameters: the learning rate of
+    this update is the schedule of peak `learning_rate` at the optimiser's update count.
+
+    Returns:
+      (updates, new opt_state)
+    """
+    schedule = learning_rate_schedule(optim_config, total_steps, peak=learning_rate)
+    opt_state = with_hyperparams(opt_state, learning_rate=schedule(update_count(opt_state)), weight_decay=weight_decay)
+    return tx.update(grads, opt_state, params)
+
+
 def _is_injected(node) -> bool:
     return hasattr(node, "hyperparams") and "learning_rate" in getattr(node, "hyperparams", {})
 

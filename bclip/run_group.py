@@ -126,7 +126,7 @@ def group_objective(configs: Sequence[ml_collections.ConfigDict]) -> ml_collecti
 
 def group_hyperparams(configs: Sequence[ml_collections.ConfigDict]) -> dict[str, np.ndarray]:
     """{name: float32 [N]}: each run's `train_step.run_hyperparams`, stacked."""
-    per_run = [train_step.run_hyperparams(config) for config in configs]
+    per_run = [train_step.run_hyperparams(config.optim, config.objective) for config in configs]
     return {key: np.stack([hparams[key] for hparams in per_run]) for key in per_run[0]}
 
 
@@ -261,7 +261,8 @@ class RunGroup:
                 state, metrics = run_step(state, batch, rng, jax.tree.map(lambda h: h[0], hparams))
                 return state, jax.tree.map(lambda m: m[None], metrics)
 
-        elif self.run_loop == "vmap":
+            return train_step.shard_and_jit_train_step(step, states, self.mesh)
+        if self.run_loop == "vmap":
             step = jax.vmap(run_step, in_axes=(0, None, None, 0))
         else:
 

@@ -44,11 +44,12 @@ def init_state(tx: optax.GradientTransformation, variables: dict) -> dict:
     }
 
 
-def run_hyperparams(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
-    """A run's hyper-parameters, the train step's `hparams`: float32 scalars for its peak learning
-    rate and weight decay (optim.HYPERPARAMS) and each term's weight (`<term>_weight`)."""
-    values = {key: config.optim[key] for key in optim.HYPERPARAMS}
-    values.update({objectives.weight_key(name): config.objective[objectives.weight_key(name)] for name in objectives.TERMS})
+def run_hyperparams(optim_config: ml_collections.ConfigDict, objective: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+    """A run's hyper-parameters, the train step's `hparams`, from its config's optim and objective
+    sections: float32 scalars for its peak learning rate and weight decay (optim.HYPERPARAMS) and
+    each term's weight (`<term>_weight`)."""
+    values = {key: optim_config[key] for key in optim.HYPERPARAMS}
+    values.update({objectives.weight_key(name): objective[objectives.weight_key(name)] for name in objectives.TERMS})
     return {key: np.float32(value) for key, value in values.items()}
 
 
@@ -208,12 +209,11 @@ def make_train_step(
 
     def train_step(state, batch, rng, hparams):
         del rng  # No stochastic layers yet; the argument keeps the signature stable.
-        count = optim.update_count(state["opt"])
-        schedule = optim.learning_rate_schedule(optim_config, total_steps, peak=hparams["learning_rate"])
-        opt_state = optim.with_hyperparams(state["opt"], learning_rate=schedule(count), weight_decay=hparams["weight_decay"])
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, (terms, batch_stats)), grads = grad_fn(state["params"], state["batch_stats"], batch, hparams)
-        updates, opt_state = tx.update(grads, opt_state, state["params"])
+        updates, opt_state = optim.scheduled_update(
+            tx, optim_config, total_steps, grads, state["opt"], state["params"], hparams["learning_rate"], hparams["weight_decay"]
+        )
         params = clamp_logit_scale(optax.apply_updates(state["params"], updates))
         new_state = {"params": params, "batch_stats": batch_stats, "opt": opt_state, "step": state["step"] + 1}
         metrics = {

@@ -27,7 +27,7 @@ from jax.experimental import multihost_utils  # noqa: E402
 
 from bclip import checkpointing, optim, sharding, train_step  # noqa: E402
 from bclip import config as run_configs  # noqa: E402
-from bclip.data import pipeline, sources  # noqa: E402
+from bclip.data import pipeline, sources, training_input  # noqa: E402
 from bclip.data.synthetic import writer  # noqa: E402
 from bclip.data.tokenizer import WordTokenizer  # noqa: E402
 from bclip.models import clip  # noqa: E402
@@ -75,7 +75,7 @@ def main() -> None:
         source,
         image_size=config.model.image.size,
         context_length=config.model.text.context_length,
-        # The word tokenizer padded to the model's vocabulary (bclip.train.make_tokenizer, without
+        # The word tokenizer padded to the model's vocabulary (bclip.training_input.make_tokenizer, without
         # importing the trainer's TensorFlow-backed metric writers: seconds per process).
         tokenizer=WordTokenizer.from_file(config.data.tokenizer.path, vocab_size=config.model.text.vocab_size),
         data=config.data,

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bclip import config as run_configs
-from bclip import cpu_runtime, sharding, train, train_step
+from bclip import cpu_runtime, evaluators, sharding, train, train_step
+from bclip.data import training_input
 from bclip.data.synthetic import writer
 from bclip.models import clip, vit
 
@@ -74,8 +75,8 @@ def test_evaluator_jits_use_the_forward_options(tmp_path):
     with config.unlocked():
         config.eval.sets = {"test": run_configs.eval_set_config("folder", os.path.join(world, "test"))}
     model = clip.build_model(config.model)
-    tokenizer = train.make_tokenizer(config)
-    evaluator = train.make_evaluators(config, model, tokenizer, sharding.make_mesh(), 0, 1)["test"]
+    tokenizer = training_input.make_tokenizer(config)
+    evaluator = evaluators.make_evaluators(config, model, tokenizer, sharding.make_mesh(), 0, 1)["test"]
     variables = train_step.init_variables(model, jax.random.key(0), 32, config.model.text.context_length)
     tokens = np.zeros((4, config.model.text.context_length), np.int32)
     assert "__ynn_fusion" not in evaluator.encode_text.lower(variables, tokens).compile().as_text()
@@ -85,9 +86,9 @@ def test_jitted_train_step_carries_the_options():
     params, x, grad = _block_and_grad()
     mesh = sharding.make_mesh()
     jitted = train_step.shard_and_jit_train_step(
-        lambda state, batch, rng: (state, grad(state, batch)), sharding.replicated(mesh), mesh
+        lambda state, batch, rng, hparams: (state, grad(state, batch)), sharding.replicated(mesh), mesh
     )
-    text = jitted.lower(params, x, jax.random.key(0)).compile().as_text()
+    text = jitted.lower(params, x, jax.random.key(0), {}).compile().as_text()
     assert _non_dot_library_fusions(text) == []
 
 

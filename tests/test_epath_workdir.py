@@ -18,9 +18,9 @@ from etils import epath
 from etils.epath import backend as epath_backend
 from etils.epath import gpath
 
-from bclip import checkpointing, experiment, sweep, sweep_report, train
+from bclip import checkpointing, evaluators, experiment, run_files, sweep, sweep_report, train
 from bclip import config as run_configs
-from bclip.data import poisoning
+from bclip.data import poisoning, training_input
 from bclip.data.synthetic import writer
 
 BCLIP_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bclip")
@@ -135,41 +135,30 @@ def test_fake_bucket_serves_gs_paths_and_cannot_append(bucket):
 def test_json_lines_on_gs_write_and_drop_records_after_a_restart(bucket):
     path = "gs://bucket/run/metrics.jsonl"
     epath.Path(path).parent.mkdir(parents=True)
-    log = train.JsonLines(path, enabled=True)
+    log = run_files.JsonLines(path, enabled=True)
     for step in (1, 2, 3):
         log.write({"step": step, "loss": float(step)})
     log.keep_through(2)
     log.write({"step": 3, "loss": 30.0})
-    assert train.JsonLines(path, enabled=False).path.read_text().splitlines() == [
+    assert run_files.JsonLines(path, enabled=False).path.read_text().splitlines() == [
         '{"step": 1, "loss": 1.0}',
         '{"step": 2, "loss": 2.0}',
         '{"step": 3, "loss": 30.0}',
     ]
     # A new writer (a resumed run) continues the file.
-    train.JsonLines(path, enabled=True).write({"step": 4, "loss": 4.0})
+    run_files.JsonLines(path, enabled=True).write({"step": 4, "loss": 4.0})
     assert len(epath.Path(path).read_text().splitlines()) == 4
-    assert train._last_eval(epath.Path(path)) == {"loss": 4.0}
+    assert run_files.read_json_lines(path)[-1] == {"step": 4, "loss": 4.0}
     assert "gs://bucket/run/metrics.jsonl" in bucket.written()
 
 
 def test_json_lines_still_append_locally(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    log = train.JsonLines(str(path), enabled=True)
+    log = run_files.JsonLines(str(path), enabled=True)
     log.write({"step": 1})
     path.write_text(path.read_text() + '{"step": 2}\n')  # appended, not rewritten from memory
     log.write({"step": 3})
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
-
-
-def test_cluster_tables_on_gs(bucket):
-    for epoch in range(4):
-        train._save_cluster_table("gs://bucket/run", epoch, np.full(5, epoch, np.int32))
-    tables = epath.Path("gs://bucket/run") / train.CLUSTERS_DIR
-    assert sorted(p.name for p in tables.iterdir()) == ["epoch_2.npy", "epoch_3.npy"]
-    path = train._cluster_table_path("gs://bucket/run", 3)
-    assert os.fspath(path) == "gs://bucket/run/clusters/epoch_3.npy"
-    assert np.array_equal(np.load(bucket.local(path)), np.full(5, 3, np.int32))
-    assert ("replace_to", "gs://bucket/run/clusters/epoch_3.npy") in bucket.calls  # atomic
 
 
 def test_poison_plan_and_inputs_read_from_gs(bucket):
@@ -177,15 +166,15 @@ def test_poison_plan_and_inputs_read_from_gs(bucket):
     plan.write("gs://bucket/pretrain/poison_indices.json")
     assert ("replace_to", "gs://bucket/pretrain/poison_indices.json") in bucket.calls  # atomic
     assert poisoning.PoisonPlan.read("gs://bucket/pretrain/poison_indices.json") == plan
-    assert train.read_excluded_indices("gs://bucket/pretrain/poison_indices.json").tolist() == [3, 7]
+    assert training_input.read_excluded_indices("gs://bucket/pretrain/poison_indices.json").tolist() == [3, 7]
     epath.Path("gs://bucket/lists/excluded.json").parent.mkdir(parents=True)
     epath.Path("gs://bucket/lists/excluded.json").write_text("[4, 1]")
-    assert train.read_excluded_indices("gs://bucket/lists/excluded.json").tolist() == [4, 1]
+    assert training_input.read_excluded_indices("gs://bucket/lists/excluded.json").tolist() == [4, 1]
     epath.Path("gs://bucket/lists/classnames.txt").write_text("apple\n\nbanana\n")
-    assert train._read_override("gs://bucket/lists/classnames.txt") == ["apple", "banana"]
+    assert evaluators.read_lines("gs://bucket/lists/classnames.txt") == ["apple", "banana"]
     epath.Path("gs://bucket/lists/synonyms.json").write_text('{"big": ["large", "huge"]}')
     data = ml_collections.ConfigDict({"synonyms": "gs://bucket/lists/synonyms.json"})
-    synonyms = train.make_synonyms(data)
+    synonyms = training_input.make_synonyms(data)
     # The lexicon in the bucket, and nothing else: its word's synonyms in order, none for others.
     assert synonyms("big") == ["large", "huge"]
     assert synonyms("small") == []
@@ -232,23 +221,23 @@ def test_train_and_evaluate_writes_every_run_file_to_gs(bucket, tmp_path, monkey
     assert [os.fspath(d) for d in managers] == ["gs://bucket/runs/pretrain/checkpoints"]
     assert writers == [workdir]
     run_dir = epath.Path(workdir)
-    for name in ("config.json", train.METRICS_FILE, train.EVALS_FILE, train.POISON_FILE, train.DONE_FILE):
+    for name in ("config.json", run_files.METRICS_FILE, run_files.EVALS_FILE, run_files.POISON_FILE, run_files.DONE_FILE):
         assert f"{workdir}/{name}" in bucket.written(), name
     assert json.loads((run_dir / "config.json").read_text())["data"]["batch_size"] == 16
     assert json.loads((run_dir / "checkpoints" / checkpointing.EPOCHS_FILE).read_text()) == {"steps_per_epoch": 2}
-    metrics = [json.loads(line) for line in (run_dir / train.METRICS_FILE).read_text().splitlines()]
+    metrics = [json.loads(line) for line in (run_dir / run_files.METRICS_FILE).read_text().splitlines()]
     assert [record["step"] for record in metrics] == [1, 2]
-    evals = [json.loads(line) for line in (run_dir / train.EVALS_FILE).read_text().splitlines()]
+    evals = [json.loads(line) for line in (run_dir / run_files.EVALS_FILE).read_text().splitlines()]
     assert [record["step"] for record in evals] == [2]
-    done = json.loads((run_dir / train.DONE_FILE).read_text())
+    done = json.loads((run_dir / run_files.DONE_FILE).read_text())
     assert done == {"steps": 2, "results": results} and results == {k: v for k, v in evals[0].items() if k not in ("step", "epoch")}
-    assert len(poisoning.PoisonPlan.read(f"{workdir}/{train.POISON_FILE}")) == 4
+    assert len(poisoning.PoisonPlan.read(f"{workdir}/{run_files.POISON_FILE}")) == 4
 
     # Run again: it resumes from the last checkpoint, reads its results back from gs and is done.
     bucket.calls.clear()
     assert train.train_and_evaluate(config, workdir) == results
-    assert ("open:r", f"{workdir}/{train.EVALS_FILE}") in bucket.calls
-    assert len((run_dir / train.METRICS_FILE).read_text().splitlines()) == 2
+    assert ("open:r", f"{workdir}/{run_files.EVALS_FILE}") in bucket.calls
+    assert len((run_dir / run_files.METRICS_FILE).read_text().splitlines()) == 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,8 +296,8 @@ def _fake_train(config, run_dir):
         {"step": 4, "epoch": 1, "test/top1": 0.6 - 10 * lr, "test/asr": 0.9 - 400 * lr,
          "selection/top1": 0.6 - 10 * lr, "selection/asr": 0.9 - 400 * lr},
     ]
-    (run_dir / train.EVALS_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
-    (run_dir / train.DONE_FILE).write_text(json.dumps({"steps": 4, "results": records[-1]}))
+    (run_dir / run_files.EVALS_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run_dir / run_files.DONE_FILE).write_text(json.dumps({"steps": 4, "results": records[-1]}))
 
 
 def test_study_runs_and_reports_on_gs(bucket):
@@ -361,7 +350,10 @@ def test_sweep_report_on_gs(bucket):
 # Complement: no run-file code calls the local-only file API
 # ---------------------------------------------------------------------------------------------
 
-RUN_FILE_MODULES = ("train.py", "checkpointing.py", "experiment.py", "study_report.py", "sweep_report.py", os.path.join("data", "poisoning.py"))
+RUN_FILE_MODULES = (
+    "train.py", "run_files.py", "run_start.py", "evaluators.py", "checkpointing.py", "experiment.py", "study_report.py",
+    "sweep_report.py", os.path.join("data", "poisoning.py"), os.path.join("data", "training_input.py"),
+)
 LOCAL_ONLY_CALLS = {
     "open", "os.makedirs", "os.mkdir", "os.replace", "os.rename", "os.remove", "os.listdir",
     "os.path.exists", "os.path.isdir", "os.path.isfile", "os.path.abspath", "os.path.relpath",

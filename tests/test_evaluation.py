@@ -158,7 +158,8 @@ def test_evaluator_scores_clean_images_for_accuracy_and_triggered_ones_for_asr(t
     """The Evaluator's wiring: top-1 comes from the clean images' embeddings and ASR from the
     triggered ones', each computed here image by image from the stub's outputs."""
     from bclip import config as run_configs
-    from bclip import sharding, train
+    from bclip import evaluators, sharding
+    from bclip.data import training_input
     from bclip.data import pipeline
     from bclip.data.synthetic import writer
 
@@ -171,7 +172,7 @@ def test_evaluator_scores_clean_images_for_accuracy_and_triggered_ones_for_asr(t
     with config.unlocked():
         config.eval.sets = {"test": run_configs.eval_set_config("folder", str(world / "test"))}
     model = _StubCLIP()
-    (evaluator,) = train.make_evaluators(config, model, train.make_tokenizer(config), sharding.make_mesh(), 0, 1).values()
+    (evaluator,) = evaluators.make_evaluators(config, model, training_input.make_tokenizer(config), sharding.make_mesh(), 0, 1).values()
     figures = evaluator({"params": {}})
 
     class_emb = np.asarray(evaluation.class_embeddings(lambda t: model.apply(None, t), evaluator.prompt_tokens, len(evaluator.classnames)))

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from bclip import config as run_configs
-from bclip import experiment, train
+from bclip import experiment, run_files, train
 
 CONFIG_PATH = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "study_synthetic.py")
 
@@ -56,14 +56,14 @@ def test_smoke_study_end_to_end_and_resumable(tmp_path):
         run_dir for model in models for run_dir in [os.path.join(workdir, "pretrain", model), *clean_runs[model]]
     ]
     for run_dir in train_fn.run_dirs:
-        assert os.path.exists(os.path.join(run_dir, train.DONE_FILE))
+        assert os.path.exists(os.path.join(run_dir, run_files.DONE_FILE))
 
     # The cleaning runs start from their pretrained model and leave its poisons out.
     pretrain_dir = os.path.join(workdir, "pretrain", "MMCL+SSL")
     with open(os.path.join(clean_runs["MMCL+SSL"][0], "config.json")) as f:
         clean_config = json.load(f)
     assert clean_config["train"]["init_from"] == pretrain_dir
-    assert clean_config["train"]["exclude_indices_file"] == os.path.join(pretrain_dir, train.POISON_FILE)
+    assert clean_config["train"]["exclude_indices_file"] == os.path.join(pretrain_dir, run_files.POISON_FILE)
     assert clean_config["objective"]["ssl_weight"] == 1.0 and clean_config["poison"]["count"] == 0
 
     base = study.pretrain_base
@@ -247,12 +247,12 @@ class FakeTrainFn:
                 asr = max(0.0, 0.9 - config.optim.learning_rate * 100 * epoch)
                 records.append({"step": epoch, "epoch": epoch, "test/top1": 0.49, "test/asr": asr})
         else:
-            with open(os.path.join(run_dir, train.POISON_FILE), "w") as f:
+            with open(os.path.join(run_dir, run_files.POISON_FILE), "w") as f:
                 json.dump([1, 2], f)
             records = [{"step": 1, "epoch": 1, "test/top1": 0.5, "test/asr": config.poison.count / 20}]
-        with open(os.path.join(run_dir, train.EVALS_FILE), "w") as f:
+        with open(os.path.join(run_dir, run_files.EVALS_FILE), "w") as f:
             f.write("".join(json.dumps(record) + "\n" for record in records))
-        with open(os.path.join(run_dir, train.DONE_FILE), "w") as f:
+        with open(os.path.join(run_dir, run_files.DONE_FILE), "w") as f:
             json.dump({"steps": 1}, f)
         return records[-1]
 

@@ -81,17 +81,57 @@ def test_siglip_matches_numpy(embeddings):
 
 def test_combined_loss_weights(embeddings):
     i, ia, t, ta = (jnp.asarray(x, jnp.float32) for x in embeddings)
-    emb = {"image": i, "text": t, "aug_image": ia, "aug_text": ta}
-    scale = jnp.float32(1.0)
-    total, terms = objectives.combined_loss(emb, scale, None, objectives.objective_config(mmcl=1.0, ssl=2.0))
+    inputs = {"image": i, "text": t, "aug_image": ia, "aug_text": ta, "logit_scale": jnp.float32(1.0), "logit_bias": None}
+    total, terms = objectives.combined_loss(inputs, objectives.objective_config(mmcl=1.0, ssl=2.0))
     np.testing.assert_allclose(float(terms["mmcl"]), np_mmcl(*embeddings[0:1], embeddings[2], 1.0), rtol=1e-5)
     np.testing.assert_allclose(float(total), float(terms["mmcl"]) + 2.0 * float(terms["ssl"]), rtol=1e-6)
-    total, terms = objectives.combined_loss(emb, scale, None, objectives.objective_config(mmcl=0.0, ssl=1.0))
+    # A run's own weights (hyper-parameters) replace the objective's, which only choose the terms.
+    weighted, _ = objectives.combined_loss(inputs, objectives.objective_config(mmcl=1.0, ssl=2.0), {"mmcl_weight": 0.5, "ssl_weight": 3.0})
+    np.testing.assert_allclose(float(weighted), 0.5 * float(terms["mmcl"]) + 3.0 * float(terms["ssl"]), rtol=1e-6)
+    total, terms = objectives.combined_loss(inputs, objectives.objective_config(mmcl=0.0, ssl=1.0))
     assert set(terms) == {"ssl"}
     with pytest.raises(ValueError, match="siglip_bias"):
-        objectives.combined_loss(emb, scale, None, objectives.objective_config(mmcl=0.0, siglip=1.0))
+        objectives.combined_loss(inputs, objectives.objective_config(mmcl=0.0, siglip=1.0))
     with pytest.raises(ValueError, match="zero"):
-        objectives.combined_loss(emb, scale, None, objectives.objective_config(mmcl=0.0))
+        objectives.combined_loss(inputs, objectives.objective_config(mmcl=0.0))
+
+
+def _np_weighted_cross_entropy_diag(logits, weights):
+    logits = logits - logits.max(axis=1, keepdims=True)
+    log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    return -np.sum(weights * np.diag(log_probs)) / np.sum(weights)
+
+
+def test_per_pair_weights_weigh_the_positives_and_keep_every_negative(embeddings):
+    """With per-pair weights (a per-epoch pass's table), MMCL and SSL are the weighted means of the
+    rows' cross-entropies, every pair still a negative; weights of one are the plain loss."""
+    i, ia, t, ta = embeddings
+    weights = np.zeros(len(i))
+    weights[::3] = 1.0
+    weights[1] = 2.5
+    s = np.exp(0.7)
+    expected_mmcl = 0.5 * (_np_weighted_cross_entropy_diag(s * i @ t.T, weights) + _np_weighted_cross_entropy_diag(s * t @ i.T, weights))
+    expected_ssl = 0.5 * (_np_weighted_cross_entropy_diag(s * i @ ia.T, weights) + _np_weighted_cross_entropy_diag(s * t @ ta.T, weights))
+    inputs = {
+        "image": i, "text": t, "aug_image": ia, "aug_text": ta,
+        "logit_scale": jnp.float32(0.7), "logit_bias": None, objectives.PAIR_WEIGHTS: jnp.asarray(weights, jnp.float32),
+    }
+    inputs = {k: (jnp.asarray(v, jnp.float32) if isinstance(v, np.ndarray) else v) for k, v in inputs.items()}
+    _, terms = objectives.combined_loss(inputs, objectives.objective_config(mmcl=1.0, ssl=1.0))
+    np.testing.assert_allclose(float(terms["mmcl"]), expected_mmcl, rtol=1e-5)
+    np.testing.assert_allclose(float(terms["ssl"]), expected_ssl, rtol=1e-5)
+    ones = {**inputs, objectives.PAIR_WEIGHTS: jnp.ones(len(i), jnp.float32)}
+    _, plain = objectives.combined_loss(ones, objectives.objective_config(mmcl=1.0))
+    np.testing.assert_allclose(float(plain["mmcl"]), np_mmcl(i, t, 0.7), rtol=1e-5)
+
+
+def test_objective_config_has_one_weight_per_term():
+    config = objectives.objective_config(ssl=2.0)
+    assert config.to_dict() == {"mmcl_weight": 1.0, "ssl_weight": 2.0, "siglip_weight": 0.0, "cluster_weight": 0.0}
+    assert objectives.active_terms(config) == ("mmcl", "ssl")
+    assert objectives.needs_augmented_views(config) and not objectives.needs_augmented_views(objectives.objective_config())
+    with pytest.raises(ValueError, match=r"unknown objective terms \['ssl_weight'\]"):
+        objectives.objective_config(ssl_weight=1.0)
 
 
 def test_losses_equal_on_one_device_and_sharded_over_eight(embeddings):

@@ -11,9 +11,9 @@ LR, EPS = 0.1, 1.0  # a large eps makes Adam's first step depend on the gradient
 
 def _first_update(grad_clip_norm, grads):
     config = optim.optim_config(learning_rate=LR, warmup_steps=0, eps=EPS, weight_decay=0.0, grad_clip_norm=grad_clip_norm)
-    tx = optim.make_optimizer(config, total_steps=1_000_000)
+    tx = optim.make_optimizer(config)
     params = {name: jnp.zeros_like(g) for name, g in grads.items()}
-    updates, _ = tx.update(grads, tx.init(params), params)
+    updates, _ = optim.scheduled_update(tx, config, 1_000_000, grads, tx.init(params), params, LR, 0.0)
     return {name: np.asarray(u) for name, u in updates.items()}
 
 

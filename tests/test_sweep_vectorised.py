@@ -125,7 +125,7 @@ def final_state(run_dir: str) -> dict:
 def test_sequential_reference_runs(sequential_root):
     # The first test to use the `sequential_root` fixture, so it carries its set-up (two runs).
     for name in RUN_NAMES:
-        evals = read_jsonl(os.path.join(sequential_root, name, train.EVALS_FILE))
+        evals = read_jsonl(os.path.join(sequential_root, name, run_files.EVALS_FILE))
         assert [record["step"] for record in evals] == [0, 2, 4]
         assert evals[-1]["test/num_images"] == 16
 
@@ -139,13 +139,13 @@ def test_each_run_writes_what_its_sequential_run_writes(sequential_root, vectori
             with open(os.path.join(sequential, file)) as f, open(os.path.join(vectorised, file)) as g:
                 assert json.load(f) == json.load(g), f"{name}/{file}"
         # Evaluations: same steps, same keys, same figures (discrete counts over 16 images).
-        evals, expected_evals = (read_jsonl(os.path.join(d, train.EVALS_FILE)) for d in (vectorised, sequential))
+        evals, expected_evals = (read_jsonl(os.path.join(d, run_files.EVALS_FILE)) for d in (vectorised, sequential))
         assert [record["step"] for record in evals] == [0, 2, 4]
         assert evals == expected_evals, name
-        with open(os.path.join(sequential, train.DONE_FILE)) as f, open(os.path.join(vectorised, train.DONE_FILE)) as g:
+        with open(os.path.join(sequential, run_files.DONE_FILE)) as f, open(os.path.join(vectorised, run_files.DONE_FILE)) as g:
             assert json.load(f) == json.load(g)
         # Training logs: same steps and keys, the same values to float tolerance.
-        metrics, expected = (read_jsonl(os.path.join(d, train.METRICS_FILE)) for d in (vectorised, sequential))
+        metrics, expected = (read_jsonl(os.path.join(d, run_files.METRICS_FILE)) for d in (vectorised, sequential))
         assert [record.keys() for record in metrics] == [record.keys() for record in expected]
         assert [record["step"] for record in metrics] == list(range(1, TOTAL_STEPS + 1))
         for key in ("loss", "mmcl", "ssl", "grad_norm", "learning_rate", "temperature"):
@@ -209,17 +209,17 @@ def test_interrupted_group_resumes_to_the_same_outputs(config_file, vectorised_r
     assert sweep.sweep(config_file, root, vectorize=True) == 1  # the group failed: both runs reported
     group_dir = sweep.vectorised_group_dir(root, sweep.expand_sweep(root, SWEEP))
     assert ocp.utils.checkpoint_steps(os.path.join(group_dir, train_vectorised.CHECKPOINTS_DIR)) == [2]
-    assert not any(os.path.exists(os.path.join(root, name, train.DONE_FILE)) for name in RUN_NAMES)
+    assert not any(os.path.exists(os.path.join(root, name, run_files.DONE_FILE)) for name in RUN_NAMES)
 
     monkeypatch.setattr(vmap_sweep, "shard_and_jit_vectorised_step", real_jit)
     assert sweep.sweep(config_file, root, vectorize=True) == 0
     for name in RUN_NAMES:
         resumed, uninterrupted = os.path.join(root, name), os.path.join(vectorised_root, name)
         jax.tree.map(np.testing.assert_array_equal, final_state(resumed), final_state(uninterrupted))
-        assert read_jsonl(os.path.join(resumed, train.EVALS_FILE)) == read_jsonl(os.path.join(uninterrupted, train.EVALS_FILE))
+        assert read_jsonl(os.path.join(resumed, run_files.EVALS_FILE)) == read_jsonl(os.path.join(uninterrupted, run_files.EVALS_FILE))
         without_speed = lambda records: [{k: v for k, v in r.items() if k != "pairs_per_s"} for r in records]
-        assert without_speed(read_jsonl(os.path.join(resumed, train.METRICS_FILE))) == without_speed(
-            read_jsonl(os.path.join(uninterrupted, train.METRICS_FILE))
+        assert without_speed(read_jsonl(os.path.join(resumed, run_files.METRICS_FILE))) == without_speed(
+            read_jsonl(os.path.join(uninterrupted, run_files.METRICS_FILE))
         )
 
 
@@ -231,7 +231,7 @@ def test_rerun_skips_finished_runs_and_groups_the_rest(config_file, vectorised_r
     def train_group(configs, workdirs, group_dir, run_loop=None):
         groups.append((list(workdirs), group_dir))
         for workdir in workdirs:
-            with open(os.path.join(workdir, train.DONE_FILE), "w") as f:
+            with open(os.path.join(workdir, run_files.DONE_FILE), "w") as f:
                 json.dump({"steps": TOTAL_STEPS, "results": {}}, f)
         return train_vectorised.GroupOutcome(results={w: {} for w in workdirs}, failed={})
 
@@ -240,7 +240,7 @@ def test_rerun_skips_finished_runs_and_groups_the_rest(config_file, vectorised_r
     assert groups == []
     assert "2 runs, 2 finished, 0 to run" in capsys.readouterr().out
 
-    os.remove(os.path.join(root, RUN_NAMES[1], train.DONE_FILE))
+    os.remove(os.path.join(root, RUN_NAMES[1], run_files.DONE_FILE))
     assert sweep.sweep(config_file, root, vectorize=True) == 0
     assert groups == [([os.path.join(root, RUN_NAMES[1])], sweep.vectorised_group_dir(root, sweep.expand_sweep(root, SWEEP[1:])))]
     assert "2 runs, 1 finished, 1 to run" in capsys.readouterr().out
@@ -253,13 +253,13 @@ def test_a_diverged_run_fails_alone(world_and_pretrained, vectorised_root, tmp_p
     assert sweep.sweep(config_file, root, vectorize=True) == 1
     stderr = capsys.readouterr().err
     assert "run lr=nan failed" in stderr and "1 run(s) failed: lr=nan" in stderr
-    assert not os.path.exists(os.path.join(root, "lr=nan", train.DONE_FILE))
+    assert not os.path.exists(os.path.join(root, "lr=nan", run_files.DONE_FILE))
     group_dir = os.path.join(root, sweep.VECTORISED_DIR, os.listdir(os.path.join(root, sweep.VECTORISED_DIR))[0])
     with open(os.path.join(group_dir, train_vectorised.FAILED_FILE)) as f:
         assert json.load(f) == {"lr=nan": "parameters became non-finite in step 1"}
     # The healthy run is the same run as in the sweep without the diverging one.
     healthy, reference = os.path.join(root, RUN_NAMES[0]), os.path.join(vectorised_root, RUN_NAMES[0])
-    assert read_jsonl(os.path.join(healthy, train.EVALS_FILE)) == read_jsonl(os.path.join(reference, train.EVALS_FILE))
+    assert read_jsonl(os.path.join(healthy, run_files.EVALS_FILE)) == read_jsonl(os.path.join(reference, run_files.EVALS_FILE))
     jax.tree.map(np.testing.assert_array_equal, final_state(healthy), final_state(reference))
 
 

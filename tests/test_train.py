@@ -252,13 +252,13 @@ sys.path.insert(0, sys.argv[1])
 import jax
 jax.config.update("jax_default_matmul_precision", "highest")  # as tests/conftest.py sets it
 import test_train
-from bclip import train
+from bclip import run_files, train
 
-write = train.JsonLines.write
+write = run_files.JsonLines.write
 def write_slowly(self, record):
     write(self, record)
     time.sleep(0.3)
-train.JsonLines.write = write_slowly
+run_files.JsonLines.write = write_slowly
 train.train_and_evaluate(test_train.pretrain_config(sys.argv[2]), sys.argv[3])
 """
 
@@ -744,7 +744,7 @@ def test_clean_training_source_excludes_poisoned_indices(world_dir, pretrained, 
     # Random, not the first ones: the subset reaches past the first CLEAN_SUBSET clean pairs.
     assert expected[-1] > remaining[CLEAN_SUBSET - 1]
 
-    clean = train.clean_training_source(source, config.train)
+    clean = training_input.clean_training_source(source, config.train)
     assert np.array_equal(clean.indices, expected)
     assert len(clean) == CLEAN_SUBSET
     assert [clean[i]["index"] for i in range(len(clean))] == expected.tolist()
@@ -755,18 +755,18 @@ def test_clean_training_source_excludes_poisoned_indices(world_dir, pretrained, 
     plain.write_text(json.dumps(poisoned.tolist()))
     with config.train.unlocked():
         config.train.exclude_indices_file = str(plain)
-    assert np.array_equal(train.clean_training_source(source, config.train).indices, expected)
+    assert np.array_equal(training_input.clean_training_source(source, config.train).indices, expected)
 
     # Another seed draws another subset of the same size, still free of poisons.
     config.train.subset_seed = 1
-    other = train.clean_training_source(source, config.train).indices
+    other = training_input.clean_training_source(source, config.train).indices
     assert len(other) == CLEAN_SUBSET and not np.array_equal(other, expected)
     assert np.intersect1d(other, poisoned).size == 0
     config.train.subset_size = NUM_TRAIN - NUM_POISONED + 1
     with pytest.raises(ValueError, match="subset_size"):
-        train.clean_training_source(source, config.train)
+        training_input.clean_training_source(source, config.train)
     config.train.subset_size = 0
-    assert len(train.clean_training_source(source, config.train)) == NUM_TRAIN - NUM_POISONED
+    assert len(training_input.clean_training_source(source, config.train)) == NUM_TRAIN - NUM_POISONED
 
 
 def test_cleaning_run_reads_only_clean_examples(cleaning_run, pretrained):

@@ -14,12 +14,22 @@ from bclip.models import clip
 def _setup(model_name, mesh, objective, params_sharding="replicated", lr=1e-3, warmup=2, total=100, eps=1e-3):
     model_config = clip.model_config(model_name)
     model = clip.build_model(model_config)
-    tx = optim.make_optimizer(optim.optim_config(learning_rate=lr, warmup_steps=warmup, eps=eps), total)
+    optim_config = optim.optim_config(learning_rate=lr, warmup_steps=warmup, eps=eps)
+    tx = optim.make_optimizer(optim_config)
     state, shardings = train_step.create_sharded_state(
         model, tx, jax.random.key(0), mesh, model_config, sharding.sharding_config(params=params_sharding, fsdp_min_size=64)
     )
-    step = train_step.shard_and_jit_train_step(train_step.make_train_step(model, tx, objective), shardings, mesh)
-    return model_config, state, step
+    return model_config, state, _jitted_step(model, tx, objective, optim_config, total, shardings, mesh)
+
+
+def _jitted_step(model, tx, objective, optim_config, total_steps, shardings, mesh):
+    """The jitted step of one run whose hyper-parameters are those of `optim_config` and `objective`,
+    called as (state, batch, rng)."""
+    jitted = train_step.shard_and_jit_train_step(
+        train_step.make_train_step(model, tx, objective, optim_config, total_steps), shardings, mesh
+    )
+    hparams = train_step.run_hyperparams(optim_config, objective)
+    return lambda state, batch, rng: jitted(state, batch, rng, hparams)
 
 
 def _batch(model_config, batch_size, seed=0, views=False):
@@ -332,10 +342,11 @@ def test_siglip_step_minimises_the_sigmoid_loss_of_the_models_embeddings():
     mesh = sharding.make_mesh()
     model_config = clip.model_config("micro-vit", siglip_bias=True)
     model = clip.build_model(model_config)
-    tx = optim.make_optimizer(optim.optim_config(learning_rate=1e-3, warmup_steps=0, eps=1e-3), 100)
+    optim_config = optim.optim_config(learning_rate=1e-3, warmup_steps=0, eps=1e-3)
+    tx = optim.make_optimizer(optim_config)
     state, shardings = train_step.create_sharded_state(model, tx, jax.random.key(0), mesh, model_config, sharding.sharding_config())
     objective = objectives.objective_config(mmcl=0.0, siglip=1.0)
-    step = train_step.shard_and_jit_train_step(train_step.make_train_step(model, tx, objective), shardings, mesh)
+    step = _jitted_step(model, tx, objective, optim_config, 100, shardings, mesh)
     host_batch = _batch(model_config, 16)
     params = jax.device_get(state["params"])
     (image_emb, text_emb), _ = clip.apply_model(model, {"params": params}, host_batch["image"], host_batch["text"])
