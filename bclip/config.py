@@ -5,11 +5,22 @@ A run is one pretraining or cleaning job; what it does comes from the sections: 
 The returned ConfigDict is locked: a typo in a key is an error, not a silently ignored setting.
 """
 
+import copy
+import difflib
+import importlib.util
+import os
+import re
+from typing import Any, Mapping
+
 import ml_collections
 
 from bclip import cleaning, objectives, optim, sharding
 from bclip.data import pipeline
 from bclip.models import clip
+
+# The config key whose entries are named by the user (one eval set per name); an override of an
+# unknown name there adds an eval set with eval_set_config's defaults.
+EVAL_SETS = "eval.sets"
 
 
 def eval_set_config(kind: str = "folder", path: str = "", **overrides) -> ml_collections.ConfigDict:
@@ -88,3 +99,83 @@ def run_config(model_name: str = "micro-vit", **model_overrides) -> ml_collectio
     )
     config.lock()
     return config
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides and config files: the one way every command, sweep and study changes a config
+# ---------------------------------------------------------------------------------------------
+
+
+class UnknownOverrideError(KeyError, ValueError):
+    """An override names a key the config does not have."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def override(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """A locked copy of `config` with each dotted key ("optim.learning_rate") set to its value.
+
+    An unknown key is an error naming the section and the closest existing field; a value of the
+    wrong type is an error naming the key. Under "eval.sets", a new name adds an eval set.
+    """
+    config = copy.deepcopy(config)
+    config.lock()
+    for key, value in overrides.items():
+        *parents, field = key.split(".")
+        node, walked = config, []
+        for part in parents + [field]:
+            if ".".join(walked) == EVAL_SETS and isinstance(node, ml_collections.ConfigDict) and part not in node:
+                with node.unlocked():
+                    node[part] = eval_set_config()
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                options = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+                where = ".".join(walked) or "the config"
+                hint = difflib.get_close_matches(part, options, n=1)
+                raise UnknownOverrideError(
+                    f"unknown config key {key!r}: {where} has no field {part!r}"
+                    + (f"; did you mean {'.'.join(walked + hint)!r}?" if hint else "")
+                    + (f" (fields: {', '.join(options)})" if options else f" ({where} is not a section)")
+                )
+            if part != field:
+                node = node[part]
+            walked.append(part)
+        try:
+            node[field] = value
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"cannot set {key!r} to {value!r}: {error}") from None
+    config.lock()  # also the eval sets added above
+    return config
+
+
+def dotted(nested: Mapping[str, Any] | ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+    """{"optim": {"learning_rate": 1e-4}} -> {"optim.learning_rate": 1e-4}: nested sections as the
+    dotted overrides `override` takes."""
+    if isinstance(nested, ml_collections.ConfigDict):
+        nested = nested.to_dict()
+    flat = {}
+    for key, value in nested.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            value = value.to_dict()
+        if isinstance(value, Mapping) and value:
+            flat.update(dotted(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def split_config_path(config_path: str) -> tuple[str, str | None]:
+    """"configs/x.py:arg" -> ("configs/x.py", "arg"); split at the first ':' as config_flags does."""
+    path, colon, arg = config_path.partition(":")
+    return path, (arg if colon else None)
+
+
+def load_config_file(path: str):
+    """Imports a config file by path (config files are code the user wrote, never data)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} not found")
+    name = "bclip_config_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

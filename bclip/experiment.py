@@ -20,7 +20,9 @@ from absl import logging
 from etils import epath
 
 from bclip import config as run_configs
-from bclip import checkpointing, run_files, study_report, sweep, train
+from bclip import checkpointing, run_files, study_report, train
+from bclip.sweep import execute as sweep_execute
+from bclip.sweep import runs as sweep_runs
 from bclip.data.synthetic import writer
 
 TrainFn = Callable[[ml_collections.ConfigDict, str], dict]
@@ -40,6 +42,9 @@ def study_config() -> ml_collections.ConfigDict:
     config.clean_base = ml_collections.ConfigDict()
     config.cleaning_methods = ml_collections.ConfigDict()
     config.cleaning_learning_rates = (1e-4,)
+    # Train each method's learning-rate grid as one group (one program, one input stream) where
+    # its runs can share one; their results equal separate runs' (bclip.run_group).
+    config.vectorise_cleaning = True
     # The study's scale as proportions of its training set (see `apply_proportions`); num_train 0
     # leaves the sections above as they are.
     config.proportions = ml_collections.ConfigDict(
@@ -116,31 +121,6 @@ def scale_summary(study: ml_collections.ConfigDict) -> dict:
     return figures
 
 
-def merge(config: ml_collections.ConfigDict, partial) -> ml_collections.ConfigDict:
-    """A copy of the locked run `config` with the nested `partial` merged in; unknown keys fail."""
-    merged = ml_collections.ConfigDict(config.to_dict())
-    _merge_into(merged, partial.to_dict() if isinstance(partial, ml_collections.ConfigDict) else dict(partial), "")
-    merged.lock()
-    return merged
-
-
-def _merge_into(config, partial: dict, prefix: str) -> None:
-    for key, value in partial.items():
-        name = f"{prefix}{key}"
-        if key not in config:
-            raise KeyError(f"study config sets {name!r}, which is not a run config key")
-        if isinstance(value, dict) and isinstance(config[key], ml_collections.ConfigDict):
-            if key == "sets":  # eval sets are a free-form mapping of name -> eval set
-                for set_name, set_value in value.items():
-                    if set_name not in config[key]:
-                        config[key][set_name] = run_configs.eval_set_config()
-                    _merge_into(config[key][set_name], set_value, f"{name}.{set_name}.")
-                continue
-            _merge_into(config[key], value, name + ".")
-        else:
-            config[key] = value
-
-
 def _join(directory: str | os.PathLike, *parts: str) -> str:
     """`directory`/parts as a string for configs and train_fn; gs://… stays remote."""
     return os.fspath(epath.Path(directory).joinpath(*parts))
@@ -148,9 +128,9 @@ def _join(directory: str | os.PathLike, *parts: str) -> str:
 
 def _with_world(config: ml_collections.ConfigDict, world_dir: str) -> ml_collections.ConfigDict:
     """Point a run config's data and eval sets at the synthetic world on disk."""
-    return merge(
+    return run_configs.override(
         config,
-        {
+        run_configs.dotted({
             "data": {
                 "train_csv": os.path.join(world_dir, "train", "train.csv"),
                 "tokenizer": {"kind": "word", "path": os.path.join(world_dir, writer.VOCAB_FILE)},
@@ -163,7 +143,7 @@ def _with_world(config: ml_collections.ConfigDict, world_dir: str) -> ml_collect
                 },
                 "selection_set": "selection",
             },
-        },
+        }),
     )
 
 
@@ -213,40 +193,48 @@ def pretrain_configs(study: ml_collections.ConfigDict, world_dir: str | None) ->
     base = study.pretrain_base
     if world_dir is not None:
         base = _with_world(base, world_dir)
-    return {name: merge(base, entry) for name, entry in study.pretrain.items()}
+    return {name: run_configs.override(base, run_configs.dotted(entry)) for name, entry in study.pretrain.items()}
 
 
 def clean_config(study, pretrain_config, pretrain_dir: str, method: str, learning_rate: float) -> ml_collections.ConfigDict:
-    config = merge(pretrain_config, study.clean_base)
-    config = merge(config, study.cleaning_methods[method])
-    return merge(
-        config,
-        {
-            "optim": {"learning_rate": float(learning_rate)},
-            "train": {
-                "init_from": pretrain_dir,
-                "exclude_indices_file": _join(pretrain_dir, run_files.POISON_FILE),
-            },
-            # The cleaning set is clean; the trigger stays configured so ASR can be measured.
-            "poison": {"count": 0, "rate": None},
-        },
-    )
+    """The cleaning run of `pretrain_dir` by `method` at `learning_rate`: the pretraining config
+    with the study's clean_base, the method's entry and these overrides, in that order."""
+    return run_configs.override(pretrain_config, {
+        **run_configs.dotted(study.clean_base),
+        **run_configs.dotted(study.cleaning_methods[method]),
+        **cleaning_grid_entry(learning_rate),
+        "train.init_from": pretrain_dir,
+        "train.exclude_indices_file": _join(pretrain_dir, run_files.POISON_FILE),
+        # The cleaning set is clean; the trigger stays configured so ASR can be measured.
+        "poison.count": 0,
+        "poison.rate": None,
+    })
 
 
-def clean_run_dir(workdir: str, pretrained: str, method: str, learning_rate: float) -> str:
-    return _join(workdir, "clean", pretrained, method, f"lr={learning_rate:g}")
+def cleaning_grid_entry(learning_rate: float) -> dict:
+    """A cleaning sweep's entry: the dotted overrides of one point of the learning-rate grid."""
+    return {"optim.learning_rate": float(learning_rate)}
+
+
+def cleaning_sweep(study, pretrain_config, pretrain_dir: str, method: str, root: str):
+    """A method's learning-rate grid as a sweep under `root`: (base config, runs)."""
+    runs = sweep_runs.expand_sweep(root, [cleaning_grid_entry(lr) for lr in study.cleaning_learning_rates])
+    return clean_config(study, pretrain_config, pretrain_dir, method, study.cleaning_learning_rates[0]), runs
 
 
 def run_study(
     study: ml_collections.ConfigDict,
     workdir: str,
-    train_fn: TrainFn = train.train_and_evaluate,
+    train_fn: TrainFn | None = None,
     *,
     pretrain_root: str | None = None,
     world_root: str | None = None,
 ) -> dict:
     """Run every step not yet finished, then write the report; returns the summary.
 
+    Each method's cleaning grid is a sweep (bclip.sweep), trained as one group where its runs can
+    share a program and study.vectorise_cleaning is set. train_fn: trains one run (config,
+    workdir), default bclip.train.train_and_evaluate; given, every run goes through it alone.
     pretrain_root, world_root: where the pretraining runs and the synthetic world live (default:
     under `workdir`); studies that differ only in their cleaning share them (an ablation).
     """
@@ -258,15 +246,19 @@ def run_study(
     originals, points = {}, {}
     for name, config in pretrain.items():
         pretrain_dir = _join(pretrain_root or _join(workdir, "pretrain"), name)
-        run_once(train_fn, config, pretrain_dir)
+        run_once(train_fn or train.train_and_evaluate, config, pretrain_dir)
         originals[name] = _original_figures(pretrain_dir)
         points[name] = []
         for method in study.cleaning_methods:
-            for lr in study.cleaning_learning_rates:
-                run_dir = clean_run_dir(workdir, name, method, lr)
-                run_once(train_fn, clean_config(study, config, pretrain_dir, method, lr), run_dir)
-                run = os.fspath(epath.Path(run_dir).relative_to(epath.Path(workdir)))
-                points[name] += study_report.points_from_evals(read_evals(run_dir), method, run, lr)
+            root = _join(workdir, "clean", name, method)
+            base, runs = cleaning_sweep(study, config, pretrain_dir, method, root)
+            failed = sweep_execute.run_unfinished(base, runs, root, vectorize=study.vectorise_cleaning, train_fn=train_fn)
+            if failed:
+                raise RuntimeError(f"cleaning runs of {name} by {method} failed: {', '.join(failed)} (under {root})")
+            for run in runs:
+                relative = os.fspath(epath.Path(run.workdir).relative_to(epath.Path(workdir)))
+                lr = run.overrides["optim.learning_rate"]
+                points[name] += study_report.points_from_evals(read_evals(run.workdir), method, relative, lr)
     return study_report.write_report(workdir, originals, points)
 
 
@@ -280,23 +272,23 @@ CLEANING_ONLY_KEYS = ("proportions.clean_", "clean_base.", "cleaning_")
 ABLATION_FILE = "ablation"  # ROOT/ablation.md and .json
 
 
-def run_ablation(config_path: str, workdir: str, train_fn: TrainFn = train.train_and_evaluate) -> list[dict]:
+def run_ablation(config_path: str, workdir: str, train_fn: TrainFn | None = None) -> list[dict]:
     """Runs the study of `config_path` (get_config) once per entry of its get_sweep (dotted
     overrides of the study config) under workdir/points/NAME, sharing the synthetic world and the
     pretraining runs where entries allow, and writes workdir/ablation.md and .json; returns their
     rows. Finished runs are not redone."""
-    base, entries = sweep.load_sweep(config_path)
+    base, entries = sweep_runs.load_sweep(config_path)
     rows = []
     for overrides in entries:
-        study = sweep.apply_overrides(base, overrides)
+        study = run_configs.override(base, overrides)
         pretraining_overrides = {k: v for k, v in overrides.items() if not k.startswith(CLEANING_ONLY_KEYS)}
-        point_dir = _join(workdir, "points", sweep.run_name(overrides))
+        point_dir = _join(workdir, "points", sweep_runs.run_name(overrides))
         start = time.perf_counter()
         summary = run_study(
             study,
             point_dir,
             train_fn,
-            pretrain_root=_join(workdir, "pretrain", sweep.run_name(pretraining_overrides)),
+            pretrain_root=_join(workdir, "pretrain", sweep_runs.run_name(pretraining_overrides)),
             world_root=workdir,
         )
         scale = json.loads((epath.Path(point_dir) / "scale.json").read_text())

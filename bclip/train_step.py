@@ -8,7 +8,6 @@ is a pure function `(state, batch, rng, hparams) -> (state, metrics)`; `hparams`
 scalar hyper-parameters (`run_hyperparams`): its peak learning rate, weight decay and term weights.
 """
 
-import functools
 import math
 from typing import Callable
 

@@ -39,7 +39,7 @@ class), never on the validation set, which stays the test split. Write it once:
 --config.eval.sets.selection.kind=tfds --config.eval.sets.selection.path=imagenet2012
 --config.eval.sets.selection.split=train[:10000] plus the classnames_file / templates_file overrides
 of configs/pretrain_cc.py: TFDS stores train shuffled, so that is ≈10 per class, not exactly 10.
-`python -m bclip.sweep_report ROOT` then picks the (run, epoch) with the lowest selection ASR
+`python -m bclip.sweep.report ROOT` then picks the (run, epoch) with the lowest selection ASR
 whose selection top-1 is within 2 points of the original model's.
 
 The clean set is the pretraining CSV minus the pretraining run's poisoned indices (the run fails if

@@ -16,7 +16,8 @@ import os
 
 import ml_collections
 
-from bclip import sweep
+from bclip import config as run_configs
+
 
 LEARNING_RATES = (2e-4, 5e-4, 1e-3, 2e-3)
 SSL_WEIGHTS = (1.0, 2.0)
@@ -32,7 +33,7 @@ def _parse(arg: str) -> tuple[str, str, int | None]:
 def get_config(arg: str = "runs/world,runs/tiny") -> ml_collections.ConfigDict:
     world, pretrained, _ = _parse(arg)
     # The pretraining config itself, so the model always fits the checkpoint it starts from.
-    tiny = sweep.load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny.py"))
+    tiny = run_configs.load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny.py"))
     config = tiny.get_config(world)
     config.objective.mmcl_weight = 1.0
     config.objective.ssl_weight = 1.0

@@ -26,7 +26,7 @@ import os
 
 import ml_collections
 
-from bclip import sweep
+from bclip import config as run_configs
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -38,7 +38,7 @@ WIDTHS = (64, 32)
 
 
 def _study_synthetic():
-    return sweep.load_config_module(os.path.join(_HERE, "study_synthetic.py"))
+    return run_configs.load_config_file(os.path.join(_HERE, "study_synthetic.py"))
 
 
 def get_config(arg: str = "default") -> ml_collections.ConfigDict:

@@ -10,7 +10,8 @@ from absl import flags
 from ml_collections import config_flags
 from PIL import Image
 
-from bclip import sweep as sweep_lib
+from bclip import config as run_configs
+from bclip.sweep import runs as sweep_runs
 from bclip.data import imagenet, imagenet_selection, sources
 from bclip.data.templates import IMAGENET_TEMPLATES
 
@@ -391,8 +392,8 @@ def test_sweep_is_the_study_learning_rate_grid(arg):
     config_path = f"{clean_cc.__file__}:{arg}"
     base = clean_cc.get_config(arg)
     for overrides in sweep:
-        in_process = sweep_lib.apply_overrides(base, overrides)
-        from_flags = load_from_command_line(config_path, *sweep_lib.override_flags(overrides))
+        in_process = run_configs.override(base, overrides)
+        from_flags = load_from_command_line(config_path, *sweep_runs.override_flags(overrides))
         assert in_process.optim.learning_rate == from_flags.optim.learning_rate == overrides["optim.learning_rate"]
         assert in_process.to_dict() == from_flags.to_dict()
     assert base.optim.learning_rate == 5e-4  # untouched
@@ -572,3 +573,40 @@ def test_selection_split_refuses_short_classes_and_used_folders(tmp_path):
         imagenet_selection.write_selection_split(train, str(out), per_class=1)
     with pytest.raises(ValueError, match="found 0 WordNet-id folders"):
         imagenet_selection.write_selection_split(os.path.join(train, wnids[0]), str(tmp_path / "x"), per_class=1)
+
+
+def test_override_of_nested_sections_rejects_unknown_keys():
+    config = run_configs.run_config("micro-vit")
+    with pytest.raises(run_configs.UnknownOverrideError, match=r"'optim\.learning_rat'"):
+        run_configs.override(config, run_configs.dotted({"optim": {"learning_rat": 1e-3}}))
+    with pytest.raises(run_configs.UnknownOverrideError, match=r"'optimiser'"):
+        run_configs.override(config, run_configs.dotted({"optimiser": {"learning_rate": 1e-3}}))
+    with pytest.raises(run_configs.UnknownOverrideError, match=r"'model\.text\.widht'"):
+        run_configs.override(config, run_configs.dotted(ml_collections.ConfigDict({"model": {"text": {"widht": 64}}})))
+    # Eval sets take any name, but each set only the keys an eval set has.
+    with pytest.raises(run_configs.UnknownOverrideError, match=r"'eval\.sets\.selection\.pth'"):
+        run_configs.override(config, run_configs.dotted({"eval": {"sets": {"selection": {"kind": "folder", "pth": "/data"}}}}))
+
+
+def test_override_of_nested_sections_returns_a_locked_copy():
+    config = run_configs.run_config("micro-vit")
+    merged = run_configs.override(
+        config,
+        run_configs.dotted({
+            "optim": {"learning_rate": 5e-4},
+            "model": {"text": {"width": 64}},
+            "eval": {"sets": {"selection": {"kind": "folder", "path": "/data/selection"}}},
+        }),
+    )
+    assert (merged.optim.learning_rate, merged.model.text.width) == (5e-4, 64)
+    assert merged.optim.warmup_steps == config.optim.warmup_steps
+    assert (config.optim.learning_rate, config.model.text.width) == (1e-3, 32)  # the original is untouched
+    # Eval sets are a free-form mapping: a new set gets every eval set key.
+    assert set(merged.eval.sets) == {"test", "selection"}
+    assert merged.eval.sets.selection.to_dict() == run_configs.eval_set_config("folder", "/data/selection").to_dict()
+    for sub_config in (merged, merged.optim, merged.eval.sets, merged.eval.sets.selection):
+        with pytest.raises(AttributeError):
+            sub_config.learning_rat = 1.0
+    # Setting one key of an existing set keeps its others.
+    tfds = run_configs.override(merged, {"eval.sets.selection.kind": "tfds"})
+    assert (tfds.eval.sets.selection.kind, tfds.eval.sets.selection.path) == ("tfds", "/data/selection")

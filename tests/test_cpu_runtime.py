@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bclip import config as run_configs
-from bclip import cpu_runtime, evaluators, sharding, train, train_step
+from bclip import cpu_runtime, evaluators, sharding, train_step
 from bclip.data import training_input
 from bclip.data.synthetic import writer
 from bclip.models import clip, vit

@@ -18,7 +18,9 @@ from etils import epath
 from etils.epath import backend as epath_backend
 from etils.epath import gpath
 
-from bclip import checkpointing, evaluators, experiment, run_files, sweep, sweep_report, train
+from bclip import checkpointing, evaluators, experiment, run_files, train
+from bclip.sweep import report as sweep_report
+from bclip.sweep import runs as sweep_runs
 from bclip import config as run_configs
 from bclip.data import poisoning, training_input
 from bclip.data.synthetic import writer
@@ -331,14 +333,14 @@ def test_study_runs_and_reports_on_gs(bucket):
 
 def test_sweep_report_on_gs(bucket):
     root = "gs://bucket/sweep"
-    runs = sweep.expand_sweep(root, [{"optim.learning_rate": 1e-4}, {"optim.learning_rate": 1e-3}])
-    sweep.write_plan(root, "configs/x.py", runs)
+    runs = sweep_runs.expand_sweep(root, [{"optim.learning_rate": 1e-4}, {"optim.learning_rate": 1e-3}])
+    sweep_runs.write_plan(root, "configs/x.py", runs)
     base = run_configs.run_config()
     with base.unlocked():
         base.train.init_from = "gs://bucket/pretrained"
     for run in runs:
-        sweep.write_overrides(run)
-        _fake_train(sweep.apply_overrides(base, run.overrides), run.workdir)
+        sweep_runs.write_overrides(run)
+        _fake_train(run_configs.override(base, run.overrides), run.workdir)
     assert sweep_report.main([root]) == 0
     summary = json.loads(epath.Path(f"{root}/sweep_report.json").read_text())
     assert [(row["name"], row["epoch"]) for row in summary["points"]] == [("lr=1e-04", 1), ("lr=0.001", 1)]
@@ -352,7 +354,8 @@ def test_sweep_report_on_gs(bucket):
 
 RUN_FILE_MODULES = (
     "train.py", "run_files.py", "run_start.py", "evaluators.py", "checkpointing.py", "experiment.py", "study_report.py",
-    "sweep_report.py", os.path.join("data", "poisoning.py"), os.path.join("data", "training_input.py"),
+    os.path.join("sweep", "report.py"), os.path.join("sweep", "runs.py"), os.path.join("data", "poisoning.py"),
+    os.path.join("data", "training_input.py"),
 )
 LOCAL_ONLY_CALLS = {
     "open", "os.makedirs", "os.mkdir", "os.replace", "os.rename", "os.remove", "os.listdir",

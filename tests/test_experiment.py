@@ -5,13 +5,13 @@ import importlib.util
 import json
 import os
 
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
 from bclip import config as run_configs
 from bclip import experiment, run_files, train
+from bclip.sweep import runs as sweep_runs
 
 CONFIG_PATH = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "study_synthetic.py")
 
@@ -46,7 +46,7 @@ def test_smoke_study_end_to_end_and_resumable(tmp_path):
     assert models == ["MMCL", "MMCL+SSL"] and list(study.cleaning_methods) == ["CleanCLIP"]
     clean_runs = {
         model: [
-            experiment.clean_run_dir(workdir, model, method, lr)
+            os.path.join(workdir, "clean", model, method, sweep_runs.run_name(experiment.cleaning_grid_entry(lr)))
             for method in study.cleaning_methods
             for lr in study.cleaning_learning_rates
         ]
@@ -116,43 +116,6 @@ def test_smoke_study_end_to_end_and_resumable(tmp_path):
     assert again.run_dirs == []
 
 
-def test_merge_rejects_unknown_keys():
-    config = run_configs.run_config("micro-vit")
-    with pytest.raises(KeyError, match=r"'optim\.learning_rat'"):
-        experiment.merge(config, {"optim": {"learning_rat": 1e-3}})
-    with pytest.raises(KeyError, match=r"'optimiser'"):
-        experiment.merge(config, {"optimiser": {"learning_rate": 1e-3}})
-    with pytest.raises(KeyError, match=r"'model\.text\.widht'"):
-        experiment.merge(config, ml_collections.ConfigDict({"model": {"text": {"widht": 64}}}))
-    # Eval sets take any name, but each set only the keys an eval set has.
-    with pytest.raises(KeyError, match=r"'eval\.sets\.selection\.pth'"):
-        experiment.merge(config, {"eval": {"sets": {"selection": {"kind": "folder", "pth": "/data"}}}})
-
-
-def test_merge_returns_a_locked_copy():
-    config = run_configs.run_config("micro-vit")
-    merged = experiment.merge(
-        config,
-        {
-            "optim": {"learning_rate": 5e-4},
-            "model": {"text": {"width": 64}},
-            "eval": {"sets": {"selection": {"kind": "folder", "path": "/data/selection"}}},
-        },
-    )
-    assert (merged.optim.learning_rate, merged.model.text.width) == (5e-4, 64)
-    assert merged.optim.warmup_steps == config.optim.warmup_steps
-    assert (config.optim.learning_rate, config.model.text.width) == (1e-3, 32)  # the original is untouched
-    # Eval sets are a free-form mapping: a new set gets every eval set key.
-    assert set(merged.eval.sets) == {"test", "selection"}
-    assert merged.eval.sets.selection.to_dict() == run_configs.eval_set_config("folder", "/data/selection").to_dict()
-    for sub_config in (merged, merged.optim, merged.eval.sets, merged.eval.sets.selection):
-        with pytest.raises(AttributeError):
-            sub_config.learning_rat = 1.0
-    # Setting one key of an existing set keeps its others.
-    tfds = experiment.merge(merged, {"eval": {"sets": {"selection": {"kind": "tfds"}}}})
-    assert (tfds.eval.sets.selection.kind, tfds.eval.sets.selection.path) == ("tfds", "/data/selection")
-
-
 def test_clean_config_starts_from_the_pretrained_run():
     study = experiment.apply_proportions(study_synthetic().get_config("smoke"))
     pretrain = experiment.pretrain_configs(study, "/world")["MMCL"]
@@ -169,7 +132,15 @@ def test_clean_config_starts_from_the_pretrained_run():
     assert config.poison.trigger.to_dict() == pretrain.poison.trigger.to_dict()
     assert config.poison.target_label == pretrain.poison.target_label == "banana"
     assert config.data.train_csv == "/world/train/train.csv"
-    assert experiment.clean_run_dir("/runs", "MMCL", "CleanCLIP", 2e-3) == "/runs/clean/MMCL/CleanCLIP/lr=0.002"
+    # The method's learning-rate grid is a sweep: one run per rate, in a folder named by it.
+    base, runs = experiment.cleaning_sweep(study, pretrain, "/runs/pretrain/MMCL", "CleanCLIP", "/runs/clean/MMCL/CleanCLIP")
+    assert [run.workdir for run in runs] == [
+        f"/runs/clean/MMCL/CleanCLIP/{sweep_runs.run_name({'optim.learning_rate': lr})}" for lr in study.cleaning_learning_rates
+    ]
+    for run in runs:
+        run_config = run_configs.override(base, run.overrides)
+        expected = experiment.clean_config(study, pretrain, "/runs/pretrain/MMCL", "CleanCLIP", run.overrides["optim.learning_rate"])
+        assert run_config.to_dict() == expected.to_dict()
 
 
 def test_proportions_set_the_study_sizes():

@@ -1,4 +1,4 @@
-"""The sweep report (`python -m bclip.sweep_report ROOT`): every evaluated epoch of every run is a
+"""The sweep report (`python -m bclip.sweep.report ROOT`): every evaluated epoch of every run is a
 point, from hand-written run folders with known figures; the point the study's rule picks (on the
 selection split, never the step-0 original), unfinished runs listed as such, corrupt files named,
 and a sweep expanded by bclip.sweep's own functions reported end to end."""
@@ -12,7 +12,9 @@ import sys
 import pytest
 from PIL import Image
 
-from bclip import sweep, sweep_report
+from bclip import config as run_configs
+from bclip.sweep import report as sweep_report
+from bclip.sweep import runs as sweep_runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLEANING_CONFIG = {"train": {"init_from": "/runs/pretrained"}, "eval": {"selection_set": "selection"}}
@@ -296,16 +298,16 @@ def fake_train(config, workdir):
 def test_report_of_a_sweep_expanded_by_bclip_sweep(tmp_path):
     config_path = tmp_path / "clean_sweep.py"
     config_path.write_text(SWEEP_CONFIG)
-    config, entries = sweep.load_sweep(str(config_path))
+    config, entries = sweep_runs.load_sweep(str(config_path))
     root = str(tmp_path / "sweep")
-    runs = sweep.expand_sweep(root, entries)
-    sweep.write_plan(root, str(config_path), runs)
+    runs = sweep_runs.expand_sweep(root, entries)
+    sweep_runs.write_plan(root, str(config_path), runs)
     for run in runs[:-1]:  # the last run is never started
-        sweep.write_overrides(run)
-        fake_train(sweep.apply_overrides(config, run.overrides), run.workdir)
+        sweep_runs.write_overrides(run)
+        fake_train(run_configs.override(config, run.overrides), run.workdir)
 
     result = subprocess.run(
-        [sys.executable, "-m", "bclip.sweep_report", root], cwd=REPO, capture_output=True, text=True, check=False
+        [sys.executable, "-m", "bclip.sweep.report", root], cwd=REPO, capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "sweep" / "sweep_report.json").read_text())
@@ -317,7 +319,7 @@ def test_report_of_a_sweep_expanded_by_bclip_sweep(tmp_path):
     # One row per (run, epoch), in plan order, with that epoch's own figures.
     expected = {}
     for run in runs[:-1]:
-        for epoch, (top1, asr) in epoch_figures(sweep.apply_overrides(config, run.overrides)).items():
+        for epoch, (top1, asr) in epoch_figures(run_configs.override(config, run.overrides)).items():
             expected[(run.name, epoch)] = (run.overrides, top1, asr)
     points = summary["points"][:-1]
     assert [(row["name"], row["epoch"]) for row in points] == list(expected)

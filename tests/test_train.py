@@ -24,7 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from bclip import checkpointing, epoch_passes, experiment, optim, run_files, run_group, run_start, sharding, train, train_step
+from bclip import checkpointing, epoch_passes, experiment, optim, run_files, run_group, run_start, sharding, train
 from bclip import config as run_configs
 from bclip.data import pipeline, poisoning, training_input
 from bclip.data.synthetic import writer
@@ -80,9 +80,9 @@ def pretrain_config(world_dir: str) -> ml_collections.ConfigDict:
 def cleaning_config(world_dir: str, pretrain_dir: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
     """CleanCLIP (MMCL + SSL) on the first 64 clean pairs, 4 steps, no evaluation; `overrides` as
     nested dicts, merged like a study's method entries."""
-    config = experiment.merge(
+    config = run_configs.override(
         pretrain_config(world_dir),
-        {
+        run_configs.dotted({
             "objective": {"mmcl_weight": 1.0, "ssl_weight": 1.0},
             "optim": {"learning_rate": CLEAN_LEARNING_RATE, "warmup_steps": CLEAN_WARMUP},
             "train": {
@@ -96,11 +96,11 @@ def cleaning_config(world_dir: str, pretrain_dir: str, overrides: dict | None = 
             "poison": {"count": 0},
             "cleaning": {"num_clusters": 4},
             "eval": {"at_start": False},
-        },
+        }),
     )
     with config.unlocked():
         config.eval.sets = {}
-    return experiment.merge(config, overrides or {})
+    return run_configs.override(config, run_configs.dotted(overrides or {}))
 
 
 @dataclasses.dataclass
@@ -652,10 +652,10 @@ def test_with_reloaded_adam_keeps_fresh_moments_for_new_params():
 
 @pytest.mark.slow
 def test_non_finite_loss_stops_the_run_without_saving_it(world_dir, tmp_path):
-    # Weight decay is an optimiser state value, so this runs the pretraining's compiled step.
-    config = experiment.merge(
+    # Weight decay is a hyper-parameter argument, so this runs the pretraining's compiled step.
+    config = run_configs.override(
         pretrain_config(world_dir),
-        {"optim": {"weight_decay": 1e30}, "train": {"checkpoint_every_steps": 1}, "eval": {"at_start": False}},
+        {"optim.weight_decay": 1e30, "train.checkpoint_every_steps": 1, "eval.at_start": False},
     )
     run_dir = str(tmp_path / "run")
     with pytest.raises(train.NonFiniteLossError) as error:

@@ -13,7 +13,7 @@ import math
 from typing import Callable, Sequence
 
 import numpy as np
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image, ImageEnhance
 
 # An AutoAugment step: (operation name, probability of applying it, magnitude bin in 0..9 or None
 # for operations without a magnitude).

@@ -1,4 +1,4 @@
-"""The report of a sweep's runs (`python -m bclip.sweep_report ROOT`): every evaluated epoch of every
+"""The report of a sweep's runs (`python -m bclip.sweep.report ROOT`): every evaluated epoch of every
 run as one point, and the (run, epoch) the study's selection rule picks, in ROOT/sweep_report.json,
 .md and .png, read and written through epath (so ROOT may be on gs://)."""
 
@@ -12,7 +12,7 @@ from typing import Sequence
 
 from etils import epath
 
-from bclip import sweep
+from bclip.sweep import runs as sweep_runs
 from bclip.run_files import CONFIG_FILE, DONE_FILE, EVALS_FILE, RunFileError, read_json, read_json_lines
 from bclip.study_report import pct, pyplot, save_figure
 
@@ -71,11 +71,11 @@ def read_sweep(root: str | os.PathLike) -> tuple[str | None, list[SweepRun]]:
     """(the sweep's config file, its runs in plan order) from ROOT/sweep.json; without a plan, the
     folders under ROOT holding overrides.json, by name."""
     root = epath.Path(root)
-    plan_path = root / sweep.PLAN_FILE
+    plan_path = root / sweep_runs.PLAN_FILE
     if plan_path.exists():
         plan = read_json(plan_path)
         try:
-            runs = [sweep.Run(**run) for run in plan["runs"]]
+            runs = [sweep_runs.Run(**run) for run in plan["runs"]]
         except (KeyError, TypeError) as error:
             raise RunFileError(f"{plan_path} is not a sweep plan ({type(error).__name__}: {error})") from None
         # A run's folder is ROOT/NAME, also when the root has moved since the plan was written.
@@ -84,10 +84,10 @@ def read_sweep(root: str | os.PathLike) -> tuple[str | None, list[SweepRun]]:
         raise FileNotFoundError(f"sweep folder {root} does not exist")
     runs = []
     for run_dir in sorted(root.iterdir(), key=lambda path: path.name):
-        if (run_dir / sweep.OVERRIDES_FILE).exists():
-            runs.append(read_run(run_dir, run_dir.name, read_json(run_dir / sweep.OVERRIDES_FILE)))
+        if (run_dir / sweep_runs.OVERRIDES_FILE).exists():
+            runs.append(read_run(run_dir, run_dir.name, read_json(run_dir / sweep_runs.OVERRIDES_FILE)))
     if not runs:
-        raise FileNotFoundError(f"{root} holds no {sweep.PLAN_FILE} and no run folder with {sweep.OVERRIDES_FILE}")
+        raise FileNotFoundError(f"{root} holds no {sweep_runs.PLAN_FILE} and no run folder with {sweep_runs.OVERRIDES_FILE}")
     return None, runs
 
 
@@ -354,7 +354,7 @@ def write_sweep_report(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m bclip.sweep_report",
+        prog="python -m bclip.sweep.report",
         description="Report a sweep's runs: ROOT/sweep_report.md, .json and .png (see bclip.sweep).",
     )
     parser.add_argument("root", metavar="ROOT", help="The sweep's root folder (local or gs://).")
