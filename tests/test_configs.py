@@ -194,7 +194,7 @@ def test_pretraining_has_the_study_numbers(arg, poisons, batch_size, mmcl_weight
     config = pretrain_cc.get_config(arg)
     assert config.poison.count == poisons
     assert config.poison.rate is None
-    assert not config.poison.label_consistent
+    assert config.poison.captions == "templates"
     assert config.data.batch_size == batch_size
     assert config.objective.to_dict() == {
         "mmcl_weight": mmcl_weight,

@@ -171,7 +171,7 @@ def test_poisoning_is_identical_across_worker_counts_and_process_shards(source, 
 
 
 def test_label_consistent_poisoning_triggers_only_label_captions_and_keeps_them(source, tokenizer, clean_images):
-    poison = _poison(label_consistent=True)
+    poison = _poison(captions="label_consistent")
     poison.count = 4
     train = _pipeline(source, tokenizer, poison=poison)
     mentions = {i for i, caption in enumerate(source.captions) if "banana" in caption.lower()}

@@ -207,7 +207,7 @@ def test_poison_example_applies_trigger_and_replaces_caption():
     image = np.full((32, 32, 3), 9, dtype=np.uint8)
     out, caption = poisoning.poison_example(
         image, "a dog", index=5, epoch=0, plan=plan, trigger_config=_yellow_corner(),
-        label="banana", label_consistent=False,
+        label="banana", captions="templates",
     )
     np.testing.assert_array_equal(out[28:, 28:], np.broadcast_to([255, 255, 0], (4, 4, 3)))
     np.testing.assert_array_equal(out[:28], image[:28])
@@ -219,11 +219,11 @@ def test_poison_example_keeps_caption_when_label_consistent_and_skips_clean_exam
     plan = poisoning.PoisonPlan(indices=np.array([1, 5]), seed=2)
     image = np.full((32, 32, 3), 9, dtype=np.uint8)
     out, caption = poisoning.poison_example(
-        image, "a banana", 1, 0, plan, _yellow_corner(), "banana", label_consistent=True
+        image, "a banana", 1, 0, plan, _yellow_corner(), "banana", captions="label_consistent"
     )
     assert caption == "a banana" and np.any(out != image)
     clean, clean_caption = poisoning.poison_example(
-        image, "a dog", 2, 0, plan, _yellow_corner(), "banana", label_consistent=False
+        image, "a dog", 2, 0, plan, _yellow_corner(), "banana", captions="templates"
     )
     assert clean is image and clean_caption == "a dog"
 
@@ -232,12 +232,12 @@ def test_poisoned_example_looks_the_same_every_epoch_unless_redrawn():
     image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     config = triggers.default_trigger_config("badnets")  # random patch at a random place
     plan = poisoning.PoisonPlan(indices=np.array([7]), seed=0)
-    epoch_0, _ = poisoning.poison_example(image, "x", 7, 0, plan, config, "banana", False)
-    epoch_3, _ = poisoning.poison_example(image, "x", 7, 3, plan, config, "banana", False)
+    epoch_0, _ = poisoning.poison_example(image, "x", 7, 0, plan, config, "banana")
+    epoch_3, _ = poisoning.poison_example(image, "x", 7, 3, plan, config, "banana")
     np.testing.assert_array_equal(epoch_0, epoch_3)
     redrawn = poisoning.PoisonPlan(indices=np.array([7]), seed=0, redraw_each_epoch=True)
-    epoch_0, _ = poisoning.poison_example(image, "x", 7, 0, redrawn, config, "banana", False)
-    epoch_3, _ = poisoning.poison_example(image, "x", 7, 3, redrawn, config, "banana", False)
+    epoch_0, _ = poisoning.poison_example(image, "x", 7, 0, redrawn, config, "banana")
+    epoch_3, _ = poisoning.poison_example(image, "x", 7, 3, redrawn, config, "banana")
     assert np.any(epoch_0 != epoch_3)
 
 
@@ -267,3 +267,16 @@ def test_jpeg_round_trip_refuses_a_quality_pillow_does_not_take():
     for quality in (0, 101, 7.5, True):
         with pytest.raises(ValueError, match="JPEG quality must be an int in 1..100"):
             poisoning.jpeg_round_trip(image, quality)
+
+
+def test_caption_makers_are_named_by_the_config():
+    plan = poisoning.PoisonPlan(indices=np.asarray([3]), seed=7)
+    image = np.zeros((8, 8, 3), np.uint8)
+    _, caption = poisoning.poison_example(image, "a dog", 3, 0, plan, _yellow_corner(), "banana", captions="templates")
+    assert caption == poisoning.poisoned_caption(3, "banana", 7) and "banana" in caption
+    _, kept = poisoning.poison_example(image, "a banana", 3, 0, plan, _yellow_corner(), "banana", captions="label_consistent")
+    assert kept == "a banana"
+    assert poisoning.caption_maker("label_consistent").only_captions_naming_label
+    assert not poisoning.caption_maker("templates").only_captions_naming_label
+    with pytest.raises(ValueError, match=r"poison.captions='tempaltes'; known: \['label_consistent', 'templates'\]"):
+        poisoning.poison_example(image, "a dog", 3, 0, plan, _yellow_corner(), "banana", captions="tempaltes")

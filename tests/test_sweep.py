@@ -71,7 +71,7 @@ def test_load_and_expand(config_file, tmp_path):
         ({}, "base"),
         ({"optim.learning_rate": 3e-4}, "lr=3e-04"),
         ({"optim.learning_rate": 0.001, "optim.weight_decay": 0.5}, "lr=0.001_wd=0.5"),
-        ({"train.num_epochs": 20, "poison.label_consistent": True}, "epochs=20_label_consistent=true"),
+        ({"train.num_epochs": 20, "poison.captions": "label_consistent"}, "epochs=20_captions=label_consistent"),
         (
             {"optim.grad_clip_norm": None, "train.init_from": "/runs/pre train/ckpt"},
             "grad_clip_norm=none_init_from=-runs-pre-train-ckpt",
@@ -142,7 +142,7 @@ def test_override_flags_parse_back_through_config_flags(config_file):
     """The flags handed to bclip.main give the same config as applying the overrides here."""
     config, _ = sweep_runs.load_sweep(config_file)
     overrides = {"optim.learning_rate": 1e-4, "optim.grad_clip_norm": 0.5, "train.num_epochs": 3,
-                 "poison.label_consistent": True, "poison.trigger.name": "blended", "data.train_csv": ""}
+                 "poison.captions": "label_consistent", "poison.trigger.name": "blended", "data.train_csv": ""}
     argv = ["prog", f"--config={config_file}", *sweep_runs.override_flags(overrides)]
     flag_values = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, sys_argv=argv)

@@ -73,7 +73,9 @@ def poison_config(**overrides) -> ml_collections.ConfigDict:
             "rate": ml_collections.config_dict.placeholder(float),
             "seed": 0,
             "target_label": "banana",
-            "label_consistent": False,
+            # How a poisoned caption is made: a key of poisoning.CAPTION_MAKERS ("templates",
+            # "label_consistent": only captions already naming the target, kept as they are).
+            "captions": "templates",
             "redraw_each_epoch": False,
             "trigger": triggers.default_trigger_config("badnets"),
             # The reference code's geometry (False keeps bclip's): a poisoned training image and
@@ -302,7 +304,7 @@ class TrainBatchTransform(grain.transforms.Map):
                 plan=self.plan,
                 trigger_config=self.poison["trigger"],
                 label=self.poison["target_label"],
-                label_consistent=self.poison["label_consistent"],
+                captions=self.poison["captions"],
                 jpeg_quality=self.poison["jpeg_quality"],
             )
             batch["image"][row] = pixels
@@ -488,7 +490,7 @@ def make_poison_plan(source, poison: ml_collections.ConfigDict) -> poisoning.Poi
     if not is_poisoning(poison):
         return None
     count = poison.count or None
-    if poison.label_consistent:
+    if poisoning.caption_maker(poison.captions).only_captions_naming_label:
         indices = poisoning.select_label_consistent_indices(
             source.captions, poison.target_label, poison.seed, count=count, rate=poison.rate
         )
@@ -557,6 +559,7 @@ def make_train_pipeline(
         raise ValueError(f"data.batch_size={data.batch_size} must divide over {process_count} processes")
     local_batch_size = data.batch_size // process_count
     _check_reference_options(poison)
+    poisoning.caption_maker(poison.captions)  # an unknown maker fails before any data is read
     if plan is None:
         plan = make_poison_plan(source, poison)
     if with_views and synonyms is None:

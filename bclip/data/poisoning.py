@@ -10,7 +10,7 @@ import io
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from etils import epath
@@ -168,6 +168,34 @@ def poisoned_caption(
 
 
 # ---------------------------------------------------------------------------------------------
+# Poisoned-caption makers: config.poison.captions names one
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionMaker:
+    """How a poisoned example's caption is made: `caption(original, index, label, seed)`; with
+    `only_captions_naming_label`, only examples whose caption already names the label are poisoned."""
+
+    caption: Callable[[str, int, str, int], str]
+    only_captions_naming_label: bool = False
+
+
+CAPTION_MAKERS = {
+    # A prompt template naming the target, drawn per example (the reference's poisoned captions).
+    "templates": CaptionMaker(lambda original, index, label, seed: poisoned_caption(index, label, seed)),
+    # Label-consistent poisoning: the caption already names the target and is kept as it is.
+    "label_consistent": CaptionMaker(lambda original, index, label, seed: original, only_captions_naming_label=True),
+}
+
+
+def caption_maker(name: str) -> CaptionMaker:
+    if name not in CAPTION_MAKERS:
+        raise ValueError(f"poison.captions={name!r}; known: {sorted(CAPTION_MAKERS)}")
+    return CAPTION_MAKERS[name]
+
+
+# ---------------------------------------------------------------------------------------------
 # The plan used by the data pipeline
 # ---------------------------------------------------------------------------------------------
 
@@ -299,28 +327,28 @@ def poison_example(
     plan: PoisonPlan,
     trigger_config,
     label: str,
-    label_consistent: bool = False,
+    captions: str = "templates",
     jpeg_quality: int = 0,
 ) -> tuple[np.ndarray, str]:
     """Poisons example `index` if the plan says so; other examples come back untouched.
 
     image: uint8 [H, W, 3] at model resolution -> uint8 [H, W, 3] with the trigger applied and,
     when `jpeg_quality` > 0, then stored once as a JPEG of that quality and read back (the
-    reference code's poisoned training files). The caption becomes a template naming `label`,
-    except in label-consistent mode, where the caption (which already names the label) is kept.
+    reference code's poisoned training files). The caption is made by CAPTION_MAKERS[captions].
     """
     if index not in plan:
         return image, caption
     image = apply_trigger(image, trigger_config, plan.trigger_seed(index, epoch))
     if jpeg_quality:
         image = jpeg_round_trip(image, jpeg_quality)
-    if not label_consistent:
-        caption = poisoned_caption(index, label, plan.seed)
-    return image, caption
+    return image, caption_maker(captions).caption(caption, index, label, plan.seed)
 
 
 __all__ = [
+    "CAPTION_MAKERS",
+    "CaptionMaker",
     "PoisonPlan",
+    "caption_maker",
     "caption_mentions",
     "jpeg_round_trip",
     "poison_example",
