@@ -96,11 +96,3 @@ def reset_cluster_head(state: dict, rng: jax.Array, embed_dim: int, num_clusters
     params = dict(state["params"])
     params[CLUSTER_HEAD] = init_cluster_head(rng, embed_dim, num_clusters)
     return {**state, "params": params, "opt": optim.reset_head_moments(state["opt"])}
-
-
-def assignment_table(indices: np.ndarray, assignments: np.ndarray, size: int) -> np.ndarray:
-    """int32 [size] cluster id per source example index (-1 where unknown)."""
-    table = np.full((size,), -1, np.int32)
-    keep = indices >= 0
-    table[indices[keep]] = assignments[keep]
-    return table

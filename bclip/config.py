@@ -14,13 +14,13 @@ from typing import Any, Mapping
 
 import ml_collections
 
-from bclip import cleaning, objectives, optim, sharding
+from bclip import cleaning, epoch_passes, objectives, optim, sharding
 from bclip.data import pipeline
 from bclip.models import clip
 
-# The config key whose entries are named by the user (one eval set per name); an override of an
-# unknown name there adds an eval set with eval_set_config's defaults.
-EVAL_SETS = "eval.sets"
+# Config sections whose entries the user names: an override of a new name there adds an entry
+# with its defaults (an eval set; a per-epoch pass's options, by the pass's name).
+NAMED_ENTRIES = {"eval.sets": lambda name: eval_set_config(), "epoch_passes": epoch_passes.pass_options}
 
 
 def eval_set_config(kind: str = "folder", path: str = "", **overrides) -> ml_collections.ConfigDict:
@@ -42,6 +42,17 @@ def eval_set_config(kind: str = "folder", path: str = "", **overrides) -> ml_col
     )
     config.update(overrides)
     return config
+
+
+def enable_epoch_pass(config: ml_collections.ConfigDict, name: str, **options) -> None:
+    """Turn on per-epoch pass `name` in `config` with `options` (the rest at their defaults)."""
+    entry = epoch_passes.pass_options(name)
+    unknown = sorted(set(options) - set(entry))
+    if unknown:
+        raise ValueError(f"per-epoch pass {name!r} has no options {unknown}; it takes {sorted(entry)}")
+    entry.update(options)
+    with config.epoch_passes.unlocked():
+        config.epoch_passes[name] = entry
 
 
 def run_config(model_name: str = "micro-vit", **model_overrides) -> ml_collections.ConfigDict:
@@ -85,6 +96,9 @@ def run_config(model_name: str = "micro-vit", **model_overrides) -> ml_collectio
             "profile_steps": 0,
         }
     )
+    # Per-epoch passes to run, by name (bclip.epoch_passes.EPOCH_PASSES), each with its options:
+    # e.g. override {"epoch_passes.NAME.OPTION": value}, or enable_epoch_pass in a config file.
+    config.epoch_passes = ml_collections.ConfigDict()
     config.eval = ml_collections.ConfigDict(
         {
             "sets": {"test": eval_set_config()},
@@ -117,7 +131,8 @@ def override(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) ->
     """A locked copy of `config` with each dotted key ("optim.learning_rate") set to its value.
 
     An unknown key is an error naming the section and the closest existing field; a value of the
-    wrong type is an error naming the key. Under "eval.sets", a new name adds an eval set.
+    wrong type is an error naming the key. Under "eval.sets" and "epoch_passes", a new name adds
+    an entry with its defaults (NAMED_ENTRIES).
     """
     config = copy.deepcopy(config)
     config.lock()
@@ -125,9 +140,10 @@ def override(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) ->
         *parents, field = key.split(".")
         node, walked = config, []
         for part in parents + [field]:
-            if ".".join(walked) == EVAL_SETS and isinstance(node, ml_collections.ConfigDict) and part not in node:
+            section = ".".join(walked)
+            if section in NAMED_ENTRIES and isinstance(node, ml_collections.ConfigDict) and part not in node:
                 with node.unlocked():
-                    node[part] = eval_set_config()
+                    node[part] = NAMED_ENTRIES[section](part)
             if not isinstance(node, ml_collections.ConfigDict) or part not in node:
                 options = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
                 where = ".".join(walked) or "the config"

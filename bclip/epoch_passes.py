@@ -1,12 +1,12 @@
 """Per-epoch passes: computations at each epoch's start over the whole training source with the
 current model, each returning a per-example table that the trainer attaches to that epoch's batches.
 
-A pass is one `EpochPass` in EPOCH_PASSES, keyed by the batch field its table fills (and the loss
-terms read, see bclip.objectives.Term). The trainer runs the enabled passes before every epoch,
-keeps the tables in the checkpoint (a run resumed mid-epoch reads the epoch's table back instead of
-recomputing it from later weights), and puts `table[batch["index"]]` into each batch. Deep
-clustering is the one pass today; a pretraining-time defence that re-weights or regroups pairs
-each epoch is another.
+A pass is one `EpochPass` in EPOCH_PASSES, keyed by its name; its table fills one batch field,
+which the loss terms read (bclip.objectives.Term; e.g. objectives.PAIR_WEIGHTS). A run enables a
+pass by an entry `config.epoch_passes.NAME` holding the pass's options (or, for deep clustering,
+by its loss term's weight). The trainer runs the enabled passes before every epoch, keeps the
+tables in the checkpoint (a run resumed mid-epoch reads the epoch's table back instead of
+recomputing it from later weights), and puts `table[batch["index"]]` into each batch.
 """
 
 import dataclasses
@@ -33,26 +33,31 @@ class PassContext:
     mesh: object
     source: object  # the training source; records carry their example "index"
     table_size: int  # one more than the largest example index
+    tokenizer: object = None  # the run's caption tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
 class EpochPass:
     """One per-epoch pass.
 
-    enabled: whether a run's config turns the pass on.
+    field: the batch field its table fills.
     run: (context, state, rng) -> (table [table_size] of `dtype`, state), on every process; the
       table row of an example the pass has no value for is `missing`. It may also change the state
       (e.g. start a fresh head), which must stay in its shardings.
     head: (name, init(config, rng, num_examples) -> params) of a parameter subtree the pass owns
       (num_examples: the training source's size),
       trained by its own AdamW that `run` may reset (optim.make_optimizer(resettable_head=name)).
+    options: the pass's options and their defaults: `config.epoch_passes.NAME` holds them.
+    enabled: whether a config turns the pass on; default: it has an entry in config.epoch_passes.
     """
 
-    enabled: Callable[[ml_collections.ConfigDict], bool]
+    field: str
     run: Callable
     dtype: type = np.int32
     missing: float = -1
     head: tuple[str, Callable] | None = None
+    options: dict = dataclasses.field(default_factory=dict)
+    enabled: Callable[[ml_collections.ConfigDict], bool] | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,16 +78,24 @@ class _UnlabelledView:
         return {**self.source[i], "label": -1}
 
 
-def image_embeddings(context: PassContext, variables: dict):
-    """Every training example's image embedding, on the mesh.
+def _captions_by_index(source) -> dict[int, str]:
+    indices = getattr(source, "indices", None)
+    indices = np.arange(len(source)) if indices is None else indices
+    return dict(zip((int(i) for i in indices), source.captions))
+
+
+def training_set_embeddings(context: PassContext, variables: dict, with_text: bool = False) -> dict:
+    """Every training example's image embedding (and, with_text, its caption's), on the mesh.
 
     Returns:
-      (embeddings [N', D] sharded over the batch, example indices int32 [N'], valid bool [N']),
-      N' the source's size padded to whole eval batches.
+      {"image" [N', D] (and "text" [N', D]) sharded over the batch, "index" int32 [N'], "valid"
+      bool [N']}, N' the source's size padded to whole eval batches.
     """
     config, mesh = context.config, context.mesh
     encode_image = jax.jit(functools.partial(context.model.apply, method=clip.CLIP.encode_image))
-    embeddings, indices, valid = [], [], []
+    encode_text = jax.jit(functools.partial(context.model.apply, method=clip.CLIP.encode_text))
+    captions = _captions_by_index(context.source) if with_text else None
+    parts = {"image": [], "text": [], "index": [], "valid": []}
     for batch in pipeline.eval_batches(
         _UnlabelledView(context.source),
         image_size=config.model.image.size,
@@ -95,22 +108,42 @@ def image_embeddings(context: PassContext, variables: dict):
         # Unusable training records, which training drops, get no table value instead of failing.
         skip_bad_records=True,
     ):
-        global_batch = sharding.global_batch_from_local(
-            {"image": batch["image"], "index": batch["index"], "valid": batch["valid"]}, mesh
-        )
-        embeddings.append(encode_image(variables, global_batch["image"]))
-        indices.append(global_batch["index"])
-        valid.append(global_batch["valid"])
-    return tuple(jnp.concatenate(x) for x in (embeddings, indices, valid))
+        local = {"image": batch["image"], "index": batch["index"], "valid": batch["valid"]}
+        if with_text:
+            texts = [captions.get(int(i), "") if ok else "" for i, ok in zip(batch["index"], batch["valid"])]
+            local["text"] = context.tokenizer.encode_batch(texts, config.model.text.context_length)
+        global_batch = sharding.global_batch_from_local(local, mesh)
+        parts["image"].append(encode_image(variables, global_batch["image"]))
+        if with_text:
+            parts["text"].append(encode_text(variables, global_batch["text"]))
+        parts["index"].append(global_batch["index"])
+        parts["valid"].append(global_batch["valid"])
+    return {key: jnp.concatenate(values) for key, values in parts.items() if values}
+
+
+def per_example_table(values, indices, valid, table_size: int, missing, dtype) -> np.ndarray:
+    """A table [table_size] holding `values` [N'] at example `indices` [N'] where `valid`, gathered
+    from every process (the same table everywhere), `missing` elsewhere."""
+    values, indices, valid = (np.asarray(multihost_utils.process_allgather(x, tiled=True)) for x in (values, indices, valid))
+    table = np.full((table_size,), missing, dtype)
+    table[indices[valid]] = values[valid]
+    return table
+
+
+def model_variables(state: dict) -> dict:
+    """The CLIP model's variables in a training state (no pass heads), as `model.apply` takes them."""
+    variables = {"params": {n: p for n, p in state["params"].items() if n != cleaning.CLUSTER_HEAD}}
+    if state["batch_stats"]:
+        variables["batch_stats"] = state["batch_stats"]
+    return variables
 
 
 def cluster_assignments(context: PassContext, variables: dict, num_clusters: int, rng) -> np.ndarray:
     """k-means cluster id per example index (int32 [table_size], -1 where none)."""
-    embeddings, indices, valid = image_embeddings(context, variables)
+    embedded = training_set_embeddings(context, variables)
     kmeans = jax.jit(cleaning.spherical_kmeans, static_argnums=(2, 3))
-    assign, _ = kmeans(embeddings, valid, num_clusters, context.config.cleaning.kmeans_iterations, rng)
-    assign, indices, valid = (np.asarray(multihost_utils.process_allgather(x, tiled=True)) for x in (assign, indices, valid))
-    return cleaning.assignment_table(np.where(valid, indices, -1), assign, context.table_size)
+    assign, _ = kmeans(embedded["image"], embedded["valid"], num_clusters, context.config.cleaning.kmeans_iterations, rng)
+    return per_example_table(assign, embedded["index"], embedded["valid"], context.table_size, -1, np.int32)
 
 
 def num_clusters(config: ml_collections.ConfigDict, num_examples: int) -> int:
@@ -122,10 +155,7 @@ def deep_clustering(context: PassContext, state: dict, rng):
     (new weights, fresh Adam moments and count) to learn the new ids."""
     config = context.config
     k = num_clusters(config, len(context.source))
-    variables = {"params": {n: p for n, p in state["params"].items() if n != cleaning.CLUSTER_HEAD}}
-    if state["batch_stats"]:
-        variables["batch_stats"] = state["batch_stats"]
-    table = cluster_assignments(context, variables, k, rng)
+    table = cluster_assignments(context, model_variables(state), k, rng)
     shardings = jax.tree.map(lambda x: x.sharding, state)
     state = cleaning.reset_cluster_head(state, rng, config.model.embed_dim, k)
     return table, jax.device_put(state, shardings)
@@ -135,25 +165,42 @@ def _init_cluster_head(config, rng, num_examples: int) -> dict:
     return cleaning.init_cluster_head(rng, config.model.embed_dim, num_clusters(config, num_examples))
 
 
-# Batch field -> the pass whose table fills it.
+# Pass name -> pass.
 EPOCH_PASSES = {
-    "cluster": EpochPass(
-        enabled=lambda config: bool(config.objective.cluster_weight),
+    # Enabled by its loss term (objective.cluster_weight), whose options live in config.cleaning.
+    "deep_clustering": EpochPass(
+        field="cluster",
         run=deep_clustering,
         head=(cleaning.CLUSTER_HEAD, _init_cluster_head),
+        enabled=lambda config: bool(config.objective.cluster_weight),
     ),
 }
 
 
+def pass_options(name: str) -> ml_collections.ConfigDict:
+    """A config.epoch_passes entry for pass `name`: its options at their defaults."""
+    if name not in EPOCH_PASSES:
+        raise ValueError(f"unknown per-epoch pass {name!r}; known: {sorted(EPOCH_PASSES)}")
+    return ml_collections.ConfigDict(dict(EPOCH_PASSES[name].options))
+
+
 def enabled_passes(config: ml_collections.ConfigDict) -> dict[str, EpochPass]:
-    return {field: epoch_pass for field, epoch_pass in EPOCH_PASSES.items() if epoch_pass.enabled(config)}
+    """The passes a run runs, by name (an unknown name in config.epoch_passes is an error)."""
+    for name in config.epoch_passes:
+        pass_options(name)
+    return {
+        name: epoch_pass
+        for name, epoch_pass in EPOCH_PASSES.items()
+        if (epoch_pass.enabled(config) if epoch_pass.enabled else name in config.epoch_passes)
+    }
 
 
-def batch_fields(tables: dict[str, np.ndarray], indices: np.ndarray) -> dict[str, np.ndarray]:
-    """Each table's rows for a batch's example `indices` [B] (`missing` beyond the table)."""
+def batch_fields(passes: dict[str, EpochPass], tables: dict[str, np.ndarray], indices: np.ndarray) -> dict[str, np.ndarray]:
+    """Each pass's table rows for a batch's example `indices` [B] under its field (`missing`
+    beyond the table)."""
     fields = {}
-    for field, table in tables.items():
+    for name, table in tables.items():
         inside = indices < len(table)
         rows = table[np.minimum(indices, len(table) - 1)]
-        fields[field] = np.where(inside, rows, EPOCH_PASSES[field].missing).astype(table.dtype)
+        fields[passes[name].field] = np.where(inside, rows, passes[name].missing).astype(table.dtype)
     return fields

@@ -155,7 +155,7 @@ def train_group(
     table_size = training_input.num_examples(source)
     replicated = sharding.replicated(mesh)
     abstract_tables = {
-        field: jax.ShapeDtypeStruct((table_size,), epoch_pass.dtype, sharding=replicated) for field, epoch_pass in passes.items()
+        name: jax.ShapeDtypeStruct((table_size,), epoch_pass.dtype, sharding=replicated) for name, epoch_pass in passes.items()
     }
     # Epoch ends are always saved; every k-th is kept for good, and epochs.json maps them to steps.
     keep_every_steps = config.train.keep_checkpoint_every_epochs * steps_per_epoch
@@ -186,7 +186,7 @@ def train_group(
     tables: dict[str, np.ndarray] = {}
     if restored is not None:
         logging.info("Resumed from step %d", start_step)
-        tables = {field: np.asarray(table.addressable_data(0)) for field, table in restored.pop(EPOCH_TABLES, {}).items()}
+        tables = {name: np.asarray(table.addressable_data(0)) for name, table in restored.pop(EPOCH_TABLES, {}).items()}
         states = restored
         failed_by_name = {} if lone else read_json(group_dir / FAILED_FILE)
         # Records written after the checkpoint (before an interruption) are redone from it.
@@ -231,8 +231,8 @@ def train_group(
         if not passes:
             return states
         on_mesh = {
-            field: jax.make_array_from_callback(table.shape, replicated, lambda index, table=table: table[index])
-            for field, table in tables.items()
+            name: jax.make_array_from_callback(table.shape, replicated, lambda index, table=table: table[index])
+            for name, table in tables.items()
         }
         return {**states, EPOCH_TABLES: on_mesh}
 
@@ -327,12 +327,12 @@ def train_group(
             if passes and (step_in_epoch == 0 or not tables):
                 # A run resumed mid-epoch has the epoch's tables from its checkpoint: recomputing them
                 # from the current weights would change the run.
-                pass_context = epoch_passes.PassContext(config, model, mesh, source, table_size)
-                for field, epoch_pass in passes.items():
-                    tables[field], states = epoch_pass.run(pass_context, states, jax.random.fold_in(rng, epoch))
+                pass_context = epoch_passes.PassContext(config, model, mesh, source, table_size, tokenizer)
+                for name, epoch_pass in passes.items():
+                    tables[name], states = epoch_pass.run(pass_context, states, jax.random.fold_in(rng, epoch))
             batch = next(data)
             model_batch = {key: batch[key] for key in train_step.MODEL_BATCH_KEYS if key in batch}
-            model_batch.update(epoch_passes.batch_fields(tables, np.asarray(batch["index"])))
+            model_batch.update(epoch_passes.batch_fields(passes, tables, np.asarray(batch["index"])))
             global_batch = sharding.global_batch_from_local(model_batch, mesh)
             states, metrics = step_fn(states, global_batch, jax.random.fold_in(rng, step), hparams_on_mesh)
             if pending is not None:

@@ -724,7 +724,7 @@ def test_deep_clustering_trains_on_kmeans_ids_of_the_cleaning_set(cleaning_run, 
     final = saved_state(run.run_dir, 8)
     assert "cluster_head" in final["params"]
     # The checkpoint holds the epoch's table with the state it trained.
-    np.testing.assert_array_equal(final[train.EPOCH_TABLES]["cluster"], recorder.cluster_tables[1])
+    np.testing.assert_array_equal(final[train.EPOCH_TABLES]["deep_clustering"], recorder.cluster_tables[1])
 
 
 # ---------------------------------------------------------------------------------------------
