@@ -57,7 +57,9 @@ class FakeEvalSource:
         return {"image_bytes": _png(rgb), "label": index % 2, "index": index, "path": f"memory/eval/{index}"}
 
 
-def test_one_step_on_in_memory_data_writes_a_finished_run(tmp_path, monkeypatch):
+def fake_data_config(tmp_path, monkeypatch):
+    """A tiny run config whose training and eval data are the fake in-memory sources above (one
+    batch per epoch, one epoch)."""
     monkeypatch.setattr(pipeline, "training_source", lambda data: FakeTrainingSource())
     monkeypatch.setattr(evaluators, "make_eval_source", lambda set_config: FakeEvalSource())
     vocab = tmp_path / "vocab.txt"
@@ -68,7 +70,7 @@ def test_one_step_on_in_memory_data_writes_a_finished_run(tmp_path, monkeypatch)
         text={"context_length": 12, "vocab_size": 64, "width": 32, "layers": 1, "heads": 2},
         embed_dim=32,
     )
-    config = run_configs.override(config, {
+    return run_configs.override(config, {
         "data.train_csv": "in-memory",
         "data.tokenizer.path": str(vocab),
         "data.batch_size": BATCH_SIZE,
@@ -76,6 +78,10 @@ def test_one_step_on_in_memory_data_writes_a_finished_run(tmp_path, monkeypatch)
         "optim.warmup_steps": 0,
         "eval.batch_size": 8,
     })
+
+
+def test_one_step_on_in_memory_data_writes_a_finished_run(tmp_path, monkeypatch):
+    config = fake_data_config(tmp_path, monkeypatch)
     workdir = str(tmp_path / "run")
     results = train.train_and_evaluate(config, workdir)
 
