@@ -131,16 +131,17 @@ def group_hyperparams(configs: Sequence[ml_collections.ConfigDict]) -> dict[str,
 
 
 def default_run_loop(devices) -> str:
-    """How a group of several runs goes over them on `devices` (RUN_LOOPS).
+    """How a group of several runs goes over them on `devices` (RUN_LOOPS): "vmap" on GPUs and
+    TPUs, whose fixed per-op costs batching the runs spreads; "dispatch" on CPUs.
 
-    "vmap" on GPUs and TPUs, whose fixed per-op costs batching the runs spreads, and on CPUs with
-    AVX-512, where YNNPACK's batched products were faster: 8 micro-vit runs' steps at 1.36x the
-    speed of separate runs (the in-program loop: 0.74x). "dispatch" on other CPUs: on a 2-core AMD
-    EPYC (AVX2) the clean_tiny.py runs' vmapped step ran at 0.71-0.92x the speed of separate runs,
-    the N-fold working set costing more than batching saves, and "dispatch" at 0.93-1.00x
-    (compiled once, at single-run size).
+    On CPUs "dispatch" (one single-run program, compiled once, called per run) was the faster of
+    the two on both hosts measured: a 2-core AMD EPYC (AVX2), clean_tiny.py's runs' step at
+    0.93-1.00x the speed of separate runs against vmap's 0.71-0.92x, and a 2-core Intel Xeon with
+    AVX-512, 1.17x against 0.995x (an earlier AVX-512 host had vmap ahead, 1.36x, which did not
+    hold here). It also runs each run's arithmetic exactly as a lone run does, so a group's results
+    equal separate runs' bit for bit; vmap's batched ops round differently (within 1e-4).
     """
-    if all(device.platform == "cpu" for device in devices) and not cpu_runtime.has_avx512():
+    if all(device.platform == "cpu" for device in devices):
         return "dispatch"
     return "vmap"
 
