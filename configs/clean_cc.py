@@ -177,9 +177,7 @@ def get_config(arg: str = "cleanclip") -> ml_collections.ConfigDict:
     config.eval.every_epochs = 1
     config.eval.at_start = True  # the poisoned model's own point
 
-    for dotted_key, value in overrides.items():
-        section, key = dotted_key.split(".")
-        config[section][key] = value
+    config = run_configs.override(config, overrides)
     if reference:
         use_reference_cleaning(config)
     return config

@@ -610,3 +610,9 @@ def test_override_of_nested_sections_returns_a_locked_copy():
     # Setting one key of an existing set keeps its others.
     tfds = run_configs.override(merged, {"eval.sets.selection.kind": "tfds"})
     assert (tfds.eval.sets.selection.kind, tfds.eval.sets.selection.path) == ("tfds", "/data/selection")
+
+
+def test_model_preset_overrides_reject_unknown_keys():
+    with pytest.raises(KeyError, match=r'"widht" does not exist.*Did you mean "width"'):
+        run_configs.run_config("micro-vit", image={"widht": 64})
+    assert run_configs.run_config("micro-vit", image={"width": 64}).model.image.width == 64

@@ -176,6 +176,7 @@ def model_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
             **_DEFAULTS,
         )
     )
+    config.lock()  # an override of a key the preset does not have is an error, not a new key
     for key, value in overrides.items():
         if isinstance(value, dict):
             config[key].update(value)
