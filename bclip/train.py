@@ -375,6 +375,9 @@ def train_group(
             log_evals(total_steps, unevaluated, evaluate([run_variables(run) for run in unevaluated], evals))
         if not lone:
             save_final_checkpoints(group, states, run_shardings, live, run_dirs, config, total_steps, steps_per_epoch, data, is_chief)
+        # done.json is written last, once every checkpoint is complete: a run marked finished always
+        # has its final checkpoint (e.g. for init_from).
+        manager.wait_until_finished()
         for run in live:
             if is_chief:
                 # Atomic: done.json marks the run finished for sweeps and reports, so it is never partial.
