@@ -1,141 +1,204 @@
 """One process of the multi-process training test (tests/test_multiprocess.py); not a test itself.
 
-Trains a micro ViT CLIP for a few steps on a synthetic world with the trainer's own pieces: this
-process's share of the Grain stream, global batches assembled from every process's share, the
-sharded train step, and Orbax checkpoints that hold the iterator position. Started once per process,
-with the BCLIP_* variables of `bclip.distributed` when there are several:
+Runs the trainer itself, `bclip.train.train_and_evaluate`, on a synthetic world: poisoned MMCL
+pretraining of the micro ViT preset with FSDP parameters, evaluated at the start and at the end.
+Started once per process, with the BCLIP_* variables of `bclip.distributed` when there are several:
 
-  python tests/_multiprocess_worker.py --world W --out O --checkpoints C --steps 4 [--save_at 2] [--resume]
+  python tests/_multiprocess_worker.py --world W --workdir D --record R [--stop_after_steps N]
 
-Writes O/process_{i}.npz: "losses" float32 [steps run], "indices" int64 [steps run, local batch] and
-"poisoned" bool [same] (the examples this process read), "first_step" (0, or where it resumed); and
-process 0 writes O/params.npz, the final parameters keyed by their tree path.
+The trainer is left as it is; a `Recorder` only watches it (the test also installs one in its own
+process for the one-process run) and this process writes R/process_{i}.json with what it saw:
+
+  "indices", "poisoned": [steps run][local batch], the examples of each train batch this process read;
+  "restored_step": the checkpoint step the trainer resumed from, or null;
+  "eval_decodes": [evaluations][...], the eval examples this process decoded in each evaluation;
+  "writes": [(operation, path relative to D)], what this process wrote under D through epath (run
+    files, and Orbax's and Grain's checkpoint files other than the array data TensorStore writes);
+  "results": what train_and_evaluate returned (null when stopped);
+  "stopped": whether --stop_after_steps stopped the run (it raises when the trainer asks for the
+    batch after step N, as a preemption between two steps would stop it).
 """
 
 import argparse
-import functools
+import json
 import os
 
-from bclip import distributed
+import jax
+from etils.epath import gpath
 
-# Before anything touches JAX: the processes must find each other first.
-distributed.initialize()
+from bclip import checkpointing, distributed, train
+from bclip import config as run_configs
+from bclip.data import pipeline, training_input
+from bclip.data.synthetic import writer
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.experimental import multihost_utils  # noqa: E402
-
-from bclip import checkpointing, optim, sharding, train_step  # noqa: E402
-from bclip import config as run_configs  # noqa: E402
-from bclip.data import pipeline, sources, training_input  # noqa: E402
-from bclip.data.synthetic import writer  # noqa: E402
-from bclip.data.tokenizer import WordTokenizer  # noqa: E402
-from bclip.models import clip  # noqa: E402
-
-# As tests/conftest.py sets it, so every run multiplies in the same precision.
-jax.config.update("jax_default_matmul_precision", "highest")
+NUM_POISONED = 8
+LEARNING_RATE = 1e-3
+BATCH_SIZE = 32
+EVAL_BATCH_SIZE = 8
+CHECKPOINT_EVERY_STEPS = 2
 
 
-def worker_config(world: str, batch_size: int):
-    """Poisoned MMCL pretraining of the micro ViT preset, with parameters split over the devices."""
+def worker_config(world: str):
+    """One epoch of poisoned MMCL pretraining of the micro ViT preset, with the larger weights split
+    over the devices (FSDP: in the two-process run each process holds only its part of them, the
+    step gathers them across processes and every process writes its own shards at a save)."""
     config = run_configs.run_config("micro-vit")
     config.data.train_csv = os.path.join(world, "train", "train.csv")
     config.data.tokenizer.path = os.path.join(world, writer.VOCAB_FILE)
-    config.data.batch_size = batch_size
+    config.data.batch_size = BATCH_SIZE
     config.data.shuffle_seed = 3
-    config.poison.count = 8
+    config.poison.count = NUM_POISONED
     config.poison.trigger.size = 6
     config.optim.warmup_steps = 1
-    config.optim.learning_rate = 1e-3
-    # FSDP, so that in the two-process run each process holds only its part of the larger weights,
-    # the step gathers them across processes and every process writes its own shards at a save.
+    config.optim.learning_rate = LEARNING_RATE
     config.sharding.params = "fsdp"
     config.sharding.fsdp_min_size = 2**10
+    config.train.num_epochs = 1
+    config.train.log_every_steps = 1
+    config.train.checkpoint_every_steps = CHECKPOINT_EVERY_STEPS
+    config.eval.batch_size = EVAL_BATCH_SIZE
+    with config.unlocked():
+        config.eval.sets = {"test": run_configs.eval_set_config("folder", os.path.join(world, "test"))}
     return config
+
+
+class Stopped(Exception):
+    """Raised in place of the batch after --stop_after_steps steps."""
+
+
+class _RecordedStream:
+    """The trainer's input stream, noting the examples of each batch it hands out."""
+
+    def __init__(self, data, recorder):
+        self._data, self._recorder = data, recorder
+
+    def __getattr__(self, name):
+        return getattr(self._data, name)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        recorder = self._recorder
+        if recorder.stop_after_steps is not None and len(recorder.record["indices"]) == recorder.stop_after_steps:
+            raise Stopped(f"stopped after {recorder.stop_after_steps} steps")
+        batch = next(self._data)
+        recorder.record["indices"].append(batch["index"].tolist())
+        recorder.record["poisoned"].append(batch["is_poisoned"].tolist())
+        return batch
+
+
+class _WriteLog:
+    """The local epath backend, noting each write under `root` (creating, replacing, renaming
+    onto, copying onto or removing a file or folder)."""
+
+    _WRITES = ("makedirs", "mkdir", "rmtree", "remove")
+    _WRITES_ONTO = ("rename", "replace", "copy")
+
+    def __init__(self, backend, root: str, writes: list):
+        self._backend, self._root, self._writes = backend, os.path.realpath(root), writes
+
+    def _note(self, operation: str, path) -> None:
+        path = os.path.realpath(os.fspath(path))
+        if path == self._root or path.startswith(self._root + os.sep):
+            self._writes.append((operation, os.path.relpath(path, self._root)))
+
+    def open(self, path, mode="r", *args, **kwargs):
+        if any(flag in mode for flag in "wax+"):
+            self._note(f"open:{mode}", path)
+        return self._backend.open(path, mode, *args, **kwargs)
+
+    def __getattr__(self, name):
+        method = getattr(self._backend, name)
+        if name in self._WRITES:
+
+            def noted(path, *args, **kwargs):
+                self._note(name, path)
+                return method(path, *args, **kwargs)
+
+            return noted
+        if name in self._WRITES_ONTO:
+
+            def noted_onto(path, dst, *args, **kwargs):
+                self._note(name, dst)
+                return method(path, dst, *args, **kwargs)
+
+            return noted_onto
+        return method
+
+
+class Recorder:
+    """Watches one process's run of the trainer (see the module docstring); `install` patches with
+    `patch(owner, name, value)` (setattr, or pytest's monkeypatch.setattr in the test's own process)."""
+
+    def __init__(self, workdir: str, stop_after_steps: int | None = None):
+        self.workdir, self.stop_after_steps = workdir, stop_after_steps
+        self.record = {
+            "indices": [], "poisoned": [], "restored_step": None, "eval_decodes": [], "writes": [],
+            "results": None, "stopped": False,
+        }
+
+    def install(self, patch) -> None:
+        record = self.record
+        make_training_input = training_input.make_training_input
+
+        def recorded_training_input(*args, **kwargs):
+            source, plan, data = make_training_input(*args, **kwargs)
+            return source, plan, _RecordedStream(data, self)
+
+        restore_latest = checkpointing.restore_latest
+
+        def recorded_restore(*args, **kwargs):
+            state, step = restore_latest(*args, **kwargs)
+            record["restored_step"] = step
+            return state, step
+
+        eval_batches, decode = pipeline.eval_batches, pipeline.EvalTransform._decode
+
+        def recorded_eval_batches(*args, **kwargs):
+            record["eval_decodes"].append([])
+            return eval_batches(*args, **kwargs)
+
+        def recorded_decode(transform, element):
+            record["eval_decodes"][-1].append(int(element["index"]))
+            return decode(transform, element)
+
+        patch(training_input, "make_training_input", recorded_training_input)
+        patch(checkpointing, "restore_latest", recorded_restore)
+        patch(pipeline, "eval_batches", recorded_eval_batches)
+        patch(pipeline.EvalTransform, "_decode", recorded_decode)
+        # Local paths of epath go to this backend (gs:// ones to others).
+        patch(gpath, "_PREFIX_TO_BACKEND", {
+            **gpath._PREFIX_TO_BACKEND, None: _WriteLog(gpath._PREFIX_TO_BACKEND[None], self.workdir, record["writes"])
+        })
+
+    def run(self, config) -> dict:
+        """train_and_evaluate(config, workdir), recorded."""
+        try:
+            self.record["results"] = train.train_and_evaluate(config, self.workdir)
+        except Stopped:
+            self.record["stopped"] = True
+        return self.record
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--world", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--checkpoints", required=True)
-    parser.add_argument("--steps", type=int, required=True, help="Train until this step.")
-    parser.add_argument("--batch_size", type=int, default=32, help="Global batch size.")
-    parser.add_argument("--save_at", type=int, default=0, help="Save a checkpoint after this step.")
-    parser.add_argument("--resume", action="store_true", help="Start from the latest checkpoint.")
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--record", required=True, help="Folder for this process's record.")
+    parser.add_argument("--stop_after_steps", type=int, default=None)
     args = parser.parse_args()
 
-    config = worker_config(args.world, args.batch_size)
-    process_index, process_count = jax.process_index(), jax.process_count()
-    mesh = sharding.make_mesh()
-    rng = jax.random.key(config.seed)
-
-    source = sources.CsvImageTextSource(config.data.train_csv)
-    data = pipeline.make_train_pipeline(
-        source,
-        image_size=config.model.image.size,
-        context_length=config.model.text.context_length,
-        # The word tokenizer padded to the model's vocabulary (bclip.training_input.make_tokenizer, without
-        # importing the trainer's TensorFlow-backed metric writers: seconds per process).
-        tokenizer=WordTokenizer.from_file(config.data.tokenizer.path, vocab_size=config.model.text.vocab_size),
-        data=config.data,
-        poison=config.poison,
-        with_views=False,
-        process_index=process_index,
-        process_count=process_count,
-    )
-
-    model = clip.build_model(config.model)
-    # The schedule's length is fixed, so the interrupted and the resumed run share it.
-    tx = optim.make_optimizer(config.optim, total_steps=args.steps)
-    manager = checkpointing.make_manager(args.checkpoints)
-    first_step = 0
-    if args.resume:
-        init = functools.partial(
-            train_step.init_state, model, tx,
-            image_size=config.model.image.size, context_length=config.model.text.context_length,
-        )
-        abstract = jax.eval_shape(init, rng)
-        shardings = sharding.state_shardings(abstract, mesh, config.sharding)
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-        state, first_step = checkpointing.restore_latest(manager, abstract, data.iterator)
-        if state is None:
-            raise SystemExit(f"--resume but no checkpoint in {args.checkpoints}")
-    else:
-        state, shardings = train_step.create_sharded_state(model, tx, rng, mesh, config.model, config.sharding)
-    step_fn = train_step.shard_and_jit_train_step(
-        train_step.make_train_step(model, tx, config.objective), shardings, mesh
-    )
-
-    losses, indices, poisoned = [], [], []
-    for step in range(first_step, args.steps):
-        batch = next(data)
-        indices.append(batch["index"])
-        poisoned.append(batch["is_poisoned"])
-        global_batch = sharding.global_batch_from_local({"image": batch["image"], "text": batch["text"]}, mesh)
-        state, metrics = step_fn(state, global_batch, jax.random.fold_in(rng, step))
-        losses.append(float(metrics["loss"]))
-        if step + 1 == args.save_at:
-            checkpointing.save(manager, step + 1, state, data.iterator)
-    manager.wait_until_finished()
-    manager.close()
-
-    os.makedirs(args.out, exist_ok=True)
-    np.savez(
-        os.path.join(args.out, f"process_{process_index}.npz"),
-        losses=np.asarray(losses, np.float32),
-        indices=np.stack(indices),
-        poisoned=np.stack(poisoned),
-        first_step=np.int64(first_step),
-    )
-    # Every process takes part in gathering the sharded parameters; process 0 writes them.
-    params = multihost_utils.process_allgather(state["params"], tiled=True)
-    if process_index == 0:
-        flat = {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
-        np.savez(os.path.join(args.out, "params.npz"), **flat)
-    # No process may leave while another still needs it for a collective.
-    multihost_utils.sync_global_devices("done")
-    data.close()
+    # Before any JAX work: the processes must find each other first.
+    distributed.initialize()
+    # As tests/conftest.py sets it, so every run multiplies in the same precision.
+    jax.config.update("jax_default_matmul_precision", "highest")
+    recorder = Recorder(args.workdir, args.stop_after_steps)
+    recorder.install(setattr)
+    record = recorder.run(worker_config(args.world))
+    os.makedirs(args.record, exist_ok=True)
+    with open(os.path.join(args.record, f"process_{jax.process_index()}.json"), "w") as f:
+        json.dump(record, f)
 
 
 if __name__ == "__main__":

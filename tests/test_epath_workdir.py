@@ -1,5 +1,6 @@
 """Run directories on an object store (gs://): every run file of the trainer, the poison plan, the
-checkpoint paths, the study runner and both reports goes through etils.epath.
+checkpoints (Orbax's own gs:// handling, see `orbax_on_the_bucket`), the study runner and both
+reports goes through etils.epath.
 
 gs:// is served by a fake bucket: an epath backend that keeps gs://BUCKET/KEY under a local folder,
 records every call and, like GCS, cannot append. The tests run from an empty working directory: a
@@ -11,14 +12,16 @@ import ast
 import json
 import os
 
+import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from etils import epath
 from etils.epath import backend as epath_backend
 from etils.epath import gpath
 
-from bclip import checkpointing, evaluators, experiment, run_files, train
+from bclip import checkpointing, evaluators, experiment, run_files, run_group, train
 from bclip.sweep import report as sweep_report
 from bclip.sweep import runs as sweep_runs
 from bclip import config as run_configs
@@ -183,15 +186,61 @@ def test_poison_plan_and_inputs_read_from_gs(bucket):
     assert ("open:r", "gs://bucket/lists/synonyms.json") in bucket.calls
 
 
+@pytest.fixture
+def orbax_on_the_bucket(bucket, monkeypatch) -> list[str]:
+    """Orbax on gs:// paths, as on GCS, with its array data in the fake bucket.
+
+    Orbax handles a gs:// checkpoint directory itself: step folders, metadata, the data position,
+    listing, deleting and the commit_success.txt that marks a finished step on GCS all go through
+    epath, so into the fake bucket. Only the arrays' bytes do not: Orbax hands TensorStore a kvstore
+    spec for TensorStore's own GCS driver (`gcs_utils.get_kvstore_for_gcs`), an HTTP client that no
+    Python-level backend sees. Here that spec names TensorStore's file driver at the folder where the
+    fake bucket keeps the same gs:// keys, so arrays written and read back land in the bucket's store
+    beside Orbax's other files. Orbax's question to GCS whether the bucket has hierarchical namespaces
+    gets "no". Returns the gs:// paths Orbax asked TensorStore for, in order.
+    """
+    from orbax.checkpoint._src.path import gcs_utils
+
+    kvstores = []
+
+    def kvstore_in_bucket(path):
+        kvstores.append(os.fspath(path))
+        gcs_utils.parse_gcs_path(path)  # the spec Orbax would build needs a bucket and a path
+        return {"driver": "file", "path": bucket.local(path)}
+
+    monkeypatch.setattr(gcs_utils, "get_kvstore_for_gcs", kvstore_in_bucket)
+    monkeypatch.setattr(gcs_utils, "is_hierarchical_namespace_enabled", lambda path: False)
+    return kvstores
+
+
+class Preempted(Exception):
+    """Stops a run between two steps."""
+
+
+def _final_params(run_dir: str) -> dict[str, np.ndarray]:
+    """The params of a run's newest checkpoint, read as whole arrays, keyed by tree path."""
+    state = epath.Path(checkpointing.step_dir(run_dir)) / "state"
+    checkpointer = ocp.PyTreeCheckpointer()
+    saved = checkpointer.metadata(state).item_metadata.tree["params"]
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)
+    restored = checkpointer.restore(
+        state, args=ocp.args.PyTreeRestore(item={"params": saved}, restore_args={"params": restore_args}, partial_restore=True)
+    )
+    return {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(restored["params"])}
+
+
 @pytest.mark.slow
-def test_train_and_evaluate_writes_every_run_file_to_gs(bucket, tmp_path, monkeypatch):
+def test_train_and_evaluate_keeps_every_run_file_and_checkpoint_on_gs_and_resumes_from_them(
+    bucket, orbax_on_the_bucket, tmp_path, monkeypatch
+):
     world = experiment.study_config().world
     world.num_train, world.num_test, world.num_selection = 32, 8, 8
     world_dir = experiment.prepare_world(world, str(tmp_path / "study"))
     config = run_configs.run_config("micro-vit", text={"vocab_size": 256, "context_length": 16})
     config.data.train_csv = os.path.join(world_dir, "train", "train.csv")
     config.data.tokenizer.path = os.path.join(world_dir, writer.VOCAB_FILE)
-    config.data.batch_size = 16
+    config.data.batch_size = 16  # 2 steps per epoch, 2 epochs: checkpoints at steps 2 and 4
+    config.train.num_epochs = 2
     config.train.log_every_steps = 1
     config.poison.count = 4
     config.poison.trigger.size = 5
@@ -200,14 +249,9 @@ def test_train_and_evaluate_writes_every_run_file_to_gs(bucket, tmp_path, monkey
     with config.unlocked():
         config.eval.sets = {"test": run_configs.eval_set_config("folder", os.path.join(world_dir, "test"))}
 
-    # Orbax and clu's summary writer reach GCS with their own clients (tensorstore, tf.io.gfile);
-    # here they get a local folder and a logging writer, and the test checks what they were given.
-    managers, writers = [], []
-    make_manager = checkpointing.make_manager
-
-    def local_manager(directory, max_to_keep=3, keep_every_steps=0):
-        managers.append(directory)
-        return make_manager(bucket.local(directory), max_to_keep, keep_every_steps)
+    # clu's summary writer reaches GCS with its own client (tf.io.gfile): here it gets a logging
+    # writer, and the test checks what it was given.
+    writers = []
 
     def logging_writer(logdir, just_logging=False):
         writers.append(logdir)
@@ -215,31 +259,103 @@ def test_train_and_evaluate_writes_every_run_file_to_gs(bucket, tmp_path, monkey
 
         return metric_writers.LoggingWriter()
 
-    monkeypatch.setattr(checkpointing, "make_manager", local_manager)
     monkeypatch.setattr(train.metric_writers, "create_default_writer", logging_writer)
+    # Counts the train steps a run takes, and stops it before step stop_after + 1 when asked.
+    steps_taken, stop_after = [], [None]
+    restored_steps = []
+    jit_step, restore_latest = run_group.RunGroup.jit_step, checkpointing.restore_latest
 
-    workdir = "gs://bucket/runs/pretrain"
-    results = train.train_and_evaluate(config, workdir)
-    assert [os.fspath(d) for d in managers] == ["gs://bucket/runs/pretrain/checkpoints"]
-    assert writers == [workdir]
-    run_dir = epath.Path(workdir)
+    def counted_jit_step(group, run_step, run_shardings):
+        step_fn = jit_step(group, run_step, run_shardings)
+
+        def counted(states, *args):
+            if len(steps_taken) == stop_after[0]:
+                raise Preempted(f"stopped after step {stop_after[0]}")
+            steps_taken.append(int(states["step"]))
+            return step_fn(states, *args)
+
+        return counted
+
+    def recorded_restore(*args, **kwargs):
+        state, step = restore_latest(*args, **kwargs)
+        restored_steps.append(step)
+        return state, step
+
+    monkeypatch.setattr(run_group.RunGroup, "jit_step", counted_jit_step)
+    monkeypatch.setattr(checkpointing, "restore_latest", recorded_restore)
+
+    # ---- An uninterrupted run: every run file and checkpoint in the bucket ----------------------
+    reference = "gs://bucket/runs/uninterrupted"
+    results = train.train_and_evaluate(config, reference)
+    assert steps_taken == [0, 1, 2, 3] and restored_steps == [None]
+    assert writers == [reference]
+    run_dir = epath.Path(reference)
     for name in ("config.json", run_files.METRICS_FILE, run_files.EVALS_FILE, run_files.POISON_FILE, run_files.DONE_FILE):
-        assert f"{workdir}/{name}" in bucket.written(), name
+        assert f"{reference}/{name}" in bucket.written(), name
     assert json.loads((run_dir / "config.json").read_text())["data"]["batch_size"] == 16
     assert json.loads((run_dir / "checkpoints" / checkpointing.EPOCHS_FILE).read_text()) == {"steps_per_epoch": 2}
-    metrics = [json.loads(line) for line in (run_dir / run_files.METRICS_FILE).read_text().splitlines()]
-    assert [record["step"] for record in metrics] == [1, 2]
-    evals = [json.loads(line) for line in (run_dir / run_files.EVALS_FILE).read_text().splitlines()]
-    assert [record["step"] for record in evals] == [2]
+    metrics = run_files.read_json_lines(run_dir / run_files.METRICS_FILE)
+    assert [record["step"] for record in metrics] == [1, 2, 3, 4]
+    evals = run_files.read_json_lines(run_dir / run_files.EVALS_FILE)
+    assert [record["step"] for record in evals] == [2, 4]
     done = json.loads((run_dir / run_files.DONE_FILE).read_text())
-    assert done == {"steps": 2, "results": results} and results == {k: v for k, v in evals[0].items() if k not in ("step", "epoch")}
-    assert len(poisoning.PoisonPlan.read(f"{workdir}/{run_files.POISON_FILE}")) == 4
+    assert done == {"steps": 4, "results": results} and results == {k: v for k, v in evals[-1].items() if k not in ("step", "epoch")}
+    assert len(poisoning.PoisonPlan.read(f"{reference}/{run_files.POISON_FILE}")) == 4
+    # The checkpoints: Orbax took its GCS path (a finished step is marked by commit_success.txt, not
+    # by renaming a temporary folder), found the steps through the bucket, and its arrays are there.
+    checkpoints = f"{reference}/checkpoints"
+    assert sorted(ocp.utils.checkpoint_steps(epath.Path(checkpoints))) == [2, 4]
+    for step in (2, 4):
+        assert ("open:w", f"{checkpoints}/{step}/commit_success.txt") in bucket.calls
+        assert f"{checkpoints}/{step}/data/process_0-of-1.json" in bucket.written()
+        assert f"{checkpoints}/{step}/state/_METADATA" in bucket.written()
+        assert (epath.Path(checkpoints) / str(step) / "state" / "manifest.ocdbt").exists()
+    assert orbax_on_the_bucket and all(path.startswith(f"{checkpoints}/") for path in orbax_on_the_bucket)
+    assert {path for path in orbax_on_the_bucket if path.endswith("/state")} == {f"{checkpoints}/2/state", f"{checkpoints}/4/state"}
+    reference_params = _final_params(reference)
+
+    # ---- Stopped after step 3, past its step-2 checkpoint --------------------------------------
+    workdir = "gs://bucket/runs/pretrain"
+    checkpoints = f"{workdir}/checkpoints"
+    steps_taken.clear()
+    restored_steps.clear()
+    stop_after[0] = 3
+    with pytest.raises(Preempted):
+        train.train_and_evaluate(config, workdir)
+    assert steps_taken == [0, 1, 2] and restored_steps == [None]
+    run_dir = epath.Path(workdir)
+    assert sorted(ocp.utils.checkpoint_steps(epath.Path(checkpoints))) == [2]
+    assert [record["step"] for record in run_files.read_json_lines(run_dir / run_files.METRICS_FILE)] == [1, 2, 3]
+    assert not (run_dir / run_files.DONE_FILE).exists()
+
+    # ---- Run again: it resumes from the bucket's step-2 checkpoint and ends as the uninterrupted run
+    steps_taken.clear()
+    restored_steps.clear()
+    orbax_on_the_bucket.clear()
+    bucket.calls.clear()
+    stop_after[0] = None
+    assert train.train_and_evaluate(config, workdir) == results
+    assert restored_steps == [2] and steps_taken == [2, 3]
+    assert ("open:r", f"{checkpoints}/2/data/process_0-of-1.json") in bucket.calls  # the data position
+    assert orbax_on_the_bucket[0] == f"{checkpoints}/2/state"  # the state's arrays
+    without_timing = lambda records: [{k: v for k, v in r.items() if k != "pairs_per_s"} for r in records]  # noqa: E731
+    # Step 3, logged before the stop, was dropped and logged again from the restored state.
+    assert without_timing(run_files.read_json_lines(run_dir / run_files.METRICS_FILE)) == without_timing(metrics)
+    assert run_files.read_json_lines(run_dir / run_files.EVALS_FILE) == evals
+    assert json.loads((run_dir / run_files.DONE_FILE).read_text()) == done
+    assert sorted(ocp.utils.checkpoint_steps(epath.Path(checkpoints))) == [2, 4]
+    params = _final_params(workdir)
+    assert params.keys() == reference_params.keys()
+    for name, value in reference_params.items():
+        np.testing.assert_array_equal(params[name], value, err_msg=name)
 
     # Run again: it resumes from the last checkpoint, reads its results back from gs and is done.
+    steps_taken.clear()
     bucket.calls.clear()
     assert train.train_and_evaluate(config, workdir) == results
+    assert steps_taken == [] and restored_steps[-1] == 4
     assert ("open:r", f"{workdir}/{run_files.EVALS_FILE}") in bucket.calls
-    assert len((run_dir / run_files.METRICS_FILE).read_text().splitlines()) == 2
+    assert len((run_dir / run_files.METRICS_FILE).read_text().splitlines()) == 4
 
 
 # ---------------------------------------------------------------------------------------------
