@@ -83,7 +83,18 @@ def fake_data_config(tmp_path, monkeypatch):
 def test_one_step_on_in_memory_data_writes_a_finished_run(tmp_path, monkeypatch):
     config = fake_data_config(tmp_path, monkeypatch)
     workdir = str(tmp_path / "run")
+    finished_checkpoints_at_done = []
+    write_json = train.write_json
+
+    def watching_write_json(path, record):
+        if os.path.basename(str(path)) == run_files.DONE_FILE:
+            finished_checkpoints_at_done.append(sorted(os.listdir(os.path.join(workdir, run_files.CHECKPOINTS_DIR))))
+        write_json(path, record)
+
+    monkeypatch.setattr(train, "write_json", watching_write_json)
     results = train.train_and_evaluate(config, workdir)
+    # done.json is written once the final checkpoint is complete (not while Orbax still writes it).
+    assert finished_checkpoints_at_done == [["1", "epochs.json"]]
 
     metrics = run_files.read_json_lines(os.path.join(workdir, run_files.METRICS_FILE))
     assert [record["step"] for record in metrics] == [1]
