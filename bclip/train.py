@@ -104,7 +104,7 @@ def train_group(
     num_runs, lone = len(configs), len(configs) == 1
     if group_dir is None and not lone:
         raise ValueError("a group of several runs needs a group_dir for what they share")
-    group_dir = run_dirs[0] if group_dir is None else epath.Path(group_dir)
+    group_dir = run_dirs[0] if group_dir is None or lone else epath.Path(group_dir)
     process_index, process_count = jax.process_index(), jax.process_count()
     is_chief = process_index == 0
     for run_config, run_dir in zip(configs, run_dirs):
