@@ -1,6 +1,7 @@
-"""`python -m bclip.sweep --vectorize`: the runs of a sweep trained as one vectorised program write
-what the same runs write one after another (evaluations, logs, final parameters), resume after an
-interruption, skip finished runs, fail a diverged run alone, and refuse sweeps they cannot carry.
+"""`python -m bclip.sweep --vectorize`: the runs of a sweep trained as one group (train.train_group)
+write what the same runs write one after another (evaluations, logs, final parameters; exactly
+that with the "dispatch" run loop), resume after an interruption, skip finished runs, fail a
+diverged run alone, and refuse sweeps they cannot carry.
 
 A micro ViT CLIP cleans a "pretrained" checkpoint (its random initialisation, saved) on 32 pairs of
 the synthetic world: 2 steps per epoch, 2 epochs, evaluated before and after each epoch.
@@ -17,8 +18,11 @@ import orbax.checkpoint as ocp
 import pytest
 
 from bclip import config as run_configs
-from bclip import cpu_runtime, experiment, sharding, sweep, train, train_step, train_vectorised, vmap_sweep
+from bclip import cpu_runtime, experiment, run_files, run_group, sharding, train, train_step
 from bclip.models import clip
+from bclip.sweep import __main__ as sweep_main
+from bclip.sweep import execute as sweep_execute
+from bclip.sweep import runs as sweep_runs
 
 TOTAL_STEPS = 4
 RUN_NAMES = ["lr=0.001", "lr=0.003_ssl_weight=2_wd=0.5"]
@@ -95,20 +99,51 @@ def config_file(world_and_pretrained, tmp_path_factory):
 @pytest.fixture(scope="module")
 def sequential_root(config_file, tmp_path_factory):
     root = str(tmp_path_factory.mktemp("sequential"))
-    assert sweep.sweep(config_file, root) == 0
+    assert sweep_execute.sweep(config_file, root) == 0
     return root
 
 
 @pytest.fixture(scope="module")
 def vectorised_root(config_file, tmp_path_factory):
+    """The sweep trained as one group, with this host's default run loop."""
     root = str(tmp_path_factory.mktemp("vectorised"))
-    assert sweep.sweep(config_file, root, vectorize=True) == 0
+    assert sweep_execute.sweep(config_file, root, vectorize=True) == 0
     return root
+
+
+def group_root_with_run_loop(run_loop, config_file, vectorised_root, tmp_path_factory) -> str:
+    """The sweep trained as one group with `run_loop` (the vectorised root when that is this
+    host's default)."""
+    if run_group.default_run_loop(jax.devices()) == run_loop:
+        return vectorised_root
+    root = str(tmp_path_factory.mktemp(run_loop))
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(run_group, "default_run_loop", lambda devices: run_loop)
+        assert sweep_execute.sweep(config_file, root, vectorize=True) == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def vmapped_root(config_file, vectorised_root, tmp_path_factory):
+    """The group's runs vmapped (accelerators' default): batched ops that round differently."""
+    return group_root_with_run_loop("vmap", config_file, vectorised_root, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def dispatched_root(config_file, vectorised_root, tmp_path_factory):
+    """The group's runs stepped one at a time by one compiled one-run program (CPUs' default)."""
+    return group_root_with_run_loop("dispatch", config_file, vectorised_root, tmp_path_factory)
 
 
 def read_jsonl(path) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def logged_metrics(run_dir: str) -> list[dict]:
+    """A run's metrics.jsonl records without their speed (pairs_per_s), which no two runs share."""
+    records = read_jsonl(os.path.join(run_dir, run_files.METRICS_FILE))
+    return [{k: v for k, v in record.items() if k != "pairs_per_s"} for record in records]
 
 
 def final_state(run_dir: str) -> dict:
@@ -131,10 +166,10 @@ def test_sequential_reference_runs(sequential_root):
 
 
 @pytest.mark.slow
-def test_each_run_writes_what_its_sequential_run_writes(sequential_root, vectorised_root):
-    # The first test to use the `vectorised_root` fixture, so it carries its set-up (the group).
+def test_each_vmapped_run_writes_what_its_sequential_run_writes(sequential_root, vmapped_root):
+    # The first test to use the `vmapped_root` fixture, so it carries its set-up (the group).
     for name in RUN_NAMES:
-        sequential, vectorised = os.path.join(sequential_root, name), os.path.join(vectorised_root, name)
+        sequential, vectorised = os.path.join(sequential_root, name), os.path.join(vmapped_root, name)
         for file in ("overrides.json", "config.json"):
             with open(os.path.join(sequential, file)) as f, open(os.path.join(vectorised, file)) as g:
                 assert json.load(f) == json.load(g), f"{name}/{file}"
@@ -154,10 +189,26 @@ def test_each_run_writes_what_its_sequential_run_writes(sequential_root, vectori
             )
 
 
-def test_each_run_ends_with_its_sequential_runs_parameters(sequential_root, vectorised_root):
+@pytest.mark.slow
+def test_dispatched_runs_write_exactly_what_their_sequential_runs_write(sequential_root, dispatched_root):
+    """Stepped one at a time by one compiled one-run program, the group's runs do a lone run's
+    arithmetic: the same logs and evaluations to the last digit, the same final state to the bit
+    (with the tests' XLA flags; see test_run_group's test of dispatched runs for XLA's defaults)."""
+    for name in RUN_NAMES:
+        sequential, dispatched = os.path.join(sequential_root, name), os.path.join(dispatched_root, name)
+        assert read_jsonl(os.path.join(dispatched, run_files.EVALS_FILE)) == read_jsonl(os.path.join(sequential, run_files.EVALS_FILE))
+        metrics = logged_metrics(dispatched)
+        assert [record["step"] for record in metrics] == list(range(1, TOTAL_STEPS + 1))
+        assert metrics == logged_metrics(sequential), name
+        with open(os.path.join(sequential, run_files.DONE_FILE)) as f, open(os.path.join(dispatched, run_files.DONE_FILE)) as g:
+            assert json.load(f) == json.load(g)
+        jax.tree.map(np.testing.assert_array_equal, final_state(dispatched), final_state(sequential))
+
+
+def test_each_vmapped_run_ends_with_its_sequential_runs_parameters(sequential_root, vmapped_root):
     finals = {}
     for name in RUN_NAMES:
-        vectorised = final_state(os.path.join(vectorised_root, name))
+        vectorised = final_state(os.path.join(vmapped_root, name))
         sequential = final_state(os.path.join(sequential_root, name))
         assert int(vectorised["step"]) == TOTAL_STEPS
         for (path, actual), desired in zip(
@@ -171,11 +222,11 @@ def test_each_run_ends_with_its_sequential_runs_parameters(sequential_root, vect
 
 
 def test_group_state_is_removed_once_finished(vectorised_root):
-    groups = os.listdir(os.path.join(vectorised_root, sweep.VECTORISED_DIR))
+    groups = os.listdir(os.path.join(vectorised_root, sweep_runs.VECTORISED_DIR))
     assert len(groups) == 1
-    group_dir = os.path.join(vectorised_root, sweep.VECTORISED_DIR, groups[0])
-    assert not os.path.exists(os.path.join(group_dir, train_vectorised.CHECKPOINTS_DIR))
-    with open(os.path.join(group_dir, train_vectorised.FAILED_FILE)) as f:
+    group_dir = os.path.join(vectorised_root, sweep_runs.VECTORISED_DIR, groups[0])
+    assert not os.path.exists(os.path.join(group_dir, run_files.CHECKPOINTS_DIR))
+    with open(os.path.join(group_dir, run_files.FAILED_FILE)) as f:
         assert json.load(f) == {}
 
 
@@ -191,11 +242,11 @@ class Interrupted(Exception):
 @pytest.mark.slow
 def test_interrupted_group_resumes_to_the_same_outputs(config_file, vectorised_root, tmp_path, monkeypatch):
     root = str(tmp_path / "root")
-    real_jit = vmap_sweep.shard_and_jit_vectorised_step
+    real_jit = run_group.RunGroup.jit_step
     calls = []
 
-    def jit_that_fails_at_step_4(step, shardings, mesh):
-        jitted = real_jit(step, shardings, mesh)
+    def jit_that_fails_at_step_4(group, step, shardings):
+        jitted = real_jit(group, step, shardings)
 
         def call(*args):
             calls.append(None)
@@ -205,22 +256,19 @@ def test_interrupted_group_resumes_to_the_same_outputs(config_file, vectorised_r
 
         return call
 
-    monkeypatch.setattr(vmap_sweep, "shard_and_jit_vectorised_step", jit_that_fails_at_step_4)
-    assert sweep.sweep(config_file, root, vectorize=True) == 1  # the group failed: both runs reported
-    group_dir = sweep.vectorised_group_dir(root, sweep.expand_sweep(root, SWEEP))
-    assert ocp.utils.checkpoint_steps(os.path.join(group_dir, train_vectorised.CHECKPOINTS_DIR)) == [2]
+    monkeypatch.setattr(run_group.RunGroup, "jit_step", jit_that_fails_at_step_4)
+    assert sweep_execute.sweep(config_file, root, vectorize=True) == 1  # the group failed: both runs reported
+    group_dir = sweep_runs.vectorised_group_dir(root, sweep_runs.expand_sweep(root, SWEEP))
+    assert ocp.utils.checkpoint_steps(os.path.join(group_dir, run_files.CHECKPOINTS_DIR)) == [2]
     assert not any(os.path.exists(os.path.join(root, name, run_files.DONE_FILE)) for name in RUN_NAMES)
 
-    monkeypatch.setattr(vmap_sweep, "shard_and_jit_vectorised_step", real_jit)
-    assert sweep.sweep(config_file, root, vectorize=True) == 0
+    monkeypatch.setattr(run_group.RunGroup, "jit_step", real_jit)
+    assert sweep_execute.sweep(config_file, root, vectorize=True) == 0
     for name in RUN_NAMES:
         resumed, uninterrupted = os.path.join(root, name), os.path.join(vectorised_root, name)
         jax.tree.map(np.testing.assert_array_equal, final_state(resumed), final_state(uninterrupted))
         assert read_jsonl(os.path.join(resumed, run_files.EVALS_FILE)) == read_jsonl(os.path.join(uninterrupted, run_files.EVALS_FILE))
-        without_speed = lambda records: [{k: v for k, v in r.items() if k != "pairs_per_s"} for r in records]
-        assert without_speed(read_jsonl(os.path.join(resumed, run_files.METRICS_FILE))) == without_speed(
-            read_jsonl(os.path.join(uninterrupted, run_files.METRICS_FILE))
-        )
+        assert logged_metrics(resumed) == logged_metrics(uninterrupted)
 
 
 def test_rerun_skips_finished_runs_and_groups_the_rest(config_file, vectorised_root, tmp_path, monkeypatch, capsys):
@@ -233,29 +281,46 @@ def test_rerun_skips_finished_runs_and_groups_the_rest(config_file, vectorised_r
         for workdir in workdirs:
             with open(os.path.join(workdir, run_files.DONE_FILE), "w") as f:
                 json.dump({"steps": TOTAL_STEPS, "results": {}}, f)
-        return train_vectorised.GroupOutcome(results={w: {} for w in workdirs}, failed={})
+        return train.GroupOutcome(results={w: {} for w in workdirs}, failed={})
 
-    monkeypatch.setattr(train_vectorised, "train_and_evaluate_vectorised", train_group)
-    assert sweep.sweep(config_file, root, vectorize=True) == 0
+    monkeypatch.setattr(train, "train_group", train_group)
+    assert sweep_execute.sweep(config_file, root, vectorize=True) == 0
     assert groups == []
     assert "2 runs, 2 finished, 0 to run" in capsys.readouterr().out
 
     os.remove(os.path.join(root, RUN_NAMES[1], run_files.DONE_FILE))
-    assert sweep.sweep(config_file, root, vectorize=True) == 0
-    assert groups == [([os.path.join(root, RUN_NAMES[1])], sweep.vectorised_group_dir(root, sweep.expand_sweep(root, SWEEP[1:])))]
+    assert sweep_execute.sweep(config_file, root, vectorize=True) == 0
+    assert groups == [([os.path.join(root, RUN_NAMES[1])], sweep_runs.vectorised_group_dir(root, sweep_runs.expand_sweep(root, SWEEP[1:])))]
     assert "2 runs, 1 finished, 1 to run" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_run_left_alone_trains_as_its_sequential_run(config_file, sequential_root, vectorised_root, tmp_path):
+    """Re-run with one run unfinished, the group is that run alone (a group of one): it trains
+    exactly as in a sequential sweep, with its checkpoints in its own folder, none in the group's."""
+    root = str(tmp_path / "root")
+    shutil.copytree(vectorised_root, root)
+    name = RUN_NAMES[1]
+    shutil.rmtree(os.path.join(root, name))
+    assert sweep_execute.sweep(config_file, root, vectorize=True) == 0
+    alone, sequential = os.path.join(root, name), os.path.join(sequential_root, name)
+    jax.tree.map(np.testing.assert_array_equal, final_state(alone), final_state(sequential))
+    assert read_jsonl(os.path.join(alone, run_files.EVALS_FILE)) == read_jsonl(os.path.join(sequential, run_files.EVALS_FILE))
+    assert logged_metrics(alone) == logged_metrics(sequential)
+    group_dir = sweep_runs.vectorised_group_dir(root, sweep_runs.expand_sweep(root, SWEEP[1:]))
+    assert not os.path.exists(os.path.join(group_dir, run_files.CHECKPOINTS_DIR))
 
 
 def test_a_diverged_run_fails_alone(world_and_pretrained, vectorised_root, tmp_path, capsys):
     sweep_source = '[{"optim.learning_rate": 1e-3}, {"optim.learning_rate": float("nan")}]'
     config_file = write_sweep_config(tmp_path / "config.py", world_and_pretrained, sweep_source)
     root = str(tmp_path / "root")
-    assert sweep.sweep(config_file, root, vectorize=True) == 1
+    assert sweep_execute.sweep(config_file, root, vectorize=True) == 1
     stderr = capsys.readouterr().err
     assert "run lr=nan failed" in stderr and "1 run(s) failed: lr=nan" in stderr
     assert not os.path.exists(os.path.join(root, "lr=nan", run_files.DONE_FILE))
-    group_dir = os.path.join(root, sweep.VECTORISED_DIR, os.listdir(os.path.join(root, sweep.VECTORISED_DIR))[0])
-    with open(os.path.join(group_dir, train_vectorised.FAILED_FILE)) as f:
+    group_dir = os.path.join(root, sweep_runs.VECTORISED_DIR, os.listdir(os.path.join(root, sweep_runs.VECTORISED_DIR))[0])
+    with open(os.path.join(group_dir, run_files.FAILED_FILE)) as f:
         assert json.load(f) == {"lr=nan": "parameters became non-finite in step 1"}
     # The healthy run is the same run as in the sweep without the diverging one.
     healthy, reference = os.path.join(root, RUN_NAMES[0]), os.path.join(vectorised_root, RUN_NAMES[0])
@@ -268,6 +333,10 @@ def test_a_diverged_run_fails_alone(world_and_pretrained, vectorised_root, tmp_p
 # ---------------------------------------------------------------------------------------------
 
 
+# A lone run is always a group (of one): what keeps runs apart needs two of them.
+TWO_RUNS = '[{"optim.learning_rate": 1e-3}, {"optim.learning_rate": 3e-3}]'
+
+
 @pytest.mark.parametrize(
     "sweep_source, extra, named",
     [
@@ -276,20 +345,21 @@ def test_a_diverged_run_fails_alone(world_and_pretrained, vectorised_root, tmp_p
             "",
             ["data.batch_size differs between runs (lr=0.001: 16, bs=32_shrink=0.95: 32)", "cleaning.shrink"],
         ),
-        ("[{}]", "config.objective.cluster_weight = 5.0", ["objective.cluster_weight is set: deep clustering"]),
+        (TWO_RUNS, "config.objective.cluster_weight = 5.0", ["per-epoch passes ['deep_clustering'] are enabled"]),
         (
-            "[{}]",
+            TWO_RUNS,
             "config.train.reload_optimizer_state = True; config.train.keep_checkpoint_every_epochs = 1",
             ["train.reload_optimizer_state is set", "train.keep_checkpoint_every_epochs is set"],
         ),
     ],
+    ids=["other_keys_differ", "deep_clustering", "optimizer_reload_and_kept_epochs"],
 )
 def test_sweep_that_cannot_be_vectorised_is_an_error_naming_the_keys(
     world_and_pretrained, tmp_path, capsys, sweep_source, extra, named
 ):
     config_file = write_sweep_config(tmp_path / "config.py", world_and_pretrained, sweep_source, extra)
     root = tmp_path / "root"
-    assert sweep.main(["--config", config_file, "--workdir", str(root), "--vectorize"]) == 2
+    assert sweep_main.main(["--config", config_file, "--workdir", str(root), "--vectorize"]) == 2
     error = capsys.readouterr().err
     assert error.startswith("error: these runs cannot train as one vectorised program")
     for text in named:
@@ -300,42 +370,42 @@ def test_sweep_that_cannot_be_vectorised_is_an_error_naming_the_keys(
 
 def test_vectorize_needs_local_in_process_mode(config_file, tmp_path, capsys):
     for flags in (["--parallel", "2"], ["--mode", "slurm"]):
-        assert sweep.main(["--config", config_file, "--workdir", str(tmp_path), "--vectorize", *flags]) == 2
+        assert sweep_main.main(["--config", config_file, "--workdir", str(tmp_path), "--vectorize", *flags]) == 2
         assert "--vectorize trains the runs in this process" in capsys.readouterr().err
 
 
 def test_vectorised_dry_run_names_the_group_and_writes_nothing(config_file, tmp_path, capsys):
     root = tmp_path / "root"
-    assert sweep.main(["--config", config_file, "--workdir", str(root), "--vectorize", "--dry_run"]) == 0
+    assert sweep_main.main(["--config", config_file, "--workdir", str(root), "--vectorize", "--dry_run"]) == 0
     out = capsys.readouterr().out
-    assert f"would train 2 runs as one vectorised program, group state in {root}/{sweep.VECTORISED_DIR}/2runs-" in out
+    assert f"would train 2 runs as one vectorised program, group state in {root}/{sweep_runs.VECTORISED_DIR}/2runs-" in out
     assert not root.exists()
 
 
 def test_clean_tiny_sweep_can_be_vectorised():
     config_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "clean_tiny.py")
-    config, entries = sweep.load_sweep(f"{config_path}:runs/world,runs/tiny,4")
+    config, entries = sweep_runs.load_sweep(f"{config_path}:runs/world,runs/tiny,4")
     assert config.train.init_from == "runs/tiny" and config.data.train_csv == "runs/world/train/train.csv"
-    runs = sweep.expand_sweep("root", entries)
+    runs = sweep_runs.expand_sweep("root", entries)
     assert [run.name for run in runs] == [f"lr={lr}_ssl_weight=1" for lr in ("2e-04", "5e-04", "0.001", "0.002")]
-    sweep.check_vectorisable(config, runs)
-    assert len(sweep.load_sweep(f"{config_path}:runs/world,runs/tiny")[1]) == 8
+    sweep_execute.check_vectorisable(config, runs)
+    assert len(sweep_runs.load_sweep(f"{config_path}:runs/world,runs/tiny")[1]) == 8
 
 
-@pytest.mark.parametrize("run_loop", ["vmap", "dispatch"])
+@pytest.mark.parametrize("run_loop", ["vmap", "map", "dispatch"])
 def test_finite_check_flags_each_run(run_loop):
     def run_step(state, batch, rng, hparams):
         params = {"w": state["params"]["w"] * hparams["scale"] + jnp.sum(batch["x"])}
         return {"params": params}, {"loss": jnp.sum(params["w"])}
 
-    step = jax.vmap(run_step, in_axes=(0, None, None, 0)) if run_loop == "vmap" else vmap_sweep.PerRunStep(run_step)
     mesh = sharding.make_mesh()
-    states = {"params": {"w": jnp.ones((3, 4))}}
-    jitted = vmap_sweep.shard_and_jit_vectorised_step(
-        train_vectorised.with_finite_check(step), vmap_sweep.sweep_state_shardings(states, mesh), mesh
-    )
+    group = run_group.RunGroup(3, mesh, run_loop)
+    run_shardings = {"params": {"w": sharding.replicated(mesh)}}
+    states = group.replicate({"params": {"w": jnp.ones(4)}}, run_shardings)
+    jitted = group.jit_step(run_step, run_shardings)
     batch = {"x": np.zeros((8, 1), np.float32)}
-    states, metrics = jitted(states, batch, jax.random.key(0), {"scale": np.array([2.0, np.inf, 0.5], np.float32)})
+    hparams = group.hyperparams({"scale": np.array([2.0, np.inf, 0.5], np.float32)})
+    states, metrics = jitted(states, batch, jax.random.key(0), hparams)
     assert metrics["params_finite"].tolist() == [True, False, True]
     np.testing.assert_allclose(metrics["loss"], [8.0, np.inf, 2.0])
     np.testing.assert_allclose(states["params"]["w"][2], np.full(4, 0.5))
@@ -346,8 +416,11 @@ def test_default_run_loop(monkeypatch):
         platform = "gpu"
 
     cpu = jax.devices()
-    monkeypatch.setattr(cpu_runtime, "has_avx512", lambda: False)
-    assert train_vectorised.default_run_loop(cpu) == "dispatch"
-    assert train_vectorised.default_run_loop([FakeGpu()]) == "vmap"
-    monkeypatch.setattr(cpu_runtime, "has_avx512", lambda: True)
-    assert train_vectorised.default_run_loop(cpu) == "vmap"
+    # "dispatch" on every CPU, with AVX-512 or without; "vmap" on accelerators.
+    for avx512 in (False, True):
+        monkeypatch.setattr(cpu_runtime, "has_avx512", lambda avx512=avx512: avx512)
+        assert run_group.default_run_loop(cpu) == "dispatch"
+    assert run_group.default_run_loop([FakeGpu()]) == "vmap"
+    # A group of several runs takes the default of its mesh's devices; a group of one needs none.
+    assert run_group.RunGroup(2, sharding.make_mesh()).run_loop == "dispatch"
+    assert run_group.RunGroup(1, sharding.make_mesh()).run_loop == "single"
