@@ -1,8 +1,8 @@
-"""Benchmarks of vectorised sweeps (bclip.vmap_sweep) against the same N runs one after another.
-Each prints one JSON line.
+"""Benchmarks of vectorised sweeps (a group of runs, bclip.run_group) against the same N runs one
+after another. Each prints one JSON line.
 
-Step only: N cleaning runs' train steps as one vectorised program against N separately jitted
-bclip.train_step programs, on the same batches from the same start:
+Step only: N cleaning runs' train steps as one group's program against N separately jitted
+bclip.train_step programs (each a lone run's), on the same batches from the same start:
 
   python -m bclip.bench_sweep --model micro-vit --num_runs 4 --steps 20 --batch_size 32
   python -m bclip.bench_sweep --model tiny-vit --num_runs 8 --steps 5 --batch_size 16
@@ -28,6 +28,7 @@ if __name__ == "__main__":
     cpu_runtime.reexec_with_retained_heap()
 
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -37,10 +38,10 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-from bclip import objectives, optim, sharding, train_step, vmap_sweep
+from bclip import objectives, optim, run_group, sharding, train_step
 from bclip.bench import OBJECTIVES, random_batch
 from bclip.models import clip
 
@@ -86,7 +87,7 @@ def bench_steps(
     run_loops: tuple[str, ...] = ("vmap",),
 ) -> dict:
     """Seconds for `steps` steps of N runs: N separately jitted single-run steps one after another
-    against one vectorised step per `run_loops` entry (vmap_sweep.RUN_LOOPS); compile seconds too.
+    against one group's step per `run_loops` entry (run_group.RUN_LOOPS); compile seconds too.
 
     Returns {"sequential_s", "sequential_compile_s", "vectorised": {run_loop: {"s", "compile_s",
     "speedup", "compile_speedup", "final_loss_max_rel_diff"}}}.
@@ -98,8 +99,8 @@ def bench_steps(
     # Sequential runs use every device for data parallelism; the sweep may split the runs over
     # groups of devices (run_shards), each group splitting the batch.
     data_mesh = sharding.make_mesh()
-    sweep_mesh = vmap_sweep.make_sweep_mesh(run_shards)
-    vmap_sweep.check_runs_fit_mesh(num_runs, sweep_mesh)
+    sweep_mesh = run_group.make_mesh(run_shards)
+    groups = {run_loop: run_group.RunGroup(num_runs, sweep_mesh, run_loop) for run_loop in run_loops}
     replicated = sharding.replicated(data_mesh)
     # The "pretrained" start every run cleans from, kept on the host so each round starts afresh.
     variables = jax.device_get(
@@ -110,53 +111,50 @@ def bench_steps(
     sweep_batches = [jax.device_put(b, sharding.batch_sharding(sweep_mesh)) for b in host_batches]
     rng = jax.device_put(jax.random.key(0), replicated)
     sweep_rng = jax.device_put(jax.random.key(0), sharding.replicated(sweep_mesh))
+
+    # Each run's optim and objective sections, as its config would hold them.
     per_run = sweep_values(num_runs, template)
-    hparams = vmap_sweep.sweep_hyperparams(num_runs, optim_config, template, **per_run)
+    run_configs = []
+    for run in range(num_runs):
+        run_config = ml_collections.ConfigDict({"optim": copy.deepcopy(optim_config), "objective": copy.deepcopy(template)})
+        for key, values in per_run.items():
+            run_config["optim" if key in optim.HYPERPARAMS else "objective"][key] = float(values[run])
+        run_configs.append(run_config)
+    hparams = run_group.group_hyperparams(run_configs)
 
     # ---- Sequential: one program per run, as N separate runs would compile ----------------------
-    def run_config(run):
-        run_optim = optim.optim_config(
-            warmup_steps=optim_config.warmup_steps,
-            learning_rate=float(hparams["learning_rate"][run]),
-            weight_decay=float(hparams["weight_decay"][run]),
-        )
-        tx = optim.make_optimizer(run_optim, total_steps)
-        weights = {name: float(hparams[key][run]) for name, key in vmap_sweep.TERM_WEIGHTS.items()}
-        return tx, objectives.objective_config(**weights)
-
     def fresh_state(tx):
-        state = {
-            "params": variables["params"],
-            "batch_stats": variables.get("batch_stats", {}),
-            "opt": tx.init(variables["params"]),
-            "step": jnp.zeros((), jnp.int32),
-        }
+        state = jax.device_get(train_step.init_state(tx, variables))
         return jax.device_put(state, jax.tree.map(lambda _: replicated, state))
 
     sequential_steps, sequential_compile_s = [], 0.0
-    for run in range(num_runs):
-        tx, objective = run_config(run)
+    for run_config in run_configs:
+        run_optim, run_objective = run_config.optim, run_config.objective
+        tx = optim.make_optimizer(run_optim)
         state = fresh_state(tx)
         shardings = jax.tree.map(lambda _: replicated, state)
-        jitted = train_step.shard_and_jit_train_step(train_step.make_train_step(model, tx, objective), shardings, data_mesh)
-        seconds, compiled = _timed(lambda: jitted.lower(state, batches[0], rng).compile())
+        jitted = train_step.shard_and_jit_train_step(
+            train_step.make_train_step(model, tx, run_objective, run_optim, total_steps), shardings, data_mesh
+        )
+        run_hparams = train_step.run_hyperparams(run_optim, run_objective)
+        seconds, compiled = _timed(lambda: jitted.lower(state, batches[0], rng, run_hparams).compile())
         sequential_compile_s += seconds
         for i in range(warmup_steps):
-            state, metrics = compiled(state, batches[i % steps], rng)
+            state, metrics = compiled(state, batches[i % steps], rng, run_hparams)
         jax.block_until_ready(state)
-        sequential_steps.append((tx, compiled))
+        sequential_steps.append((tx, compiled, run_hparams))
 
     def sequential_round():
-        states = [fresh_state(tx) for tx, _ in sequential_steps]
+        states = [fresh_state(tx) for tx, _, _ in sequential_steps]
         jax.block_until_ready(states)
         losses = []
 
         def train_one_after_another():
-            for run, (_, compiled) in enumerate(sequential_steps):
+            for run, (_, compiled, run_hparams) in enumerate(sequential_steps):
                 state = states[run]
                 states[run] = None  # donated; lets the run's buffers go once it is done
                 for batch in batches:
-                    state, metrics = compiled(state, batch, rng)
+                    state, metrics = compiled(state, batch, rng, run_hparams)
                 jax.block_until_ready(state)
                 losses.append(metrics["loss"])
 
@@ -164,27 +162,29 @@ def bench_steps(
         return seconds, np.asarray(jax.device_get(losses))
 
     # ---- Vectorised: one program for all runs, per run loop -------------------------------------
-    sweep_tx = vmap_sweep.make_sweep_optimizer(optim_config)
-    single = jax.device_get(vmap_sweep.init_sweep_state(sweep_tx, variables))
-    stacked = jax.tree.map(lambda x: np.broadcast_to(x, (num_runs, *np.shape(x))), single)
-    state_shardings = vmap_sweep.sweep_state_shardings(stacked, sweep_mesh)
-    hparams_on_device = jax.device_put(hparams, vmap_sweep.run_sharding(sweep_mesh))
+    # The group computes every term any run weighs; each run's weights are its hparams.
+    group_tx = optim.make_optimizer(optim_config)
+    run_step = train_step.make_train_step(model, group_tx, run_group.group_objective(run_configs), optim_config, total_steps)
+    single = jax.device_get(train_step.init_state(group_tx, variables))
+    run_shardings = jax.tree.map(lambda _: sharding.replicated(sweep_mesh), single)
+
+    def fresh_states(group):
+        return group.replicate(jax.device_put(single, run_shardings), run_shardings)
+
     vectorised_programs = {}
-    for run_loop in run_loops:
-        step = vmap_sweep.shard_and_jit_vectorised_step(
-            vmap_sweep.make_vectorised_train_step(model, template, optim_config, total_steps, run_loop),
-            state_shardings,
-            sweep_mesh,
-        )
-        states = jax.device_put(stacked, state_shardings)
+    for run_loop, group in groups.items():
+        step = group.jit_step(run_step, run_shardings)
+        hparams_on_device = group.hyperparams(hparams)
+        states = fresh_states(group)
         compile_s, compiled = _timed(lambda: step.lower(states, sweep_batches[0], sweep_rng, hparams_on_device).compile())
         for i in range(warmup_steps):
             states, _ = compiled(states, sweep_batches[i % steps], sweep_rng, hparams_on_device)
         jax.block_until_ready(states)
-        vectorised_programs[run_loop] = (compiled, compile_s)
+        vectorised_programs[run_loop] = (compiled, compile_s, hparams_on_device)
 
-    def vectorised_round(compiled):
-        states = jax.device_put(stacked, state_shardings)
+    def vectorised_round(run_loop):
+        compiled, _, hparams_on_device = vectorised_programs[run_loop]
+        states = fresh_states(groups[run_loop])
         jax.block_until_ready(states)
 
         def train_together():
@@ -209,7 +209,7 @@ def bench_steps(
                 seconds, sequential_losses = sequential_round()
                 sequential_s = min(sequential_s, seconds)
             else:
-                seconds, vectorised_losses[side] = vectorised_round(vectorised_programs[side][0])
+                seconds, vectorised_losses[side] = vectorised_round(side)
                 vectorised_s[side] = min(vectorised_s[side], seconds)
 
     return {
@@ -351,11 +351,11 @@ def bench_end_to_end(args) -> dict:
     first = sorted(sequential)[0]
 
     # ---- Step-only figures of the same model, batch and objective, for context -----------------
-    from bclip import sweep, train_vectorised
+    from bclip.sweep import runs as sweep_runs
 
-    config, _ = sweep.load_sweep(config_arg)
+    config, _ = sweep_runs.load_sweep(config_arg)
 
-    default_loop = train_vectorised.default_run_loop(jax.devices())
+    default_loop = run_group.default_run_loop(jax.devices())
     run_loops = tuple(dict.fromkeys([default_loop, "vmap", "dispatch"]))
     step_only = bench_steps(
         config.model,
@@ -410,7 +410,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the best is kept")
     parser.add_argument("--repeats_step_only", type=int, default=2, help="end to end: rounds of its step-only part")
     parser.add_argument("--run_shards", type=int, default=1, help="split the runs over this many device groups")
-    parser.add_argument("--run_loops", default="vmap", help="comma-separated vmap_sweep.RUN_LOOPS to time")
+    parser.add_argument("--run_loops", default="vmap", help="comma-separated run_group.RUN_LOOPS to time")
     args = parser.parse_args(argv)
     if args.end_to_end:
         if args.steps == parser.get_default("steps"):
