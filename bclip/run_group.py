@@ -138,8 +138,10 @@ def default_run_loop(devices) -> str:
     the two on both hosts measured: a 2-core AMD EPYC (AVX2), clean_tiny.py's runs' step at
     0.93-1.00x the speed of separate runs against vmap's 0.71-0.92x, and a 2-core Intel Xeon with
     AVX-512, 1.17x against 0.995x (an earlier AVX-512 host had vmap ahead, 1.36x, which did not
-    hold here). It also runs each run's arithmetic exactly as a lone run does, so a group's results
-    equal separate runs' bit for bit; vmap's batched ops round differently (within 1e-4).
+    hold here). It also runs each run's arithmetic as a lone run does: the embedded study's grouped
+    cleaning runs wrote exactly the lone runs' logs, and so do the tests' runs (tests/test_run_group.py);
+    XLA:CPU's fused code for the sliced state can round a gradient sum differently (up to 1.2e-6 in
+    parameters after 4 micro-vit steps at default XLA flags), where vmap's batched ops differ by up to 1e-4.
     """
     if all(device.platform == "cpu" for device in devices):
         return "dispatch"
