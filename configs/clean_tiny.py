@@ -9,7 +9,7 @@ scalars, so they can train as one vectorised program.
 `arg` is "WORLD,PRETRAINED[,NUM_RUNS]": the world's directory, the pretraining run's directory and
 optionally how many of the sweep's 8 runs to keep (the first ones). On 2 CPU cores, 8 runs take
 130–290 s one after another (without --vectorize) and 50–105 s with it, depending on the host;
-`python -m bclip.bench_sweep --end_to_end --num_runs N` times both ways.
+`python -m bclip.bench sweep --end_to_end --num_runs N` times both ways.
 """
 
 import os

@@ -4,8 +4,8 @@ after another. Each prints one JSON line.
 Step only: N cleaning runs' train steps as one group's program against N separately jitted
 bclip.train_step programs (each a lone run's), on the same batches from the same start:
 
-  python -m bclip.bench_sweep --model micro-vit --num_runs 4 --steps 20 --batch_size 32
-  python -m bclip.bench_sweep --model tiny-vit --num_runs 8 --steps 5 --batch_size 16
+  python -m bclip.bench sweep --model micro-vit --num_runs 4 --steps 20 --batch_size 32
+  python -m bclip.bench sweep --model tiny-vit --num_runs 8 --steps 5 --batch_size 16
 
 End to end: what a researcher waits for. The N runs of configs/clean_tiny.py (CleanCLIP cleaning
 of the tiny pretrained model: data, init_from, training, evaluations, checkpoints) done by
@@ -13,19 +13,12 @@ of the tiny pretrained model: data, init_from, training, evaluations, checkpoint
 `--vectorize`, each in a fresh process; wall and CPU seconds of each, plus the step-only figures
 of the same model for context:
 
-  python -m bclip.bench_sweep --end_to_end --num_runs 4 [--workdir /tmp/bench_sweep]
+  python -m bclip.bench sweep --end_to_end --num_runs 4 [--workdir /tmp/bench_sweep]
 
 The synthetic world and the pretrained run it cleans are made first (not timed) and kept in
 --workdir for the next call. Both sides must end with the same evaluations; the line says how far
 apart they are.
 """
-
-if __name__ == "__main__":
-    # First, before the heavy imports below: on a CPU host this restarts the command with a glibc
-    # heap that keeps XLA's step buffers mapped (see bclip/cpu_runtime.py).
-    from bclip import cpu_runtime
-
-    cpu_runtime.reexec_with_retained_heap()
 
 import argparse
 import copy
@@ -42,7 +35,7 @@ import ml_collections
 import numpy as np
 
 from bclip import objectives, optim, run_group, sharding, train_step
-from bclip.bench import OBJECTIVES, random_batch
+from bclip.bench.step import OBJECTIVES, random_batch
 from bclip.models import clip
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -396,7 +389,7 @@ def bench_end_to_end(args) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bclip.bench sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--end_to_end", action="store_true",
                         help="time the sweep command on configs/clean_tiny.py, sequential vs --vectorize")
     parser.add_argument("--workdir", help="end to end: where the world, pretrained run and sweeps go (default: a temp dir)")
@@ -421,6 +414,3 @@ def main(argv=None):
     else:
         print(json.dumps(bench_sweep(args)), flush=True)
 
-
-if __name__ == "__main__":
-    main()

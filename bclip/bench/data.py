@@ -1,19 +1,5 @@
-"""Benchmarks that print one JSON line per setting: the jitted train step and the input pipeline.
+"""The input side's speed: the Grain pipeline against a bare Pillow loop, and AutoAugment views made on device."""
 
-  python -m bclip.bench step --model tiny-vit --batch_size 128 --objective mmcl
-  python -m bclip.bench data --data_dir /tmp/bench_world --image_size 224 --num_images 2000 --workers 0,1,2
-  python -m bclip.bench data --num_images 1000 --workers 0 --threads 1,2 --settings badnets_1pct
-  python -m bclip.bench views --image_size 224 --batch_size 64
-"""
-
-if __name__ == "__main__":
-    # First, before the heavy imports below: on a CPU host this restarts the command with a glibc
-    # heap that keeps XLA's step buffers mapped (see bclip/cpu_runtime.py).
-    from bclip import cpu_runtime
-
-    cpu_runtime.reexec_with_retained_heap()
-
-import argparse
 import io
 import json
 import multiprocessing
@@ -28,125 +14,10 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from bclip import cpu_runtime, device_augment, objectives, optim, sharding, train_step
+from bclip import device_augment
 from bclip.data import decode, pipeline, sources, text_augment
 from bclip.data import tokenizer as tokenizer_lib
 from bclip.data.synthetic import captions, writer
-from bclip.models import clip
-
-OBJECTIVES = {
-    "mmcl": dict(mmcl=1.0),
-    "mmcl_ssl": dict(mmcl=1.0, ssl=1.0),
-    "ssl": dict(ssl=1.0, mmcl=0.0),
-    "siglip": dict(mmcl=0.0, siglip=1.0),
-}
-
-# Dense bf16 / fp32-TF32 peak FLOP/s per device, for model FLOPs utilisation.
-PEAK_FLOPS = {
-    "H100": {"bfloat16": 989e12, "float32": 495e12},
-    "H200": {"bfloat16": 989e12, "float32": 495e12},
-    "A100": {"bfloat16": 312e12, "float32": 156e12},
-    "TPU v4": {"bfloat16": 275e12, "float32": 275e12},
-    "TPU v5 lite": {"bfloat16": 197e12, "float32": 197e12},
-    "TPU v5p": {"bfloat16": 459e12, "float32": 459e12},
-}
-
-
-def peak_flops(device, dtype: str) -> float | None:
-    for name, peaks in PEAK_FLOPS.items():
-        if name.lower() in device.device_kind.lower():
-            return peaks[dtype]
-    return None
-
-
-def random_batch(model_config, batch_size: int, with_views: bool, seed: int = 0, views_on_device: bool = False) -> dict:
-    """A batch of random uint8 images and token rows that each end in end-of-text; with views on
-    device, view keys (as the pipeline sends them) stand in for the augmented images."""
-    rng = np.random.default_rng(seed)
-    size, ctx, vocab = model_config.image.size, model_config.text.context_length, model_config.text.vocab_size
-
-    def tokens():
-        t = rng.integers(1, vocab - 2, size=(batch_size, ctx), dtype=np.int32)
-        t[:, 0] = vocab - 2
-        t[:, ctx // 2] = vocab - 1
-        t[:, ctx // 2 + 1 :] = 0
-        return t
-
-    batch = {"image": rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8), "text": tokens()}
-    if with_views:
-        if views_on_device:
-            batch["view_key"] = pipeline.view_keys(seed, 0, np.arange(batch_size), np.zeros(batch_size, np.int64))
-        else:
-            batch["aug_image"] = rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
-        batch["aug_text"] = tokens()
-    return batch
-
-
-def bench_step(args) -> dict:
-    model_config = clip.model_config(args.model, dtype=args.dtype)
-    model = clip.build_model(model_config)
-    objective = objectives.objective_config(**OBJECTIVES[args.objective])
-    optim_config = optim.optim_config(learning_rate=1e-4, warmup_steps=10)
-    tx = optim.make_optimizer(optim_config)
-    mesh = sharding.make_mesh()
-    state, shardings = train_step.create_sharded_state(
-        model, tx, jax.random.key(0), mesh, model_config, sharding.sharding_config(params=args.params_sharding)
-    )
-    step = train_step.shard_and_jit_train_step(
-        train_step.make_train_step(model, tx, objective, optim_config, 10_000), shardings, mesh
-    )
-    hparams = train_step.run_hyperparams(optim_config, objective)
-    batch = jax.device_put(
-        random_batch(
-            model_config, args.batch_size, objectives.needs_augmented_views(objective),
-            views_on_device=args.views_on_device,
-        ),
-        sharding.batch_sharding(mesh),
-    )
-    start = time.perf_counter()
-    compiled = step.lower(state, batch, jax.random.key(0), hparams).compile()
-    compile_s = time.perf_counter() - start
-    for i in range(args.warmup_steps):
-        state, metrics = compiled(state, batch, jax.random.key(i), hparams)
-    jax.block_until_ready(metrics)
-    usage_before = resource.getrusage(resource.RUSAGE_SELF)
-    start = time.perf_counter()
-    for i in range(args.steps):
-        state, metrics = compiled(state, batch, jax.random.key(i), hparams)
-    jax.block_until_ready(metrics)
-    s_per_step = (time.perf_counter() - start) / args.steps
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    result = {
-        "bench": "step",
-        "model": args.model,
-        "objective": args.objective,
-        "dtype": args.dtype,
-        "batch_size": args.batch_size,
-        "params_sharding": args.params_sharding,
-        "views_on_device": args.views_on_device and objectives.needs_augmented_views(objective),
-        "devices": jax.device_count(),
-        "device_kind": jax.devices()[0].device_kind,
-        "pairs_per_s": args.batch_size / s_per_step,
-        "s_per_step": s_per_step,
-        "compile_s": compile_s,
-        "loss": float(metrics["loss"]),
-        # Host memory behaviour behind CPU figures (bclip/cpu_runtime.py).
-        "retained_heap": os.environ.get(cpu_runtime.RETAINED_HEAP_ENV) == "1",
-        "minor_faults_per_step": (usage.ru_minflt - usage_before.ru_minflt) / args.steps,
-        "kernel_s_per_step": (usage.ru_stime - usage_before.ru_stime) / args.steps,
-    }
-    peak = peak_flops(jax.devices()[0], args.dtype)
-    if peak is not None:
-        # Training ≈ 3× forward; SSL views double the encoded pairs.
-        views = 2 if objectives.needs_augmented_views(objective) else 1
-        model_flops = 3 * clip.forward_flops_per_pair(model_config) * args.batch_size * views
-        result["mfu"] = model_flops / s_per_step / (peak * jax.device_count())
-    return result
-
-
-# ---------------------------------------------------------------------------------------------
-# Input pipeline
-# ---------------------------------------------------------------------------------------------
 
 # name -> (poison overrides or None for a clean run, SSL views, image views made on device)
 DATA_SETTINGS = {
@@ -370,11 +241,6 @@ def bench_data(args) -> list[dict]:
     return results
 
 
-# ---------------------------------------------------------------------------------------------
-# Views made on device
-# ---------------------------------------------------------------------------------------------
-
-
 def bench_views(args) -> dict:
     """Images/s of AutoAugment views made in the train step (data.views_on_device) on this
     backend's first device: the cost a step pays for the host's saving in `bench data`."""
@@ -395,52 +261,3 @@ def bench_views(args) -> dict:
         "bench": "views", "device_kind": jax.devices()[0].device_kind, "image_size": args.image_size,
         "batch_size": args.batch_size, "images_per_s": args.batch_size / s_per_batch, "compile_s": compile_s,
     }
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    step = commands.add_parser("step", help="time the jitted train step")
-    step.add_argument("--model", default="tiny-vit", choices=sorted(clip.PRESETS))
-    step.add_argument("--batch_size", type=int, default=128)
-    step.add_argument("--objective", default="mmcl", choices=sorted(OBJECTIVES))
-    step.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    step.add_argument("--params_sharding", default="replicated", choices=["replicated", "fsdp"])
-    step.add_argument("--steps", type=int, default=10)
-    step.add_argument(
-        "--views_on_device", action="store_true",
-        help="with an SSL objective: send view keys and make the AutoAugment views in the step",
-    )
-    step.add_argument(
-        "--warmup_steps", type=int, default=3, help="untimed steps first; on CPU the retained heap settles in these"
-    )
-    data = commands.add_parser("data", help="time the input pipeline against a bare Pillow loop")
-    data.add_argument("--data_dir", default="/tmp/bclip_bench_world", help="synthetic world to write or reuse")
-    data.add_argument("--csv", default="", help="a real image-caption CSV instead of the synthetic world")
-    data.add_argument("--tokenizer_kind", default="word", choices=sorted(tokenizer_lib.TOKENIZER_BUILDERS))
-    data.add_argument("--tokenizer_path", default="", help="with --csv: vocabulary or BPE merges file")
-    data.add_argument("--synonyms", default="wordnet", help="with --csv: 'wordnet' or a JSON lexicon")
-    data.add_argument("--image_size", type=int, default=224)
-    data.add_argument("--source_size", type=int, default=0, help="side of the world's JPEGs (0: image_size)")
-    data.add_argument("--num_images", type=int, default=2000)
-    data.add_argument("--batch_size", type=int, default=64)
-    data.add_argument("--workers", default="0,1,2", help="comma-separated Grain worker counts")
-    data.add_argument("--threads", default="1", help="comma-separated data.num_threads values")
-    data.add_argument("--settings", default=",".join(DATA_SETTINGS), help="comma-separated, from: " + ", ".join(DATA_SETTINGS))
-    data.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported")
-    views = commands.add_parser("views", help="time AutoAugment views made on device (data.views_on_device)")
-    views.add_argument("--image_size", type=int, default=224)
-    views.add_argument("--batch_size", type=int, default=64)
-    views.add_argument("--steps", type=int, default=5)
-    args = parser.parse_args(argv)
-    if args.command == "step":
-        print(json.dumps(bench_step(args)), flush=True)
-    elif args.command == "views":
-        print(json.dumps(bench_views(args)), flush=True)
-    elif args.command == "data":
-        for result in bench_data(args):
-            print(json.dumps(result), flush=True)
-
-
-if __name__ == "__main__":
-    main()
