@@ -194,16 +194,14 @@ def runs(tmp_path_factory):
     resumed in the same folder (what the stopped run left is kept aside as "stopped")."""
     root = tmp_path_factory.mktemp("multiprocess")
     world = writer.write_world(root / "world", image_size=32, num_train=NUM_TRAIN, num_test=NUM_TEST, num_selection=4)
-    # The stopped run and its resumption share a compilation cache (the resumption compiles nothing);
-    # the two-process run, which compiles at the same time as the stopped one, has its own.
+    # The two-process runs share one compilation cache and run one after another: the stopped run
+    # and its resumption compile nothing the first run has compiled.
     two_argv = _worker_argv(world, root / "two", root / "two_records")
     stopped_argv = _worker_argv(world, root / "resumed", root / "stopped_records", "--stop_after_steps", str(STOP_AFTER))
     resumed_argv = _worker_argv(world, root / "resumed", root / "resumed_records")
-    two_env, resumed_env = _base_env(root / "two_cache"), _base_env(root / "resumed_cache")
-    # Both two-process runs train while this process trains the one-process run.
-    workers = _Workers(
-        _two_process_jobs("two", two_env, two_argv) + _two_process_jobs("stopped", resumed_env, stopped_argv), root
-    )
+    env = _base_env(root / "two_process_cache")
+    # The first two-process run trains while this process trains the one-process run.
+    workers = _Workers(_two_process_jobs("two", env, two_argv), root)
     try:
         with pytest.MonkeyPatch.context() as monkeypatch:
             recorder = worker.Recorder(str(root / "single"))
@@ -213,8 +211,9 @@ def runs(tmp_path_factory):
         workers.stop()
         raise
     workers.wait(RUN_TIMEOUT_S)
+    _Workers(_two_process_jobs("stopped", env, stopped_argv), root).wait(RUN_TIMEOUT_S)
     shutil.copytree(root / "resumed", root / "stopped")
-    _Workers(_two_process_jobs("resumed", resumed_env, resumed_argv), root).wait(RUN_TIMEOUT_S)
+    _Workers(_two_process_jobs("resumed", env, resumed_argv), root).wait(RUN_TIMEOUT_S)
     return {
         "single": _run(root / "single", [single]),
         "two": _run(root / "two", _records(root / "two_records", 2)),
