@@ -36,3 +36,22 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end test that takes more than a few seconds")
+
+
+# The slowest files, slowest first: with `--dist loadfile` each file goes to one test process in
+# collection order, so starting these first keeps both processes busy until the end.
+_SLOW_FILES_FIRST = (
+    "test_multiprocess.py",
+    "test_extending_docs.py",
+    "test_train.py",
+    "test_sweep_vectorised.py",
+    "test_experiment.py",
+    "test_train_step.py",
+    "test_epath_workdir.py",
+    "test_run_group.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: position for position, name in enumerate(_SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

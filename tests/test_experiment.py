@@ -36,6 +36,8 @@ class CountingTrainFn:
 @pytest.mark.slow
 def test_smoke_study_end_to_end_and_resumable(tmp_path):
     study = study_synthetic().get_config("smoke")
+    assert list(study.pretrain) == ["MMCL", "MMCL+SSL"]
+    del study.pretrain["MMCL"]  # one model is enough to follow the study through (and half the time)
     workdir = str(tmp_path / "study")
     train_fn = CountingTrainFn()
     summary = experiment.run_study(study, workdir, train_fn)
@@ -43,7 +45,7 @@ def test_smoke_study_end_to_end_and_resumable(tmp_path):
 
     # Each pretrained model, then its cleaning by every method at every learning rate.
     models = list(study.pretrain)
-    assert models == ["MMCL", "MMCL+SSL"] and list(study.cleaning_methods) == ["CleanCLIP"]
+    assert models == ["MMCL+SSL"] and list(study.cleaning_methods) == ["CleanCLIP"]
     clean_runs = {
         model: [
             os.path.join(workdir, "clean", model, method, sweep_runs.run_name(experiment.cleaning_grid_entry(lr)))
