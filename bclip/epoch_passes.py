@@ -130,9 +130,15 @@ def per_example_table(values, indices, valid, table_size: int, missing, dtype) -
     return table
 
 
+def model_params(params: dict) -> dict:
+    """The CLIP model's parameters without the heads of per-epoch passes."""
+    heads = {epoch_pass.head[0] for epoch_pass in EPOCH_PASSES.values() if epoch_pass.head}
+    return {name: value for name, value in params.items() if name not in heads}
+
+
 def model_variables(state: dict) -> dict:
     """The CLIP model's variables in a training state (no pass heads), as `model.apply` takes them."""
-    variables = {"params": {n: p for n, p in state["params"].items() if n != cleaning.CLUSTER_HEAD}}
+    variables = {"params": model_params(state["params"])}
     if state["batch_stats"]:
         variables["batch_stats"] = state["batch_stats"]
     return variables

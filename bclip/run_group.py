@@ -199,6 +199,7 @@ class RunGroup:
         if RUN_AXIS in mesh.axis_names and num_runs % mesh.shape[RUN_AXIS]:
             raise ValueError(f"{num_runs} runs cannot be split evenly over {mesh.shape[RUN_AXIS]} run shards")
         self.num_runs, self.mesh = num_runs, mesh
+        self._take_fns = {}  # one jitted slicer per output shardings, compiled once, not per call
         self.run_loop = "single" if num_runs == 1 else (run_loop or default_run_loop(mesh.devices.flat))
         if self.run_loop not in ("single", *RUN_LOOPS):
             raise ValueError(f"run_loop must be one of {RUN_LOOPS}, got {run_loop!r}")
@@ -235,7 +236,10 @@ class RunGroup:
         """Run `run`'s part of the group's states (e.g. its variables), in one run's shardings."""
         if not self.stacked:
             return states
-        return jax.jit(lambda s, i: jax.tree.map(lambda x: x[i], s), out_shardings=run_shardings)(states, run)
+        key = jax.tree.structure(run_shardings), tuple(jax.tree.leaves(run_shardings))
+        if key not in self._take_fns:
+            self._take_fns[key] = jax.jit(lambda s, i: jax.tree.map(lambda x: x[i], s), out_shardings=run_shardings)
+        return self._take_fns[key](states, run)
 
     def hyperparams(self, hparams: dict[str, np.ndarray]):
         """{name: float32 [N]} on the mesh, as the step takes them."""

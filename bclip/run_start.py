@@ -54,8 +54,8 @@ def _shrink_and_perturb(context: StartContext, variables: dict) -> dict:
     config = context.config
     fresh = context.fresh_variables()
     mix = functools.partial(cleaning.shrink_and_perturb, shrink=config.cleaning.shrink, perturb=config.cleaning.perturb)
-    mix = jax.jit(mix, out_shardings=model_params(context.param_shardings))
-    return {**variables, "params": {**fresh["params"], **mix(variables["params"], model_params(fresh["params"]))}}
+    mix = jax.jit(mix, out_shardings=epoch_passes.model_params(context.param_shardings))
+    return {**variables, "params": {**fresh["params"], **mix(variables["params"], epoch_passes.model_params(fresh["params"]))}}
 
 
 def _fresh_pass_heads(context: StartContext, variables: dict) -> dict:
@@ -100,12 +100,6 @@ def initial_variables(context: StartContext, init_from: dict | None) -> dict:
         if transform.enabled(context.config):
             variables = transform.apply(context, variables)
     return variables
-
-
-def model_params(params: dict) -> dict:
-    """The CLIP model's parameters without the heads of per-epoch passes."""
-    heads = {p.head[0] for p in epoch_passes.EPOCH_PASSES.values() if p.head}
-    return {k: v for k, v in params.items() if k not in heads}
 
 
 def reloaded_optimizer_state(step_dir: str, tx, abstract_params, mesh, config):

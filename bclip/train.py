@@ -166,7 +166,7 @@ def train_group(
     init_from = saved_opt = None
     if config.train.init_from and manager.latest_step() is None:
         sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_run, run_shardings)
-        abstract_variables = {"params": run_start.model_params(sharded["params"]), "batch_stats": sharded["batch_stats"]}
+        abstract_variables = {"params": epoch_passes.model_params(sharded["params"]), "batch_stats": sharded["batch_stats"]}
         init_from, where = checkpointing.load_model_variables(
             config.train.init_from, abstract_variables, config.train.init_from_epoch
         )
@@ -274,8 +274,7 @@ def train_group(
     def run_variables(run: int) -> dict:
         # Evaluations need only the model's variables, not the optimiser state (twice their size).
         variables = group.take({"params": states["params"], "batch_stats": states["batch_stats"]}, run, variable_shardings)
-        params = run_start.model_params(variables["params"])
-        return {"params": params, **({"batch_stats": variables["batch_stats"]} if variables["batch_stats"] else {})}
+        return epoch_passes.model_variables(variables)
 
     def evaluate(variables: list[dict], due) -> list[dict]:
         results = [{} for _ in variables]
