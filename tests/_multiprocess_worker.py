@@ -4,7 +4,8 @@ Runs the trainer itself, `bclip.train.train_and_evaluate`, on a synthetic world:
 pretraining of the micro ViT preset with FSDP parameters, evaluated at the start and at the end.
 Started once per process, with the BCLIP_* variables of `bclip.distributed` when there are several:
 
-  python tests/_multiprocess_worker.py --world W --workdir D --record R [--stop_after_steps N]
+  python tests/_multiprocess_worker.py --world W --workdir D --record R \
+      [--stop_after_steps N --stopped_copy C --stopped_record S]
 
 The trainer is left as it is; a `Recorder` only watches it (the test also installs one in its own
 process for the one-process run) and this process writes R/process_{i}.json with what it saw:
@@ -17,14 +18,22 @@ process for the one-process run) and this process writes R/process_{i}.json with
   "results": what train_and_evaluate returned (null when stopped);
   "stopped": whether --stop_after_steps stopped the run (it raises when the trainer asks for the
     batch after step N, as a preemption between two steps would stop it).
+
+With --stop_after_steps the run is stopped after step N (its record goes to S, and process 0 copies
+the run folder as the stop left it to C); then a second call of the trainer, in the same processes,
+resumes the run in D from its checkpoint (its record goes to R). Starting new processes for the
+resumption would only add their start-up (about 15 CPU-seconds a process); resuming in a fresh
+process after a real kill is tests/test_train.py's test.
 """
 
 import argparse
 import json
 import os
+import shutil
 
 import jax
 from etils.epath import gpath
+from jax.experimental import multihost_utils
 
 from bclip import checkpointing, distributed, train
 from bclip import config as run_configs
@@ -181,24 +190,55 @@ class Recorder:
         return self.record
 
 
+class _Patches:
+    """setattr that can be undone, so that a second Recorder watches the resumed run alone."""
+
+    def __init__(self):
+        self._undo = []
+
+    def __call__(self, owner, name, value) -> None:
+        self._undo.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, value)
+
+    def undo(self) -> None:
+        while self._undo:
+            setattr(*self._undo.pop())
+
+
+def _recorded_run(config, workdir: str, record_dir: str, stop_after_steps: int | None = None) -> None:
+    patches = _Patches()
+    recorder = Recorder(workdir, stop_after_steps)
+    recorder.install(patches)
+    try:
+        record = recorder.run(config)
+    finally:
+        patches.undo()
+    os.makedirs(record_dir, exist_ok=True)
+    with open(os.path.join(record_dir, f"process_{jax.process_index()}.json"), "w") as f:
+        json.dump(record, f)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--world", required=True)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--record", required=True, help="Folder for this process's record.")
     parser.add_argument("--stop_after_steps", type=int, default=None)
+    parser.add_argument("--stopped_copy", default=None, help="With --stop_after_steps: where the stopped run folder is copied.")
+    parser.add_argument("--stopped_record", default=None, help="With --stop_after_steps: the stopped run's records.")
     args = parser.parse_args()
 
     # Before any JAX work: the processes must find each other first.
     distributed.initialize()
     # As tests/conftest.py sets it, so every run multiplies in the same precision.
     jax.config.update("jax_default_matmul_precision", "highest")
-    recorder = Recorder(args.workdir, args.stop_after_steps)
-    recorder.install(setattr)
-    record = recorder.run(worker_config(args.world))
-    os.makedirs(args.record, exist_ok=True)
-    with open(os.path.join(args.record, f"process_{jax.process_index()}.json"), "w") as f:
-        json.dump(record, f)
+    config = worker_config(args.world)
+    if args.stop_after_steps is not None:
+        _recorded_run(config, args.workdir, args.stopped_record, args.stop_after_steps)
+        if jax.process_index() == 0:
+            shutil.copytree(args.workdir, args.stopped_copy)
+        multihost_utils.sync_global_devices("stopped run copied")
+    _recorded_run(config, args.workdir, args.record)
 
 
 if __name__ == "__main__":
