@@ -11,6 +11,7 @@ import os
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -33,6 +34,31 @@ def absolute(path: str | os.PathLike) -> epath.Path:
     return path if "://" in os.fspath(path) else epath.Path(os.path.abspath(path))
 
 
+# The checkpoint items of a step directory.
+STATE_ITEM, DATA_ITEM = "state", "data"
+
+
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
+    """How the state's arrays are written.
+
+    With one process, each array is written from one device's copy. Orbax's default on CPU and TPU
+    splits every replicated array over its replicas (replica-parallel), which pays off only when the
+    replicas sit on different hosts; in one process it cuts each array into one piece per device
+    with an eager slice each (measured on 8 CPU devices: 40,000 slices, 16 CPU-seconds of the 20
+    saves in tests/test_train.py). With several processes, Orbax's defaults stand.
+    """
+    if jax.process_count() > 1:
+        return ocp.PyTreeCheckpointHandler()
+    scalar = ocp.type_handlers.ScalarHandler()
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (int, scalar), (float, scalar), (bytes, scalar), (np.number, scalar),
+        (np.ndarray, ocp.type_handlers.NumpyHandler()),
+        (jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False)),
+        (str, ocp.type_handlers.StringHandler()),
+    )
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+
+
 def make_manager(
     directory: str | os.PathLike, max_to_keep: int = 3, keep_every_steps: int = 0
 ) -> ocp.CheckpointManager:
@@ -46,7 +72,8 @@ def make_manager(
         policies = ocp.checkpoint_managers
         keep = policies.AnyPreservationPolicy([policies.LatestN(max_to_keep), policies.EveryNSteps(keep_every_steps)])
         options = ocp.CheckpointManagerOptions(preservation_policy=keep, create=True, enable_async_checkpointing=True)
-    return ocp.CheckpointManager(absolute(directory), options=options)
+    handlers = {STATE_ITEM: _state_handler(), DATA_ITEM: grain.checkpoint.CheckpointHandler()}
+    return ocp.CheckpointManager(absolute(directory), options=options, item_handlers=handlers)
 
 
 def write_epoch_steps(directory: str | os.PathLike, steps_per_epoch: int) -> None:
@@ -60,10 +87,10 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_iterator) -> Non
     """Start saving `state` and the iterator position at `step` (returns before the write ends)."""
     manager.save(
         step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=grain.checkpoint.CheckpointSave(data_iterator),
-        ),
+        args=ocp.args.Composite(**{
+            STATE_ITEM: ocp.args.PyTreeSave(state),
+            DATA_ITEM: grain.checkpoint.CheckpointSave(data_iterator),
+        }),
         force=True,
     )
 
@@ -79,12 +106,12 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator
         return None, None
     restored = manager.restore(
         step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=grain.checkpoint.CheckpointRestore(data_iterator),
-        ),
+        args=ocp.args.Composite(**{
+            STATE_ITEM: ocp.args.PyTreeRestore(abstract_state, ocp.checkpoint_utils.construct_restore_args(abstract_state)),
+            DATA_ITEM: grain.checkpoint.CheckpointRestore(data_iterator),
+        }),
     )
-    return restored["state"], step
+    return restored[STATE_ITEM], step
 
 
 def _resolve_step_dir(path: str | os.PathLike, epoch: int = -1) -> tuple[epath.Path, int]:
