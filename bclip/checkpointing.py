@@ -193,11 +193,7 @@ def load_model_variables(path: str | os.PathLike, abstract_variables: dict, epoc
     except Exception as error:
         raise CheckpointError(f"cannot read checkpoint metadata at {where}: {error}") from error
     _check_structure(metadata, target, where)
-    restored = checkpointer.restore(
-        where / "state",
-        args=ocp.args.PyTreeRestore(item=target, restore_args=_restore_args(target), partial_restore=True),
-    )
-    return restored, os.fspath(where)
+    return _restore_placed(where / "state", target), os.fspath(where)
 
 
 def load_optimizer_state(step_dir: str | os.PathLike, abstract_opt_state):
@@ -220,15 +216,7 @@ def load_optimizer_state(step_dir: str | os.PathLike, abstract_opt_state):
     if metadata is None or "opt" not in metadata:
         raise CheckpointError(f"checkpoint at {where} holds no optimiser state to reload")
     _check_optimizer_structure(metadata["opt"], abstract_opt_state, where)
-    restored = checkpointer.restore(
-        where / "state",
-        args=ocp.args.PyTreeRestore(
-            item={"opt": abstract_opt_state},
-            restore_args={"opt": _restore_args(abstract_opt_state)},
-            partial_restore=True,
-        ),
-    )
-    return restored["opt"]
+    return _restore_placed(where / "state", {"opt": abstract_opt_state})["opt"]
 
 
 def saved_run_config(step_dir: str | os.PathLike) -> dict:
@@ -242,8 +230,25 @@ def saved_run_config(step_dir: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path} is not valid JSON: {error}") from None
 
 
-def _restore_args(target):
-    return jax.tree.map(lambda leaf: ocp.ArrayRestoreArgs(sharding=leaf.sharding, global_shape=leaf.shape, dtype=leaf.dtype), target)
+def _restore_placed(state_dir: epath.Path, target: dict) -> dict:
+    """The parts of a saved state that `target` names, in its shapes, dtypes and shardings.
+
+    With one process, each array is read once onto the host and placed on its devices by one
+    device_put (Orbax would read and place it device by device: 8 reads of every replicated array
+    on 8 devices). With several processes, each reads only its own shards through Orbax.
+    """
+    checkpointer = ocp.PyTreeCheckpointer()
+    if jax.process_count() > 1:
+        restore_args = jax.tree.map(
+            lambda leaf: ocp.ArrayRestoreArgs(sharding=leaf.sharding, global_shape=leaf.shape, dtype=leaf.dtype), target
+        )
+        return checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True))
+    as_numpy = jax.tree.map(lambda leaf: ocp.RestoreArgs(restore_type=np.ndarray, dtype=leaf.dtype), target)
+    host = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(item=target, restore_args=as_numpy, partial_restore=True))
+    for (path, array), leaf in zip(jax.tree_util.tree_leaves_with_path(host), jax.tree.leaves(target), strict=True):
+        if array.shape != leaf.shape:
+            raise CheckpointError(f"checkpoint at {state_dir}: {jax.tree_util.keystr(path)} has shape {array.shape}, the model needs {leaf.shape}")
+    return jax.device_put(host, jax.tree.map(lambda leaf: leaf.sharding, target))
 
 
 def _check_structure(metadata, target, where: str) -> None:

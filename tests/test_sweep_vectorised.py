@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import saved_arrays
 
 from bclip import config as run_configs
 from bclip import cpu_runtime, experiment, run_files, run_group, sharding, train, train_step
@@ -147,8 +148,7 @@ def logged_metrics(run_dir: str) -> list[dict]:
 
 
 def final_state(run_dir: str) -> dict:
-    state = ocp.StandardCheckpointer().restore(os.path.join(run_dir, "checkpoints", str(TOTAL_STEPS), "state"))
-    return jax.tree.map(np.asarray, state)
+    return saved_arrays.read_state(os.path.join(run_dir, "checkpoints", str(TOTAL_STEPS), "state"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import saved_arrays
 
 from bclip import checkpointing, epoch_passes, experiment, optim, run_files, run_group, run_start, sharding, train
 from bclip import config as run_configs
@@ -126,8 +127,7 @@ def pretrained(pretraining) -> str:
 
 def saved_state(run_dir: str, step: int) -> dict:
     """The training state a run saved at `step`, as host numpy arrays."""
-    state = ocp.StandardCheckpointer().restore(os.path.join(run_dir, "checkpoints", str(step), "state"))
-    return jax.tree.map(np.asarray, state)
+    return saved_arrays.read_state(os.path.join(run_dir, "checkpoints", str(step), "state"))
 
 
 def read_jsonl(path: str) -> list[dict]:
