@@ -6,8 +6,6 @@ and a sweep expanded by bclip.sweep's own functions reported end to end."""
 import json
 import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 from PIL import Image
@@ -295,7 +293,7 @@ def fake_train(config, workdir):
     (run_dir / "done.json").write_text(json.dumps({"steps": 8, "results": evals[-1]}))
 
 
-def test_report_of_a_sweep_expanded_by_bclip_sweep(tmp_path):
+def test_report_of_a_sweep_expanded_by_bclip_sweep(tmp_path, capsys):
     config_path = tmp_path / "clean_sweep.py"
     config_path.write_text(SWEEP_CONFIG)
     config, entries = sweep_runs.load_sweep(str(config_path))
@@ -306,10 +304,8 @@ def test_report_of_a_sweep_expanded_by_bclip_sweep(tmp_path):
         sweep_runs.write_overrides(run)
         fake_train(run_configs.override(config, run.overrides), run.workdir)
 
-    result = subprocess.run(
-        [sys.executable, "-m", "bclip.sweep.report", root], cwd=REPO, capture_output=True, text=True, check=False
-    )
-    assert result.returncode == 0, result.stderr
+    assert sweep_report.main([root]) == 0  # `python -m bclip.sweep.report ROOT`
+    assert f"{len(runs)} runs, {len(runs) - 1} finished" in capsys.readouterr().out
     summary = json.loads((tmp_path / "sweep" / "sweep_report.json").read_text())
     assert summary["config"] == str(config_path)
     assert summary["varying_keys"] == ["optim.learning_rate", "objective.ssl_weight"]
