@@ -20,7 +20,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from bclip import cleaning, sharding
-from bclip.data import pipeline
+from bclip.data import decode, pipeline, poisoning, sources
 from bclip.models import clip
 
 
@@ -34,6 +34,8 @@ class PassContext:
     source: object  # the training source; records carry their example "index"
     table_size: int  # one more than the largest example index
     tokenizer: object = None  # the run's caption tokenizer
+    poison_plan: object = None  # the run's poisoning.PoisonPlan (None: a clean run)
+    epoch: int = 0  # the epoch about to start (poisoned images redraw their trigger each epoch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,14 +80,51 @@ class _UnlabelledView:
         return {**self.source[i], "label": -1}
 
 
-def _captions_by_index(source) -> dict[int, str]:
+class _PoisonedView:
+    """Training records as a poisoned run trains on them in `epoch`: an example its plan poisons
+    carries its triggered image, decoded and poisoned as the training pipeline does it."""
+
+    def __init__(self, source, plan, poison: ml_collections.ConfigDict, image_size: int, epoch: int):
+        self.source, self.plan, self.poison, self.image_size, self.epoch = source, plan, poison, image_size, epoch
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        record = self.source[i]
+        index = int(record["index"])
+        if sources.is_bad_record(record) or not self.plan.contains(index):
+            return record
+        decode_image = decode.decode_and_squash_image if self.poison.squash else decode.decode_and_resize_image
+        try:
+            image = decode_image(record["image_bytes"], self.image_size, path=record.get("path"), index=index)
+        except decode.BadRecordError:
+            return record  # the eval transform meets the same error and leaves the row out
+        pixels, caption = poisoning.poison_example(
+            np.asarray(image), record["caption"], index=index, epoch=self.epoch, plan=self.plan,
+            trigger_config=self.poison.trigger.to_dict(), label=self.poison.target_label,
+            captions=self.poison.captions, jpeg_quality=self.poison.jpeg_quality,
+        )
+        return {**record, "image": pixels, "caption": caption}
+
+
+def _captions_by_index(source, plan=None, poison=None) -> dict[int, str]:
+    """Each example's caption as trained on: the poisoned caption for an example the plan poisons."""
     indices = getattr(source, "indices", None)
     indices = np.arange(len(source)) if indices is None else indices
-    return dict(zip((int(i) for i in indices), source.captions))
+    captions = dict(zip((int(i) for i in indices), source.captions))
+    if plan is not None:
+        maker = poisoning.caption_maker(poison.captions)
+        for index, caption in captions.items():
+            if plan.contains(index):
+                captions[index] = maker.caption(caption, index, poison.target_label, plan.seed)
+    return captions
 
 
 def training_set_embeddings(context: PassContext, variables: dict, with_text: bool = False) -> dict:
-    """Every training example's image embedding (and, with_text, its caption's), on the mesh.
+    """Every training example's image embedding (and, with_text, its caption's), on the mesh: of
+    the pairs as the run trains on them, poisoned ones included (with their trigger of
+    `context.epoch`), so a defence sees what the model is fed.
 
     Returns:
       {"image" [N', D] (and "text" [N', D]) sharded over the batch, "index" int32 [N'], "valid"
@@ -94,10 +133,14 @@ def training_set_embeddings(context: PassContext, variables: dict, with_text: bo
     config, mesh = context.config, context.mesh
     encode_image = jax.jit(functools.partial(context.model.apply, method=clip.CLIP.encode_image))
     encode_text = jax.jit(functools.partial(context.model.apply, method=clip.CLIP.encode_text))
-    captions = _captions_by_index(context.source) if with_text else None
+    plan = context.poison_plan
+    records = context.source
+    if plan is not None:
+        records = _PoisonedView(records, plan, config.poison, config.model.image.size, context.epoch)
+    captions = _captions_by_index(context.source, plan, config.poison) if with_text else None
     parts = {"image": [], "text": [], "index": [], "valid": []}
     for batch in pipeline.eval_batches(
-        _UnlabelledView(context.source),
+        _UnlabelledView(records),
         image_size=config.model.image.size,
         batch_size=config.eval.batch_size,
         trigger=None,

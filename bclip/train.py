@@ -326,7 +326,9 @@ def train_group(
             if passes and (step_in_epoch == 0 or not tables):
                 # A run resumed mid-epoch has the epoch's tables from its checkpoint: recomputing them
                 # from the current weights would change the run.
-                pass_context = epoch_passes.PassContext(config, model, mesh, source, table_size, tokenizer)
+                pass_context = epoch_passes.PassContext(
+                    config, model, mesh, source, table_size, tokenizer, poison_plan=plan, epoch=epoch
+                )
                 for name, epoch_pass in passes.items():
                     tables[name], states = epoch_pass.run(pass_context, states, jax.random.fold_in(rng, epoch))
             batch = next(data)
