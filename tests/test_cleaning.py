@@ -1,6 +1,8 @@
 """Cleaning-method internals with known answers: the deep-clustering head's optimiser reset, its
 loss and spherical k-means."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,8 +21,10 @@ def _optimizer(resettable_head=cleaning.CLUSTER_HEAD, grad_clip_norm=None):
     return optim.make_optimizer(config, resettable_head=resettable_head)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _update(tx, grads, state, params):
-    """One update at the run's learning rate, as the train step makes it."""
+    """One update at the run's learning rate, as the train step makes it (jitted, as there: op by
+    op each of the update's ops would compile on its own)."""
     return optim.scheduled_update(tx, optim.optim_config(warmup_steps=1), 10_000_000, grads, state, params, LR, 0.0)
 
 
@@ -49,7 +53,7 @@ def test_head_reset_restarts_adam_bias_correction_and_keeps_the_schedule(grad_cl
     params = _params()
     state = tx.init(params)
     rng = np.random.default_rng(0)
-    grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params) for _ in range(6)]
+    grads = [jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params) for _ in range(6)]
 
     # Four steps (the first at learning rate 0), then the head is reset.
     for g in grads[:4]:
@@ -144,9 +148,10 @@ def test_cluster_loss_is_the_mean_cross_entropy_of_rows_with_a_cluster():
     ids = np.array([0, 4, -1, 2, 2, -1])
     # Cross-entropy from its definition, over the four rows that have a cluster.
     expected = np.mean([np.log(np.exp(logits[i]).sum()) - logits[i, ids[i]] for i in (0, 1, 3, 4)])
-    np.testing.assert_allclose(objectives.cluster_loss(jnp.asarray(logits), jnp.asarray(ids)), expected, rtol=1e-6)
+    cluster_loss = jax.jit(objectives.cluster_loss)  # op by op, each of its ops would compile alone
+    np.testing.assert_allclose(cluster_loss(jnp.asarray(logits), jnp.asarray(ids)), expected, rtol=1e-6)
     # No row with a cluster: the term is 0, not NaN.
-    assert float(objectives.cluster_loss(jnp.asarray(logits), jnp.full(6, -1))) == 0.0
+    assert float(cluster_loss(jnp.asarray(logits), np.full(6, -1))) == 0.0
 
 
 def test_spherical_kmeans_finds_well_separated_directions():
@@ -159,7 +164,8 @@ def test_spherical_kmeans_finds_well_separated_directions():
     vectors = np.concatenate([vectors, [[1.0, 1.0, 1.0], [-1.0, 0.0, 0.0]]])
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     valid = np.arange(17) < 15
-    assignments, centroids = cleaning.spherical_kmeans(jnp.asarray(vectors, jnp.float32), jnp.asarray(valid), 3, 10, jax.random.key(0))
+    kmeans = jax.jit(cleaning.spherical_kmeans, static_argnums=(2, 3))  # jitted, as the cleaning pass runs it
+    assignments, centroids = kmeans(jnp.asarray(vectors, jnp.float32), jnp.asarray(valid), 3, 10, jax.random.key(0))
     assignments, centroids = np.asarray(assignments), np.asarray(centroids)
     np.testing.assert_array_equal(assignments[15:], -1)
     # The same partition as the truth, whatever the cluster numbering.

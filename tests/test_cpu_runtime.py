@@ -29,7 +29,7 @@ def test_compiler_options_only_for_cpu_devices():
 def _block_and_grad():
     block = vit.ResidualAttentionBlock(heads=2, num_layers=2)
     x = jax.random.normal(jax.random.key(0), (8, 9, 32))
-    params = block.init(jax.random.key(1), x)
+    params = jax.jit(block.init)(jax.random.key(1), x)  # op by op, each of its ops would compile alone
     return params, x, jax.grad(lambda params, x: jnp.sum(block.apply(params, x) ** 2))
 
 
@@ -59,7 +59,7 @@ def test_compiler_options_compile_and_keep_results():
 def test_forward_options_keep_matrix_products_with_xla_and_results_unchanged():
     block = vit.ResidualAttentionBlock(heads=2, num_layers=2)
     x = jax.random.normal(jax.random.key(0), (8, 9, 32))
-    params = block.init(jax.random.key(1), x)
+    params = jax.jit(block.init)(jax.random.key(1), x)
     forward = jax.jit(block.apply, compiler_options=cpu_runtime.compiler_options(jax.devices(), forward_only=True))
     np.testing.assert_allclose(forward(params, x), jax.jit(block.apply)(params, x), rtol=1e-5, atol=1e-5)
     text = forward.lower(params, x).compile().as_text()

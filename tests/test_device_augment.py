@@ -224,7 +224,7 @@ def test_views_apply_the_chosen_steps():
     images = np.stack([photo_like(seed=s) for s in range(8)] * 8)
     batch_keys = keys(64, seed=3)
     views = np.asarray(make_views(images, batch_keys))
-    choices = jax.vmap(device_augment.autoaugment_choices)(jax.random.wrap_key_data(batch_keys, impl="threefry2x32"))
+    choices = jax.jit(jax.vmap(device_augment.autoaugment_choices))(jax.random.wrap_key_data(batch_keys, impl="threefry2x32"))
     operations = {name: jax.jit(operation) for name, operation in device_augment.OPERATIONS.items()}
     applied_steps = 0
     for image, view, subpolicy, applied, mirrored in zip(images, views, *map(np.asarray, choices)):

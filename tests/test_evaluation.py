@@ -7,6 +7,10 @@ import pytest
 
 from bclip import evaluation
 
+# Jitted, as the evaluators run them: op by op, each of their ops would compile on its own.
+_eval_counts = jax.jit(evaluation.eval_counts, static_argnums=5)
+_normalise = jax.jit(evaluation.normalise)
+
 
 def _one_hot(ids, dim):
     return jnp.asarray(np.eye(dim, dtype=np.float32)[ids])
@@ -25,7 +29,7 @@ def test_counts_on_known_embeddings():
     # inside), 1st, 1st (but padding), 8th.
     num_classes, target = 8, 7
     class_emb = _one_hot(list(range(num_classes)), num_classes)
-    labels = jnp.array([0, 1, 2, 7, 4, 5, 6])
+    labels = np.array([0, 1, 2, 7, 4, 5, 6])
     rankings = [
         [0, 1, 2, 3, 4, 5, 6, 7],
         [3, 0, 1, 2, 4, 5, 6, 7],
@@ -37,8 +41,8 @@ def test_counts_on_known_embeddings():
     ]
     image_emb = jnp.asarray(np.stack([_scores_ranking(order, num_classes) for order in rankings]))
     triggered = [7, 7, 2, 7, 7, 7, 3]  # rows 0, 1, 4 flip to the target; 2 and 6 do not; 3 is a target image
-    valid = jnp.array([True, True, True, True, True, False, True])
-    counts = evaluation.eval_counts(image_emb, _one_hot(triggered, num_classes), labels, valid, class_emb, target)
+    valid = np.array([True, True, True, True, True, False, True])
+    counts = _eval_counts(image_emb, _one_hot(triggered, num_classes), labels, valid, class_emb, target)
     counts = {k: int(v) for k, v in counts.items()}
     # 6 valid rows; right at top-1: rows 0, 4; in the top 5: rows 0, 1, 3, 4; attacked (valid, not of the
     # target class): rows 0, 1, 2, 4, 6, of which rows 0, 1, 4 go to the target.
@@ -49,19 +53,19 @@ def test_counts_on_known_embeddings():
 
 def test_asr_excludes_target_class_images():
     class_emb = _one_hot([0, 1, 2], 3)
-    labels = jnp.array([2, 2, 2, 0])
+    labels = np.array([2, 2, 2, 0])
     # Every triggered image is predicted as the target (2); only the one non-target image counts.
-    counts = evaluation.eval_counts(
-        _one_hot([2, 2, 2, 0], 3), _one_hot([2, 2, 2, 2], 3), labels, jnp.ones(4, bool), class_emb, 2
+    counts = _eval_counts(
+        _one_hot([2, 2, 2, 0], 3), _one_hot([2, 2, 2, 2], 3), labels, np.ones(4, bool), class_emb, 2
     )
     assert int(counts["asr_count"]) == 1 and int(counts["asr_hits"]) == 1
 
 
 def test_top5_counts_rank_within_five():
-    class_emb = jnp.eye(8, dtype=jnp.float32)
+    class_emb = np.eye(8, dtype=np.float32)
     # Image scores decrease with class id: classes 0..4 are the top 5.
-    image = jnp.asarray([[8.0, 7, 6, 5, 4, 3, 2, 1]] * 2) / 10
-    counts = evaluation.eval_counts(image, image, jnp.array([4, 5]), jnp.ones(2, bool), class_emb, 7)
+    image = np.asarray([[8.0, 7, 6, 5, 4, 3, 2, 1]] * 2, np.float32) / 10
+    counts = _eval_counts(image, image, np.array([4, 5]), np.ones(2, bool), class_emb, 7)
     assert int(counts["top1"]) == 0 and int(counts["top5"]) == 1
 
 
@@ -79,6 +83,7 @@ def test_class_embeddings_average_templates_per_class():
             rows.append([words[name], 0 if text.startswith("a ") else 1])
         return np.asarray(rows, np.int32)
 
+    @jax.jit
     def encode_text(tokens):
         base = jnp.eye(4)[tokens[:, 0]]
         offset = jnp.where(tokens[:, 1:2] == 0, 0.1, -0.1) * jnp.eye(4)[3]
@@ -99,15 +104,15 @@ def test_counts_sharded_over_eight_devices_match():
 
     mesh = sharding.make_mesh()
     rng = np.random.default_rng(0)
-    emb = evaluation.normalise(jnp.asarray(rng.normal(size=(32, 6)), jnp.float32))
-    trig = evaluation.normalise(jnp.asarray(rng.normal(size=(32, 6)), jnp.float32))
-    labels = jnp.asarray(rng.integers(0, 5, 32))
-    valid = jnp.asarray(rng.random(32) < 0.9)
-    class_emb = evaluation.normalise(jnp.asarray(rng.normal(size=(5, 6)), jnp.float32))
-    fn = jax.jit(evaluation.eval_counts, static_argnums=5)
-    single = fn(emb, trig, labels, valid, class_emb, 2)
+    # Host arrays, so placing them split over the devices slices them on the host (no program).
+    emb = np.asarray(_normalise(rng.normal(size=(32, 6)).astype(np.float32)))
+    trig = np.asarray(_normalise(rng.normal(size=(32, 6)).astype(np.float32)))
+    labels = rng.integers(0, 5, 32).astype(np.int32)
+    valid = rng.random(32) < 0.9
+    class_emb = _normalise(rng.normal(size=(5, 6)).astype(np.float32))
+    single = _eval_counts(emb, trig, labels, valid, class_emb, 2)
     split = sharding.batch_sharding(mesh)
-    sharded = fn(*(jax.device_put(x, split) for x in (emb, trig, labels, valid)), class_emb, 2)
+    sharded = _eval_counts(*(jax.device_put(x, split) for x in (emb, trig, labels, valid)), class_emb, 2)
     assert {k: int(v) for k, v in single.items()} == {k: int(v) for k, v in sharded.items()}
 
 
@@ -117,9 +122,13 @@ def test_class_embeddings_pad_the_last_chunk_and_drop_the_padding():
     # one-hot on c, so any padding row that leaked into a class mean would tilt it.
     calls = []
 
-    def encode_text(tokens):
-        calls.append(len(tokens))
+    @jax.jit
+    def embed(tokens):
         return jnp.eye(6)[tokens[:, 0]] + jnp.where(tokens[:, 1:2] == 1, 0.5, 0.0) * jnp.eye(6)[5]
+
+    def encode_text(tokens):  # counted outside the jit: a jitted body runs once per shape
+        calls.append(len(tokens))
+        return embed(tokens)
 
     tokens = np.asarray([[c, t] for c in range(5) for t in range(2)], np.int32)
     emb = np.asarray(evaluation.class_embeddings(encode_text, tokens, 5, chunk_size=4))
@@ -175,7 +184,8 @@ def test_evaluator_scores_clean_images_for_accuracy_and_triggered_ones_for_asr(t
     (evaluator,) = evaluators.make_evaluators(config, model, training_input.make_tokenizer(config), sharding.make_mesh(), 0, 1).values()
     figures = evaluator({"params": {}})
 
-    class_emb = np.asarray(evaluation.class_embeddings(lambda t: model.apply(None, t), evaluator.prompt_tokens, len(evaluator.classnames)))
+    encode_text = jax.jit(lambda t: model.apply(None, t))
+    class_emb = np.asarray(evaluation.class_embeddings(encode_text, evaluator.prompt_tokens, len(evaluator.classnames)))
 
     def predictions(images):
         red = np.asarray(images)[..., 0].astype(np.int64).sum(axis=(1, 2)) % 24

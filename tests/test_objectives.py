@@ -8,6 +8,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bclip import objectives, sharding
 
+# The losses jitted, as the train step runs them: op by op, each of their ops would compile alone.
+_mmcl_loss = jax.jit(objectives.mmcl_loss)
+_ssl_loss = jax.jit(objectives.ssl_loss)
+_siglip_loss = jax.jit(objectives.siglip_loss)
+
 
 def _normalised(rng, b, d):
     x = rng.normal(size=(b, d))
@@ -55,13 +60,13 @@ def embeddings():
 
 def test_mmcl_matches_numpy(embeddings):
     i, t = embeddings[:2]
-    got = objectives.mmcl_loss(jnp.asarray(i, jnp.float32), jnp.asarray(t, jnp.float32), jnp.float32(np.log(1 / 0.07)))
+    got = _mmcl_loss(jnp.asarray(i, jnp.float32), jnp.asarray(t, jnp.float32), jnp.float32(np.log(1 / 0.07)))
     np.testing.assert_allclose(float(got), np_mmcl(i, t, np.log(1 / 0.07)), rtol=1e-5)
 
 
 def test_mmcl_is_symmetric_and_small_for_matched_pairs(embeddings):
     i, t = embeddings[:2]
-    f = lambda a, b: float(objectives.mmcl_loss(jnp.asarray(a), jnp.asarray(b), jnp.float32(np.log(100.0))))
+    f = lambda a, b: float(_mmcl_loss(jnp.asarray(a), jnp.asarray(b), jnp.float32(np.log(100.0))))
     np.testing.assert_allclose(f(i, t), f(t, i), rtol=1e-6)
     # Identical towers: the diagonal dominates at scale 100, so the loss is near zero.
     assert f(i, i) < 0.05 < f(i, t)
@@ -69,13 +74,13 @@ def test_mmcl_is_symmetric_and_small_for_matched_pairs(embeddings):
 
 def test_ssl_matches_numpy(embeddings):
     i, ia, t, ta = embeddings
-    got = objectives.ssl_loss(*(jnp.asarray(x, jnp.float32) for x in (i, ia, t, ta)), jnp.float32(2.0))
+    got = _ssl_loss(*(jnp.asarray(x, jnp.float32) for x in (i, ia, t, ta)), jnp.float32(2.0))
     np.testing.assert_allclose(float(got), np_ssl(i, ia, t, ta, 2.0), rtol=1e-5)
 
 
 def test_siglip_matches_numpy(embeddings):
     i, t = embeddings[:2]
-    got = objectives.siglip_loss(jnp.asarray(i, jnp.float32), jnp.asarray(t, jnp.float32), jnp.float32(np.log(10.0)), jnp.float32(-10.0))
+    got = _siglip_loss(jnp.asarray(i, jnp.float32), jnp.asarray(t, jnp.float32), jnp.float32(np.log(10.0)), jnp.float32(-10.0))
     np.testing.assert_allclose(float(got), np_siglip(i, t, np.log(10.0), -10.0), rtol=1e-5)
 
 

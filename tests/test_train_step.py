@@ -252,15 +252,18 @@ def test_views_made_on_device_are_encoded_as_the_same_views_sent_by_the_host():
 
 
 def test_pairs_are_grouped_with_their_own_views():
+    # Jitted as in the train step (op by op each reshape, stack and slice would compile alone).
+    group = jax.jit(train_step.group_originals_with_views, static_argnames="pairs_per_group")
+    split = jax.jit(train_step.split_originals_and_views, static_argnames="pairs_per_group")
     originals, views = np.arange(4)[:, None] * np.ones((1, 3), int), (10 + np.arange(4))[:, None] * np.ones((1, 3), int)
-    grouped = train_step.group_originals_with_views(jnp.asarray(originals), jnp.asarray(views), pairs_per_group=2)
+    grouped = np.asarray(group(jnp.asarray(originals), jnp.asarray(views), pairs_per_group=2))
     np.testing.assert_array_equal(grouped[:, 0], [0, 1, 10, 11, 2, 3, 12, 13])
     assert grouped.shape == (8, 3)
-    back = train_step.split_originals_and_views(grouped, pairs_per_group=2)
+    back = split(jnp.asarray(grouped), pairs_per_group=2)
     np.testing.assert_array_equal(back[0], originals)
     np.testing.assert_array_equal(back[1], views)
     # One group of the whole batch is the plain [originals; views].
-    whole = train_step.group_originals_with_views(jnp.asarray(originals), jnp.asarray(views), pairs_per_group=4)
+    whole = np.asarray(group(jnp.asarray(originals), jnp.asarray(views), pairs_per_group=4))
     np.testing.assert_array_equal(whole[:, 0], [0, 1, 2, 3, 10, 11, 12, 13])
 
 
@@ -286,7 +289,7 @@ def test_each_statistics_group_holds_its_pairs_originals_and_views():
     variables = train_step.init_variables(whole_batch_model, jax.random.key(0), config.image.size, config.text.context_length)
     # Unit BatchNorm scales: the zero-initialised last one of each block would hide its statistics.
     params = jax.tree_util.tree_map_with_path(
-        lambda path, leaf: jnp.ones_like(leaf) if path[-1].key == "scale" else leaf, variables["params"]
+        lambda path, leaf: np.ones(leaf.shape, leaf.dtype) if path[-1].key == "scale" else leaf, variables["params"]
     )
     batch = _batch(config, batch_size, views=True)
     # Dark originals, bright views: statistics over the wrong images show in the outputs.
@@ -304,7 +307,7 @@ def test_each_statistics_group_holds_its_pairs_originals_and_views():
     )
 
     def run_alone(images, tokens):
-        return alone(params, variables["batch_stats"], jnp.asarray(images), jnp.asarray(tokens))
+        return jax.device_get(alone(params, variables["batch_stats"], jnp.asarray(images), jnp.asarray(tokens)))
 
     separate = []
     for start in range(0, batch_size, pairs_per_group):
@@ -349,7 +352,10 @@ def test_siglip_step_minimises_the_sigmoid_loss_of_the_models_embeddings():
     step = _jitted_step(model, tx, objective, optim_config, 100, shardings, mesh)
     host_batch = _batch(model_config, 16)
     params = jax.device_get(state["params"])
-    (image_emb, text_emb), _ = clip.apply_model(model, {"params": params}, host_batch["image"], host_batch["text"])
+    # Jitted: run op by op on 8 devices the forward pass compiles each of its ~140 primitives alone.
+    (image_emb, text_emb), _ = jax.jit(clip.apply_model, static_argnums=0)(
+        model, {"params": params}, host_batch["image"], host_batch["text"]
+    )
     logits = np.exp(params["logit_scale"]) * np.asarray(image_emb, np.float64) @ np.asarray(text_emb, np.float64).T + params["logit_bias"]
     signs = 2 * np.eye(16) - 1
     expected = np.sum(np.log1p(np.exp(-signs * logits))) / 16
