@@ -147,15 +147,11 @@ def assert_trees_equal(actual, expected):
         assert np.array_equal(np.asarray(actual_leaves[path]), leaf), jax.tree_util.keystr(path)
 
 
-class Interrupted(Exception):
-    """Stands in for a preemption in the middle of a run."""
-
-
 class RunRecorder:
     """Watches a run through the seams the trainer calls: the jitted train step (the state it starts
     from, the global batches it gets), the training pipeline's batches, and k-means tables."""
 
-    def __init__(self, monkeypatch, fail_at_call: int | None = None):
+    def __init__(self, monkeypatch):
         self.first_state = None
         self.num_steps = 0
         self.batch_shardings = []
@@ -171,8 +167,6 @@ class RunRecorder:
             jitted = real_jit_step(group, step, shardings)
 
             def call(state, batch, rng, hparams):
-                if fail_at_call is not None and self.num_steps == fail_at_call:
-                    raise Interrupted(f"before step {self.num_steps + 1}")
                 if self.first_state is None:
                     self.first_state = jax.device_get(state)  # before the step donates it
                     self.first_hparams = jax.device_get(hparams)
@@ -340,13 +334,13 @@ def test_deep_clustering_resumes_mid_epoch(world_dir, pretrained, cleaning_run, 
     reference = cleaning_run("deep clustering")
     config = reference.config
     run_dir = str(tmp_path / "run")
-    # 4 steps per epoch, checkpoints every 2: interrupted before step 7, it resumes from step 6,
+    # 4 steps per epoch, checkpoints every 2 (the two newest kept): the finished run, less its last
+    # checkpoint and its done.json, is the run interrupted before step 7. It resumes from step 6,
     # halfway through the second epoch, whose k-means table and head it must keep.
-    with pytest.MonkeyPatch.context() as interrupted:
-        RunRecorder(interrupted, fail_at_call=6)
-        with pytest.raises(Interrupted):
-            train.train_and_evaluate(config, run_dir)
-    assert saved_steps(run_dir)[-1] == 6
+    shutil.copytree(reference.run_dir, run_dir)
+    assert saved_steps(run_dir) == [6, 8]
+    shutil.rmtree(os.path.join(run_dir, "checkpoints", "8"))
+    os.remove(os.path.join(run_dir, run_files.DONE_FILE))
     recorder = RunRecorder(monkeypatch)
     train.train_and_evaluate(config, run_dir)
     assert recorder.num_steps == 2
