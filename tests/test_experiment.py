@@ -38,6 +38,7 @@ def test_smoke_study_end_to_end_and_resumable(tmp_path):
     study = study_synthetic().get_config("smoke")
     assert list(study.pretrain) == ["MMCL", "MMCL+SSL"]
     del study.pretrain["MMCL"]  # one model is enough to follow the study through (and half the time)
+    study.proportions.pretrain_epochs = 1  # one epoch, its checkpoint and evaluations: half again
     workdir = str(tmp_path / "study")
     train_fn = CountingTrainFn()
     summary = experiment.run_study(study, workdir, train_fn)
