@@ -19,6 +19,7 @@ operation the policy uses is computed for every image and the drawn one selected
 little on an accelerator next to the model and a lot on a CPU: views on device are for GPU/TPU.
 """
 
+import math
 from typing import Callable, Sequence
 
 import jax
@@ -190,9 +191,16 @@ class _PolicyTables:
         self.branches = [_identity] + [OPERATIONS[name] for name in names]
         self.branch = np.array([[1 + names.index(op) for op, _, _ in sub] for sub in subpolicies], np.int32)
         self.magnitude = np.array(
-            [[image_augment.autoaugment_magnitude(op, m, height, width) for op, _, m in sub] for sub in subpolicies],
-            np.float32,
+            [[_device_magnitude(op, m, height, width) for op, _, m in sub] for sub in subpolicies], np.float32
         )
+
+
+def _device_magnitude(operation: str, magnitude_bin, height: int, width: int) -> float:
+    """A step's magnitude as the device gets it. Solarize's threshold is rounded up here, in float64
+    as the host policy rounds it: bin 3 is 255 * (1 - 1/3) = 170.00000000000003, threshold 171 on
+    the host, which float32 would make 170 (pixels of 170 inverted on the device only)."""
+    magnitude = image_augment.autoaugment_magnitude(operation, magnitude_bin, height, width)
+    return float(math.ceil(magnitude)) if operation == "Solarize" else magnitude
 
 
 def autoaugment_choices(

@@ -1,6 +1,8 @@
 """Tests for AutoAugment views made in the train step (bclip.device_augment) against the host's
 Pillow operations (bclip.data.image_augment)."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -124,12 +126,14 @@ def test_batch_views_equal_one_image_views():
 
 def test_a_sub_policy_applies_its_steps_in_order_with_their_probabilities():
     image = photo_like()
+    image[0, :3] = [[169, 170, 171]]  # about bin 3's threshold, 255 * (1 - 1/3) = 170.00000000000003
     # Solarize always, then Posterize never: Pillow's solarize only.
-    always_then_never = ((("Solarize", 1.0, 5), ("Posterize", 0.0, 9)),)
-    magnitude = image_augment.autoaugment_magnitude("Solarize", 5, 40, 48)
-    for key in keys(4):
-        view = make_view(jnp.asarray(image), jax.random.wrap_key_data(key), always_then_never)
-        np.testing.assert_array_equal(np.asarray(view), pillow("Solarize", image, magnitude))
+    for magnitude_bin in (5, 3):
+        always_then_never = ((("Solarize", 1.0, magnitude_bin), ("Posterize", 0.0, 9)),)
+        magnitude = image_augment.autoaugment_magnitude("Solarize", magnitude_bin, 40, 48)
+        for key in keys(4):
+            view = make_view(jnp.asarray(image), jax.random.wrap_key_data(key), always_then_never)
+            np.testing.assert_array_equal(np.asarray(view), pillow("Solarize", image, magnitude), err_msg=f"bin {magnitude_bin}")
     # Invert then Equalize, both always: the composition, in that order.
     both = ((("Invert", 1.0, None), ("Equalize", 1.0, None)),)
     inverted = pillow("Invert", image, 0.0).astype(np.uint8)
@@ -232,6 +236,8 @@ def test_views_apply_the_chosen_steps():
         for (operation, _, magnitude_bin), applies, mirror in zip(policy[subpolicy], applied, mirrored):
             if applies:
                 magnitude = image_augment.autoaugment_magnitude(operation, magnitude_bin, *image.shape[:2])
+                if operation == "Solarize":
+                    magnitude = math.ceil(magnitude)  # the host policy's threshold, rounded up in float64
                 want = operations[operation](want, jnp.float32(-magnitude if mirror else magnitude))
                 applied_steps += 1
         np.testing.assert_array_equal(view, np.asarray(want).astype(np.uint8), err_msg=str(policy[subpolicy]))
