@@ -120,3 +120,25 @@ def test_detect_needs_a_poisoned_run(tmp_path, monkeypatch, capsys):
     train.train_and_evaluate(fake_data_config(tmp_path, monkeypatch), run_dir)
     assert detect.main(["--run", run_dir, "--out", str(tmp_path / "out")]) == 2
     assert f"{run_dir}/{run_files.POISON_FILE} does not exist" in capsys.readouterr().err
+
+
+def test_a_run_that_drops_flagged_pairs_trains_on_the_poisons_it_kept(tmp_path, monkeypatch):
+    """Detect, drop, retrain: the poisons are the dataset's; excluding flagged pairs removes those it
+    names and poisons no other pair in their place."""
+    config = run_configs.override(fake_data_config(tmp_path, monkeypatch), {"poison.count": 3, "data.batch_size": 2})
+    tokenizer = training_input.make_tokenizer(config)
+    _, plan, data = training_input.make_training_input(config, config.objective, tokenizer, 0, 1, None)
+    data.close()
+    poisons = plan.indices.tolist()
+    dropped = [poisons[0], next(i for i in range(BATCH_SIZE) if i not in poisons)]  # one poison, one clean pair
+    (tmp_path / "suspected.json").write_text(json.dumps(dropped))
+
+    config = run_configs.override(config, {"train.exclude_indices_file": str(tmp_path / "suspected.json")})
+    source, plan, data = training_input.make_training_input(config, config.objective, tokenizer, 0, 1, None)
+    assert plan.indices.tolist() == poisons[1:]
+    batches = [next(data) for _ in range(len(source) // 2)]  # one epoch
+    data.close()
+    indices = np.concatenate([batch["index"] for batch in batches])
+    assert sorted(indices.tolist()) == sorted(set(range(BATCH_SIZE)) - set(dropped))
+    poisoned = np.concatenate([batch["is_poisoned"] for batch in batches])
+    assert sorted(indices[poisoned].tolist()) == poisons[1:]

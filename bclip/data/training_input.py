@@ -1,6 +1,7 @@
 """What a run trains on: its examples (less excluded indices, optionally a random subset), their
 poison plan, the caption tokenizer and synonyms, and the checkpointable batch pipeline over them."""
 
+import dataclasses
 import json
 import os
 
@@ -99,8 +100,13 @@ def make_training_input(config, objective, tokenizer, process_index: int, proces
     """
     with_views = objectives.needs_augmented_views(objective)
     synonyms = make_synonyms(config.data) if with_views else None
-    source = clean_training_source(pipeline.training_source(config.data), config.train)
-    plan = pipeline.make_poison_plan(source, config.poison)
+    dataset = pipeline.training_source(config.data)
+    source = clean_training_source(dataset, config.train)
+    # The poisons are a property of the whole dataset (as a crawl's are); a run that excludes
+    # examples (e.g. those a detector flagged) trains on the poisons it kept, and no others.
+    plan = pipeline.make_poison_plan(dataset, config.poison)
+    if plan is not None and source is not dataset:
+        plan = dataclasses.replace(plan, indices=np.intersect1d(plan.indices, source.indices))
     data = pipeline.make_train_pipeline(
         source,
         image_size=config.model.image.size,
