@@ -34,11 +34,11 @@ DETECTION_FILE, SCORES_FILE, SUSPECTED_FILE = "detection.json", "scores.npy", "s
 def detect_run(run_dir: str, out_dir: str, detector: str = "dao", k: int = 16, group_size: int = 4096,
                num_flagged: int | None = None) -> dict:
     """Scores `run_dir`'s training pairs and writes OUT's files (module docstring); returns the metrics."""
-    step_dir = checkpointing.step_dir(run_dir)
-    config = ml_collections.ConfigDict(checkpointing.saved_run_config(step_dir))
     poison_file = epath.Path(run_dir) / run_files.POISON_FILE
     if not poison_file.exists():
         raise FileNotFoundError(f"{poison_file} does not exist: {run_dir} is not a poisoned run, so nothing can be measured")
+    step_dir = checkpointing.step_dir(run_dir)
+    config = ml_collections.ConfigDict(checkpointing.saved_run_config(step_dir))
     model = clip.build_model(config.model)
     mesh = sharding.make_mesh()
     replicated = sharding.replicated(mesh)

@@ -95,7 +95,7 @@ def test_precision_and_recall_of_the_highest_scores():
 
 def test_detect_scores_a_poisoned_runs_pairs_and_writes_what_a_retrain_excludes(tmp_path, monkeypatch):
     config = run_configs.override(
-        fake_data_config(tmp_path, monkeypatch), {"poison.count": 3, "poison.trigger.size": 4, "train.num_epochs": 2}
+        fake_data_config(tmp_path, monkeypatch), {"poison.count": 3, "poison.trigger.size": 4}
     )
     run_dir, out = str(tmp_path / "run"), tmp_path / "detect"
     train.train_and_evaluate(config, run_dir)
@@ -115,9 +115,9 @@ def test_detect_scores_a_poisoned_runs_pairs_and_writes_what_a_retrain_excludes(
     np.testing.assert_array_equal(training_input.read_excluded_indices(out / detect.SUSPECTED_FILE), suspected)
 
 
-def test_detect_needs_a_poisoned_run(tmp_path, monkeypatch, capsys):
-    run_dir = str(tmp_path / "run")
-    train.train_and_evaluate(fake_data_config(tmp_path, monkeypatch), run_dir)
+def test_detect_needs_a_poisoned_run(tmp_path, capsys):
+    run_dir = str(tmp_path / "run")  # a clean run's folder has no poison file
+    os.makedirs(run_dir)
     assert detect.main(["--run", run_dir, "--out", str(tmp_path / "out")]) == 2
     assert f"{run_dir}/{run_files.POISON_FILE} does not exist" in capsys.readouterr().err
 
