@@ -50,8 +50,7 @@ def detect_run(run_dir: str, out_dir: str, detector: str = "dao", k: int = 16, g
     variables, _ = checkpointing.load_model_variables(step_dir, abstract)
 
     tokenizer = training_input.make_tokenizer(config)
-    source, plan, data = training_input.make_training_input(config, config.objective, tokenizer, 0, 1, None)
-    data.close()
+    source, plan = training_input.training_examples(config)
     table_size = training_input.num_examples(source)
     context = epoch_passes.PassContext(config, model, mesh, source, table_size, tokenizer, poison_plan=plan)
     embedded = epoch_passes.training_set_embeddings(context, variables)

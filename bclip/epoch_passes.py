@@ -85,7 +85,8 @@ class _PoisonedView:
     carries its triggered image, decoded and poisoned as the training pipeline does it."""
 
     def __init__(self, source, plan, poison: ml_collections.ConfigDict, image_size: int, epoch: int):
-        self.source, self.plan, self.poison, self.image_size, self.epoch = source, plan, poison, image_size, epoch
+        self.source, self.plan, self.image_size, self.epoch = source, plan, image_size, epoch
+        self.poison = poison.to_dict()
 
     def __len__(self):
         return len(self.source)
@@ -95,16 +96,11 @@ class _PoisonedView:
         index = int(record["index"])
         if sources.is_bad_record(record) or not self.plan.contains(index):
             return record
-        decode_image = decode.decode_and_squash_image if self.poison.squash else decode.decode_and_resize_image
         try:
-            image = decode_image(record["image_bytes"], self.image_size, path=record.get("path"), index=index)
+            image = pipeline.decode_training_image(record, self.image_size, squash=self.poison["squash"])
         except decode.BadRecordError:
             return record  # the eval transform meets the same error and leaves the row out
-        pixels, caption = poisoning.poison_example(
-            np.asarray(image), record["caption"], index=index, epoch=self.epoch, plan=self.plan,
-            trigger_config=self.poison.trigger.to_dict(), label=self.poison.target_label,
-            captions=self.poison.captions, jpeg_quality=self.poison.jpeg_quality,
-        )
+        pixels, caption = pipeline.poison_training_pair(image, record["caption"], index, self.epoch, self.plan, self.poison)
         return {**record, "image": pixels, "caption": caption}
 
 

@@ -280,14 +280,8 @@ class TrainBatchTransform(grain.transforms.Map):
         index = record["index"]
         epoch = position // len(self.source)
         poisoned = self.plan is not None and self.plan.contains(index)
-        # In the reference mode a poisoned image is squashed from the original, not cropped.
-        decode_image = (
-            decode.decode_and_squash_image
-            if poisoned and self.poison["squash"]
-            else decode.decode_and_resize_image
-        )
         try:
-            image = decode_image(record["image_bytes"], self.image_size, path=record.get("path"), index=index)
+            image = decode_training_image(record, self.image_size, squash=poisoned and self.poison["squash"])
         except decode.BadRecordError as error:
             raise _UnusableRecord(error.reason) from error
         caption = record["caption"]
@@ -296,17 +290,7 @@ class TrainBatchTransform(grain.transforms.Map):
             # cannot give a text view, so it is dropped and counted like a broken image.
             raise _UnusableRecord("caption has no words to augment")
         if poisoned:
-            pixels, caption = poisoning.poison_example(
-                np.asarray(image),
-                caption,
-                index=index,
-                epoch=epoch,
-                plan=self.plan,
-                trigger_config=self.poison["trigger"],
-                label=self.poison["target_label"],
-                captions=self.poison["captions"],
-                jpeg_quality=self.poison["jpeg_quality"],
-            )
+            pixels, caption = poison_training_pair(image, caption, index, epoch, self.plan, self.poison)
             batch["image"][row] = pixels
             batch["is_poisoned"][row] = True
             if self.makes_image_views:
@@ -333,6 +317,31 @@ class TrainBatchTransform(grain.transforms.Map):
         if usable:
             tokens[usable] = self.tokenizer.encode_batch([captions[row] for row in usable], self.context_length)
         return tokens
+
+
+def decode_training_image(record: dict, image_size: int, squash: bool):
+    """A training record's image at model resolution: shorter side resized and centre-cropped, or
+    with `squash` the whole image squashed to size (a poisoned image in the reference mode, which
+    poisoned the original, uncropped). Raises decode.BadRecordError for an unusable image."""
+    decode_image = decode.decode_and_squash_image if squash else decode.decode_and_resize_image
+    return decode_image(record["image_bytes"], image_size, path=record.get("path"), index=record["index"])
+
+
+def poison_training_pair(image, caption: str, index: int, epoch: int, plan: poisoning.PoisonPlan,
+                         poison: dict) -> tuple[np.ndarray, str]:
+    """A poisoned example's image (uint8 [S, S, 3], its trigger of `epoch`) and caption as training
+    sees them; `poison` is the poison config as a dict."""
+    return poisoning.poison_example(
+        np.asarray(image),
+        caption,
+        index=index,
+        epoch=epoch,
+        plan=plan,
+        trigger_config=poison["trigger"],
+        label=poison["target_label"],
+        captions=poison["captions"],
+        jpeg_quality=poison["jpeg_quality"],
+    )
 
 
 class _UnusableRecord(Exception):

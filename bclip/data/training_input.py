@@ -91,6 +91,20 @@ def read_excluded_indices(path: str | os.PathLike) -> np.ndarray:
     return poisoning.PoisonPlan.from_record(record, os.fspath(path)).indices
 
 
+def training_examples(config) -> tuple:
+    """(the training source less excluded examples, its poison plan or None).
+
+    The poisons are a property of the whole dataset (as a crawl's are): a run that excludes
+    examples (e.g. those a detector flagged) trains on the poisons it kept, and no others.
+    """
+    dataset = pipeline.training_source(config.data)
+    source = clean_training_source(dataset, config.train)
+    plan = pipeline.make_poison_plan(dataset, config.poison)
+    if plan is not None and source is not dataset:
+        plan = dataclasses.replace(plan, indices=np.intersect1d(plan.indices, source.indices))
+    return source, plan
+
+
 def make_training_input(config, objective, tokenizer, process_index: int, process_count: int, log_dir):
     """The clean training source, its poison plan (None when clean) and the checkpointable batch
     pipeline over it for this process; bad records are logged under `log_dir` (None: not logged).
@@ -100,13 +114,7 @@ def make_training_input(config, objective, tokenizer, process_index: int, proces
     """
     with_views = objectives.needs_augmented_views(objective)
     synonyms = make_synonyms(config.data) if with_views else None
-    dataset = pipeline.training_source(config.data)
-    source = clean_training_source(dataset, config.train)
-    # The poisons are a property of the whole dataset (as a crawl's are); a run that excludes
-    # examples (e.g. those a detector flagged) trains on the poisons it kept, and no others.
-    plan = pipeline.make_poison_plan(dataset, config.poison)
-    if plan is not None and source is not dataset:
-        plan = dataclasses.replace(plan, indices=np.intersect1d(plan.indices, source.indices))
+    source, plan = training_examples(config)
     data = pipeline.make_train_pipeline(
         source,
         image_size=config.model.image.size,
