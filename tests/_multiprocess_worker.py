@@ -32,6 +32,7 @@ import os
 import shutil
 
 import jax
+import pytest
 from etils.epath import gpath
 from jax.experimental import multihost_utils
 
@@ -138,7 +139,7 @@ class _WriteLog:
 
 class Recorder:
     """Watches one process's run of the trainer (see the module docstring); `install` patches with
-    `patch(owner, name, value)` (setattr, or pytest's monkeypatch.setattr in the test's own process)."""
+    `patch(owner, name, value)` (pytest's monkeypatch.setattr)."""
 
     def __init__(self, workdir: str, stop_after_steps: int | None = None):
         self.workdir, self.stop_after_steps = workdir, stop_after_steps
@@ -190,29 +191,12 @@ class Recorder:
         return self.record
 
 
-class _Patches:
-    """setattr that can be undone, so that a second Recorder watches the resumed run alone."""
-
-    def __init__(self):
-        self._undo = []
-
-    def __call__(self, owner, name, value) -> None:
-        self._undo.append((owner, name, getattr(owner, name)))
-        setattr(owner, name, value)
-
-    def undo(self) -> None:
-        while self._undo:
-            setattr(*self._undo.pop())
-
-
 def _recorded_run(config, workdir: str, record_dir: str, stop_after_steps: int | None = None) -> None:
-    patches = _Patches()
     recorder = Recorder(workdir, stop_after_steps)
-    recorder.install(patches)
-    try:
+    # Undone afterwards, so that a second Recorder watches the resumed run alone.
+    with pytest.MonkeyPatch.context() as patch:
+        recorder.install(patch.setattr)
         record = recorder.run(config)
-    finally:
-        patches.undo()
     os.makedirs(record_dir, exist_ok=True)
     with open(os.path.join(record_dir, f"process_{jax.process_index()}.json"), "w") as f:
         json.dump(record, f)
