@@ -12,11 +12,11 @@ import ast
 import json
 import os
 
-import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import saved_arrays
 from etils import epath
 from etils.epath import backend as epath_backend
 from etils.epath import gpath
@@ -217,18 +217,6 @@ class Preempted(Exception):
     """Stops a run between two steps."""
 
 
-def _final_params(run_dir: str) -> dict[str, np.ndarray]:
-    """The params of a run's newest checkpoint, read as whole arrays, keyed by tree path."""
-    state = epath.Path(checkpointing.step_dir(run_dir)) / "state"
-    checkpointer = ocp.PyTreeCheckpointer()
-    saved = checkpointer.metadata(state).item_metadata.tree["params"]
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)
-    restored = checkpointer.restore(
-        state, args=ocp.args.PyTreeRestore(item={"params": saved}, restore_args={"params": restore_args}, partial_restore=True)
-    )
-    return {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(restored["params"])}
-
-
 @pytest.mark.slow
 def test_train_and_evaluate_keeps_every_run_file_and_checkpoint_on_gs_and_resumes_from_them(
     bucket, orbax_on_the_bucket, tmp_path, monkeypatch
@@ -312,7 +300,7 @@ def test_train_and_evaluate_keeps_every_run_file_and_checkpoint_on_gs_and_resume
         assert (epath.Path(checkpoints) / str(step) / "state" / "manifest.ocdbt").exists()
     assert orbax_on_the_bucket and all(path.startswith(f"{checkpoints}/") for path in orbax_on_the_bucket)
     assert {path for path in orbax_on_the_bucket if path.endswith("/state")} == {f"{checkpoints}/2/state", f"{checkpoints}/4/state"}
-    reference_params = _final_params(reference)
+    reference_params = saved_arrays.final_params(reference)
 
     # ---- Stopped after step 3, past its step-2 checkpoint --------------------------------------
     workdir = "gs://bucket/runs/pretrain"
@@ -344,7 +332,7 @@ def test_train_and_evaluate_keeps_every_run_file_and_checkpoint_on_gs_and_resume
     assert run_files.read_json_lines(run_dir / run_files.EVALS_FILE) == evals
     assert json.loads((run_dir / run_files.DONE_FILE).read_text()) == done
     assert sorted(ocp.utils.checkpoint_steps(epath.Path(checkpoints))) == [2, 4]
-    params = _final_params(workdir)
+    params = saved_arrays.final_params(workdir)
     assert params.keys() == reference_params.keys()
     for name, value in reference_params.items():
         np.testing.assert_array_equal(params[name], value, err_msg=name)

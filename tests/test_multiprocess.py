@@ -22,10 +22,10 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import saved_arrays
 
 from bclip import checkpointing, run_files
 from bclip.data.synthetic import writer
@@ -155,19 +155,6 @@ def _worker_argv(world, workdir, record_dir, *extra) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _final_params(workdir) -> dict[str, np.ndarray]:
-    """The parameters of a run's newest checkpoint, keyed by tree path, read as whole arrays
-    (whatever processes wrote their shards)."""
-    state = os.path.join(checkpointing.step_dir(workdir), "state")
-    checkpointer = ocp.PyTreeCheckpointer()
-    saved = checkpointer.metadata(state).item_metadata.tree["params"]
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)
-    restored = checkpointer.restore(
-        state, args=ocp.args.PyTreeRestore(item={"params": saved}, restore_args={"params": restore_args}, partial_restore=True)
-    )
-    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(restored["params"])}
-
-
 def _run(workdir, records: list[dict]) -> dict:
     workdir = str(workdir)
     return {
@@ -176,7 +163,7 @@ def _run(workdir, records: list[dict]) -> dict:
         "files": sorted(os.listdir(workdir)),
         "metrics": run_files.read_json_lines(os.path.join(workdir, run_files.METRICS_FILE)),
         "evals": run_files.read_json_lines(os.path.join(workdir, run_files.EVALS_FILE)),
-        "params": _final_params(workdir),
+        "params": saved_arrays.final_params(workdir),
     }
 
 
