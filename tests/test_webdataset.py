@@ -270,3 +270,25 @@ def test_a_run_trains_on_webdataset_shards(tmp_path, monkeypatch):
     metrics = run_files.read_json_lines(workdir / run_files.METRICS_FILE)
     assert [record["step"] for record in metrics] == [1] and np.isfinite(metrics[0]["loss"])
     assert not (workdir / "bad_records.jsonl").exists()
+
+
+def test_the_documented_command_line_override_trains_on_the_shards(tmp_path, capsys):
+    from test_configs import load_from_command_line
+
+    from configs import pretrain_cc
+
+    assert "--config.data.train_webdataset='/data/cc3m/{00000..00331}.tar'" in pretrain_cc.__doc__
+    expected = _dataset(tmp_path / "cc", num_shards=2, per_shard=2)
+    # The index command, run ahead as the docstring says; the run then reads its indexes.
+    assert webdataset_index.main(["--shards", str(tmp_path / "cc" / "{00000..00001}.tar")]) == 0
+    assert capsys.readouterr().out.strip() == "indexed 2 shard(s): 4 samples, 0 unusable"
+    assert sorted(p.name for p in (tmp_path / "cc").glob("*.index.json")) == ["00000.tar.index.json", "00001.tar.index.json"]
+    config = load_from_command_line(
+        f"{pretrain_cc.__file__}:cc3m_mmcl", f"--config.data.train_webdataset={tmp_path}/cc/{{00000..00001}}.tar"
+    )
+    source = pipeline.training_source(config.data)
+    assert isinstance(source, sources.WebDatasetImageTextSource)
+    assert [source[i]["image_bytes"] for i in range(4)] == [data for _, data, _ in expected]
+    both = pipeline.data_config(train_csv="train.csv", train_webdataset="shards")
+    with pytest.raises(ValueError, match="set exactly one of .*; set: data.train_csv, data.train_webdataset"):
+        pipeline.training_source(both)
