@@ -16,7 +16,7 @@ from PIL import Image
 from test_train_fake_data import WORDS, fake_data_config
 
 from bclip import run_files, train
-from bclip.data import decode, pipeline, poisoning, sources, training_input, webdataset_index
+from bclip.data import decode, pipeline, poisoning, records, sources, training_input, webdataset_index
 from bclip.data.tokenizer import WordTokenizer
 
 IMAGE_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
@@ -168,7 +168,10 @@ def test_bad_and_lost_samples_are_bad_records_naming_shard_and_key(tmp_path):
 
     source = sources.WebDatasetImageTextSource(folder)
     reasons = {i: source[i]["error"] for i in range(len(source)) if sources.is_bad_record(source[i])}
-    shard = lambda n: str(folder / f"{n:05d}.tar")  # noqa: E731
+
+    def shard(n):
+        return str(folder / f"{n:05d}.tar")
+
     # Shard 0: 7 samples in tar order; shard 1: one whole, the cut one, two lost; shard 2: one, then one lost.
     assert len(source) == 7 + 4 + 2
     assert sorted(reasons) == [1, 2, 3, 5, 8, 9, 10, 12]
@@ -197,6 +200,15 @@ def test_bad_and_lost_samples_are_bad_records_naming_shard_and_key(tmp_path):
     complete = sources.WebDatasetImageTextSource(folder)
     assert len(complete) == len(source) and complete[9]["caption"] == "a photo of a red square 2"
     assert complete[11]["image_bytes"] == source[11]["image_bytes"]
+
+    # Converted to ArrayRecord shards, the usable samples are kept in order and the rest listed.
+    assert records.main(["--webdataset", str(folder), "--out", str(tmp_path / "ar"), "--num_shards", "2"]) == 0
+    converted = sources.ArrayRecordImageTextSource(tmp_path / "ar")
+    kept = [0, 4, 6, 7, 8, 9, 10, 11]  # the undecodable image is stored as it is, to fail when decoded
+    assert [converted[i]["image_bytes"] for i in range(len(converted))] == [complete[i]["image_bytes"] for i in kept]
+    assert converted[7]["path"] == f"{shard(2)}/00002000.jpg"
+    skipped = (tmp_path / "ar" / records.SKIPPED_FILENAME).read_text().splitlines()
+    assert skipped[0] == "index\tpath\treason" and [int(line.split("\t")[0]) for line in skipped[1:]] == [1, 2, 3, 5, 12]
 
 
 def test_poisoning_by_index_gives_the_same_batches_as_the_same_pairs_in_a_csv(tmp_path):

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import sys
 import tarfile
 from collections.abc import Sequence
@@ -316,8 +317,9 @@ def index_path(shard: str, index_dir: str | os.PathLike = "") -> str:
 
 def _write_index(index: ShardIndex, path: str) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    # Written aside and renamed: processes indexing the same shard at once never leave half a file.
-    partial = f"{path}.{os.getpid()}.partial"
+    # Written aside and renamed: processes (of several hosts) indexing the same shard at once never
+    # leave half a file.
+    partial = f"{path}.{socket.gethostname()}.{os.getpid()}.partial"
     try:
         with open(partial, "w", encoding="utf-8") as handle:
             json.dump(index.to_json(), handle, ensure_ascii=False, separators=(",", ":"))
