@@ -201,7 +201,7 @@ class _Sample:
     problem: str = ""
 
 
-def _read_members(shard: str, handle, size: int) -> tuple[list[_Sample], str]:
+def _read_members(handle, size: int) -> tuple[list[_Sample], str]:
     """The shard's samples in order of their first member, and how the tar is truncated ("" if
     it is whole)."""
     samples: dict[str, _Sample] = {}
@@ -212,8 +212,8 @@ def _read_members(shard: str, handle, size: int) -> tuple[list[_Sample], str]:
     while True:
         try:
             member = tar.next()
-        except (tarfile.TarError, EOFError) as error:  # the data of the last member ran out
-            return list(samples.values()), f"it ends inside a member ({error})"
+        except (tarfile.TarError, EOFError) as error:  # a damaged header, or no data after it
+            return list(samples.values()), f"unreadable from byte {tar.offset} ({error})"
         if member is None:
             break
         if not member.isfile():
@@ -231,11 +231,11 @@ def _read_members(shard: str, handle, size: int) -> tuple[list[_Sample], str]:
                 sample.caption = tar.extractfile(member).read().decode("utf-8")
             except UnicodeDecodeError:
                 sample.problem = sample.problem or "caption (.txt) is not UTF-8 text"
-    # A whole tar ends with a zero block where tarfile stopped; a shard cut at a member boundary
-    # (or inside a header, which tarfile takes as the end) does not.
+    # A whole tar ends with a zero block where tarfile stopped; a shard cut at a member boundary,
+    # or inside or at a damaged header (both of which tarfile takes for the end), does not.
     handle.seek(tar.offset)
     if handle.read(_TAR_BLOCK) != bytes(_TAR_BLOCK):
-        return list(samples.values()), f"it ends at byte {size} without the end-of-archive block"
+        return list(samples.values()), f"no member header or end-of-archive block at byte {tar.offset} of {size}"
     return list(samples.values()), ""
 
 
@@ -269,7 +269,7 @@ def scan_shard(shard: str) -> ShardIndex:
         if handle.read(2) == b"\x1f\x8b":
             raise ValueError(f"{shard} is gzip-compressed: random access needs uncompressed tar shards")
         handle.seek(0)
-        samples, truncated = _read_members(shard, handle, size)
+        samples, truncated = _read_members(handle, size)
     problems = [_sample_problem(sample) for sample in samples]
     if truncated and samples and problems[-1]:
         problems[-1] = f"{problems[-1]} (the shard is truncated: {truncated})"
