@@ -55,6 +55,7 @@ _SLOW_FILES_FIRST = (
     "test_cleaning.py",
     "test_main.py",
     "test_train_fake_data.py",
+    "test_webdataset.py",
     "test_detection.py",
     "test_device_augment.py",
     "test_evaluation.py",
