@@ -141,7 +141,8 @@ def to_open_clip(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
     flat = traverse_util.flatten_dict(dict(variables))
     tensors = {}
     for name, (key, layout) in name_table(variables).items():
-        tensors[name] = np.ascontiguousarray(_to_torch_layout(np.asarray(flat[key], np.float32), layout))
+        # np.array, not np.ascontiguousarray, which makes logit_scale's 0-d array 1-d.
+        tensors[name] = np.array(_to_torch_layout(np.asarray(flat[key], np.float32), layout), order="C")
         if key[0] == "batch_stats" and key[-1] == "mean":
             tensors[name.removesuffix("running_mean") + "num_batches_tracked"] = np.zeros((), np.int64)
     return tensors
@@ -305,3 +306,40 @@ def infer_model_config(
         if (preset["embed_dim"], _tuples(preset["text"]), _tuples(preset["image"])) == (embed_dim, text, image):
             return clip.model_config(name, **options)
     return clip.model_config(base, image=image, text=text, embed_dim=embed_dim, **options)
+
+
+def open_clip_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """open_clip's description of the model a bclip model config describes: the open_clip_config.json
+    ({"model_cfg", "preprocess_cfg"}) that open_clip's "local-dir:" and "hf-hub:" loaders read."""
+    image, text = config.image, config.text
+    if image.kind == "resnet":
+        vision = dict(image_size=image.size, layers=list(image.layers), width=image.width, head_width=32 * image.width // image.heads)
+    else:
+        vision = dict(
+            image_size=image.size,
+            patch_size=image.patch_size,
+            width=image.width,
+            layers=image.layers,
+            head_width=image.width // image.heads,
+            mlp_ratio=image.mlp_ratio,
+        )
+    model = dict(
+        embed_dim=config.embed_dim,
+        quick_gelu=config.activation == "quick_gelu",
+        vision_cfg=vision,
+        text_cfg=dict(
+            context_length=text.context_length,
+            vocab_size=text.vocab_size,
+            width=text.width,
+            heads=text.heads,
+            layers=text.layers,
+        ),
+    )
+    if config.siglip_bias:
+        model["init_logit_bias"] = clip.LOGIT_BIAS_INIT  # only makes open_clip create the tensor
+    pixels = dict(
+        size=image.size,
+        mean=[value / 255 for value in clip.IMAGE_MEAN],
+        std=[value / 255 for value in clip.IMAGE_STD],
+    )
+    return {"model_cfg": model, "preprocess_cfg": pixels}

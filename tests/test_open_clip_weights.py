@@ -1,0 +1,171 @@
+"""Weights in and out in open_clip's layout: parity with open_clip's own outputs on two small
+models (tests/fixtures/open_clip, made by make_open_clip_fixtures.py), export then import, errors
+that name the tensor, and the names and shapes of the six standard architectures."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import traverse_util
+from safetensors import numpy as safetensors_numpy
+
+from bclip import checkpointing, config as config_lib, run_start, weights
+from bclip.models import clip, open_clip_layout
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "open_clip")
+# How make_open_clip_fixtures.py built them: heads and activation are not in the tensors.
+SMALL_MODELS = {
+    "resnet": dict(activation="quick_gelu", head_width=32, text_head_width=16),
+    "vit": dict(activation="gelu", head_width=16, text_head_width=8),
+}
+STANDARD = {"RN50": "RN50", "RN101": "RN101", "RN50x4": "RN50x4", "ViT-B-32": "ViT-B/32", "ViT-B-16": "ViT-B/16", "ViT-L-14": "ViT-L/14"}
+
+
+def fixture_path(name: str) -> str:
+    return os.path.join(FIXTURES, name)
+
+
+def unit_rows(features: np.ndarray) -> np.ndarray:
+    return features / np.linalg.norm(features, axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("name", ["resnet", "vit"])
+def test_embeddings_equal_open_clip_ones(name):
+    tensors = open_clip_layout.read(fixture_path(f"{name}.safetensors"))
+    config = open_clip_layout.infer_model_config(tensors, **SMALL_MODELS[name])
+    if name == "resnet":
+        assert (config.image.kind, tuple(config.image.layers), config.image.width, config.image.heads) == ("resnet", (1, 2, 1, 1), 4, 4)
+        assert (config.image.size, config.embed_dim) == (64, 24)
+    else:
+        assert (config.image.kind, config.image.patch_size, config.image.heads, config.image.mlp_ratio) == ("vit", 8, 2, 2.0)
+    assert (config.text.context_length, config.text.vocab_size, config.text.heads, config.text.layers) == (12, 100, 32 // SMALL_MODELS[name]["text_head_width"], 2)
+    variables = open_clip_layout.load(fixture_path(f"{name}.safetensors"), config)
+    io = safetensors_numpy.load_file(fixture_path(f"{name}_io.safetensors"))
+    model = clip.build_model(config)
+
+
+    def forward(variables, images, tokens):
+        # The public embeddings, and the towers' unnormalised features, so that a wrong scale
+        # cannot hide behind the normalisation. One program: one compile.
+        def both(m, images, tokens):
+            features = (m.image_tower(clip.normalize_images(images, m.dtype)), m.text_tower(tokens))
+            return m(images, tokens), features
+
+        return model.apply(variables, images, tokens, method=both)
+
+    embeddings, features = jax.jit(forward)(variables, io["images"], io["tokens"])
+    for ours, theirs in zip(embeddings, (io["image_features"], io["text_features"])):
+        np.testing.assert_allclose(ours, unit_rows(theirs), atol=1e-4, rtol=0)
+    for ours, theirs in zip(features, (io["image_features"], io["text_features"])):
+        assert np.abs(np.asarray(ours) - theirs).max() <= 1e-4 * np.abs(theirs).max()
+    assert float(variables["params"]["logit_scale"]) == 2.5  # the fixture's
+
+
+def random_variables(config) -> dict:
+    """Random params and batch statistics (not the init's zeros and ones), drawn in numpy: no
+    compile."""
+    rng = np.random.default_rng(0)
+    draw = lambda a: rng.uniform(0.5, 1.5, a.shape).astype(a.dtype)  # noqa: E731
+    return jax.tree.map(draw, open_clip_layout.abstract_variables(config))
+
+
+def test_export_then_import_is_the_identity(tmp_path):
+    config = clip.model_config("micro-resnet")
+    variables = random_variables(config)
+    tensors = open_clip_layout.to_open_clip(variables)
+    # The layouts, element by element: PyTorch's [out, in, kh, kw] and [out, in] from flax's.
+    stem = variables["params"]["image_tower"]["stem_conv1"]["kernel"]
+    assert tensors["visual.conv1.weight"][5, 1, 2, 0] == stem[2, 0, 1, 5]
+    qkv = variables["params"]["text_tower"]["transformer"]["block_1"]["attn"]["qkv"]["kernel"]
+    np.testing.assert_array_equal(tensors["transformer.resblocks.1.attn.in_proj_weight"], qkv.T)
+    pool_mean = variables["batch_stats"]["image_tower"]["layer2_block0"]["downsample_bn"]["mean"]
+    np.testing.assert_array_equal(tensors["visual.layer2.0.downsample.1.running_mean"], pool_mean)
+    assert tensors["visual.bn1.num_batches_tracked"].dtype == np.int64
+
+    open_clip_layout.write(tmp_path / "model.safetensors", tensors)
+    abstract = open_clip_layout.abstract_variables(config)
+    back = open_clip_layout.from_open_clip(open_clip_layout.read(tmp_path / "model.safetensors"), abstract)
+    flat, flat_back = traverse_util.flatten_dict(variables), traverse_util.flatten_dict(back)
+    assert flat.keys() == flat_back.keys()
+    for key in flat:
+        np.testing.assert_array_equal(flat_back[key], flat[key], err_msg=str(key))
+
+
+def fake_run(run_dir, config, variables) -> None:
+    """A finished run's folder as bclip.train leaves it: config.json and one checkpoint step."""
+    os.makedirs(run_dir / "checkpoints")
+    (run_dir / "config.json").write_text(json.dumps(config.to_dict()))
+    ocp.PyTreeCheckpointer().save(run_dir / "checkpoints" / "7" / "state", {**variables, "step": 7})
+
+
+def test_export_command_writes_what_open_clip_loads_and_init_from_reads_it(tmp_path):
+    # The fixture's ResNet, so the open_clip config written must be the one open_clip built it from.
+    config = open_clip_layout.infer_model_config(open_clip_layout.read(fixture_path("resnet.safetensors")), **SMALL_MODELS["resnet"])
+    run_config = config_lib.run_config()
+    with run_config.unlocked():
+        run_config.model = config
+    variables = random_variables(config)
+    fake_run(tmp_path / "run", run_config, variables)
+    assert weights.main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
+    description = json.loads((tmp_path / "out" / weights.CONFIG_FILE).read_text())
+    assert description["model_cfg"] == dict(
+        embed_dim=24,
+        quick_gelu=True,
+        vision_cfg=dict(image_size=64, layers=[1, 2, 1, 1], width=4, head_width=32),
+        text_cfg=dict(context_length=12, vocab_size=100, width=32, heads=2, layers=2),
+    )
+    np.testing.assert_allclose(description["preprocess_cfg"]["mean"], [0.48145466, 0.4578275, 0.40821073], rtol=1e-7)
+
+    # train.init_from names the exported file: the same variables come back, placed on devices.
+    exported = str(tmp_path / "out" / weights.MODEL_FILE)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), open_clip_layout.abstract_variables(config))
+    loaded, where = checkpointing.load_model_variables(exported, abstract)
+    assert where == exported
+    flat, flat_loaded = traverse_util.flatten_dict(variables), traverse_util.flatten_dict(jax.device_get(loaded))
+    assert flat.keys() == flat_loaded.keys()
+    for key in flat:
+        np.testing.assert_array_equal(flat_loaded[key], flat[key], err_msg=str(key))
+
+
+def test_mismatches_name_the_tensor(tmp_path):
+    config = open_clip_layout.infer_model_config(open_clip_layout.read(fixture_path("vit.safetensors")), **SMALL_MODELS["vit"])
+    abstract = open_clip_layout.abstract_variables(config)
+    tensors = dict(open_clip_layout.read(fixture_path("vit.safetensors")))
+
+    missing = {name: value for name, value in tensors.items() if name != "visual.ln_pre.bias"}
+    with pytest.raises(ValueError, match=r"1 missing.*no tensor 'visual\.ln_pre\.bias' \(for bclip's params/image_tower/ln_pre/bias\)"):
+        open_clip_layout.from_open_clip(missing, abstract, source="vit.safetensors")
+    wrong = {**tensors, "visual.proj": np.zeros((32, 17), np.float32)}
+    with pytest.raises(ValueError, match=r"'visual\.proj' has shape \(32, 17\), the model needs \(32, 16\)"):
+        open_clip_layout.from_open_clip(wrong, abstract)
+    extra = {**tensors, "visual.transformer.resblocks.0.ls_1.gamma": np.ones(32, np.float32)}
+    with pytest.raises(ValueError, match=r"tensor 'visual\.transformer\.resblocks\.0\.ls_1\.gamma' has no place"):
+        open_clip_layout.from_open_clip(extra, abstract)
+    with pytest.raises(ValueError, match="never unpickles"):
+        open_clip_layout.read(tmp_path / "open_clip_pytorch_model.bin")
+    # Through init_from, the same message as a CheckpointError.
+    open_clip_layout.write(tmp_path / "missing.safetensors", missing)
+    with pytest.raises(checkpointing.CheckpointError, match=r"no tensor 'visual\.ln_pre\.bias'"):
+        checkpointing.load_model_variables(str(tmp_path / "missing.safetensors"), abstract)
+    train = config_lib.override(config_lib.run_config(), {"train.init_from": "RN50.safetensors", "train.init_from_epoch": 3}).train
+    with pytest.raises(ValueError, match="init_from_epoch must be -1"):
+        run_start.check_start_keys(train)
+
+
+def test_standard_architectures_map_every_tensor_both_ways():
+    """bclip's presets against the state dicts of open_clip's own models (names and shapes, from
+    open_clip built on the meta device), without allocating any weights."""
+    with open(fixture_path("standard_shapes.json")) as f:
+        reference = json.load(f)
+    assert sorted(reference) == sorted(STANDARD)
+    for open_clip_name, preset in STANDARD.items():
+        theirs = {name: tuple(shape) for name, shape in reference[open_clip_name].items()}
+        config = clip.model_config(preset)
+        ours = open_clip_layout.open_clip_shapes(open_clip_layout.abstract_variables(config))
+        assert sorted(set(ours) ^ set(theirs)) == [], preset
+        assert {name: shape for name, shape in ours.items() if theirs[name] != shape} == {}, preset
+        assert open_clip_layout.infer_model_config(theirs).to_dict() == config.to_dict(), preset
