@@ -169,3 +169,20 @@ def test_standard_architectures_map_every_tensor_both_ways():
         assert sorted(set(ours) ^ set(theirs)) == [], preset
         assert {name: shape for name, shape in ours.items() if theirs[name] != shape} == {}, preset
         assert open_clip_layout.infer_model_config(theirs).to_dict() == config.to_dict(), preset
+
+
+def test_cleanclip_pretrained_config_is_cleanclips_setting():
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "cleanclip_pretrained.py")
+    module = config_lib.load_config_file(path)
+    poison, clean = module.get_config("poison"), module.get_config("clean")
+    assert poison.model.name == clean.model.name == "RN50" and poison.model.activation == "quick_gelu"
+    assert (poison.poison.count, poison.data.batch_size, poison.optim.learning_rate, poison.optim.warmup_steps) == (1_500, 128, 1e-6, 10_000)
+    assert (poison.train.num_epochs, poison.objective.mmcl_weight, poison.objective.ssl_weight) == (10, 1.0, 0.0)
+    assert (clean.poison.count, clean.train.subset_size, clean.data.batch_size, clean.optim.learning_rate) == (0, 100_000, 64, 1e-5)
+    assert (clean.train.num_epochs, clean.optim.warmup_steps, clean.objective.mmcl_weight, clean.objective.ssl_weight) == (10, 50, 1.0, 1.0)
+    assert not clean.train.reload_optimizer_state and poison.eval.at_start and clean.eval.at_start
+    # The poison stage starts from a safetensors file, which the start checks accept.
+    run_start.check_start_keys(config_lib.override(poison, {"train.init_from": "RN50-openai.safetensors"}).train)
+    assert "configs/cleanclip_pretrained.py:poison" in module.__doc__ and "configs/cleanclip_pretrained.py:clean" in module.__doc__
+    with pytest.raises(ValueError, match="unknown stage 'pretrain'"):
+        module.get_config("pretrain")
