@@ -127,9 +127,9 @@ def torch_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
 def open_clip_shapes(variables: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     """{open_clip name: shape} of the state dict open_clip's model of the same architecture has,
     BatchNorm's num_batches_tracked counters included. Works on abstract shapes."""
-    shapes = {}
+    flat, shapes = traverse_util.flatten_dict(dict(variables)), {}
     for name, (key, layout) in name_table(variables).items():
-        shapes[name] = torch_shape(traverse_util.flatten_dict(dict(variables))[key].shape, layout)
+        shapes[name] = torch_shape(flat[key].shape, layout)
         if key[0] == "batch_stats" and key[-1] == "mean":
             shapes[name.removesuffix("running_mean") + "num_batches_tracked"] = ()
     return shapes
