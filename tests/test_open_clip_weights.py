@@ -4,8 +4,10 @@ that name the tensor, and the names and shapes of the six standard architectures
 
 import json
 import os
+import struct
 
 import jax
+import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -92,6 +94,30 @@ def test_export_then_import_is_the_identity(tmp_path):
     assert flat.keys() == flat_back.keys()
     for key in flat:
         np.testing.assert_array_equal(flat_back[key], flat[key], err_msg=str(key))
+
+
+def test_bfloat16_and_float16_files_are_read(tmp_path):
+    """numpy has no bfloat16: such files (some of open_clip's) take the other reader, and import
+    casts every tensor to the model's float32."""
+    values = np.array([[1.5, -2.0], [0.25, 3.0]], np.float32)  # exact in bfloat16 and float16
+    # The file written by hand, as the format is defined: 8 bytes of header length (little endian),
+    # the JSON header, then the tensors' bytes.
+    data = {"half": values.astype(np.float16).tobytes(), "brain": values.astype(ml_dtypes.bfloat16).tobytes()}
+    header = {
+        "half": {"dtype": "F16", "shape": [2, 2], "data_offsets": [0, 8]},
+        "brain": {"dtype": "BF16", "shape": [2, 2], "data_offsets": [8, 16]},
+    }
+    header_bytes = json.dumps(header).encode()
+    (tmp_path / "mixed.safetensors").write_bytes(
+        struct.pack("<Q", len(header_bytes)) + header_bytes + data["half"] + data["brain"]
+    )
+    tensors = open_clip_layout.read(tmp_path / "mixed.safetensors")
+    assert tensors["brain"].dtype == ml_dtypes.bfloat16 and tensors["half"].dtype == np.float16
+    for name in ("brain", "half"):
+        np.testing.assert_array_equal(tensors[name].astype(np.float32), values)
+    scale = {"logit_scale": np.array(2.5, ml_dtypes.bfloat16)}
+    imported = open_clip_layout.from_open_clip(scale, {"params": {"logit_scale": jax.ShapeDtypeStruct((), np.float32)}})
+    assert imported["params"]["logit_scale"].dtype == np.float32 and imported["params"]["logit_scale"] == 2.5
 
 
 def fake_run(run_dir, config, variables) -> None:
@@ -186,3 +212,13 @@ def test_cleanclip_pretrained_config_is_cleanclips_setting():
     assert "configs/cleanclip_pretrained.py:poison" in module.__doc__ and "configs/cleanclip_pretrained.py:clean" in module.__doc__
     with pytest.raises(ValueError, match="unknown stage 'pretrain'"):
         module.get_config("pretrain")
+
+
+def test_describe_prints_the_model_config_and_size(capsys):
+    assert weights.main(["describe", fixture_path("vit.safetensors"), "--activation", "gelu", "--head_width", "16", "--text_head_width", "8"]) == 0
+    described = json.loads(capsys.readouterr().out)
+    config = open_clip_layout.infer_model_config(open_clip_layout.read(fixture_path("vit.safetensors")), **SMALL_MODELS["vit"])
+    assert described["model"] == json.loads(config.to_json())
+    assert described["parameters"] == clip.count_params(config)
+    assert weights.main(["describe", fixture_path("vit_io.safetensors")]) == 2  # not a CLIP state dict
+    assert "not an open_clip CLIP state dict: no tensor 'token_embedding.weight'" in capsys.readouterr().err

@@ -200,6 +200,7 @@ def read(path: str | os.PathLike) -> dict[str, np.ndarray]:
         )
     if not os.path.exists(path):
         raise FileNotFoundError(f"open_clip checkpoint {path} does not exist")
+    # bfloat16 files read too: jax's ml_dtypes makes bfloat16 a numpy dtype.
     return safetensors_numpy.load_file(path)
 
 
