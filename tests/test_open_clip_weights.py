@@ -215,9 +215,10 @@ def test_cleanclip_pretrained_config_is_cleanclips_setting():
 
 
 def test_describe_prints_the_model_config_and_size(capsys):
-    assert weights.main(["describe", fixture_path("vit.safetensors"), "--activation", "gelu", "--head_width", "16", "--text_head_width", "8"]) == 0
+    # The ResNet: its BatchNorm statistics are tensors but not parameters.
+    assert weights.main(["describe", fixture_path("resnet.safetensors"), "--head_width", "32", "--text_head_width", "16"]) == 0
     described = json.loads(capsys.readouterr().out)
-    config = open_clip_layout.infer_model_config(open_clip_layout.read(fixture_path("vit.safetensors")), **SMALL_MODELS["vit"])
+    config = open_clip_layout.infer_model_config(open_clip_layout.read(fixture_path("resnet.safetensors")), **SMALL_MODELS["resnet"])
     assert described["model"] == json.loads(config.to_json())
     assert described["parameters"] == clip.count_params(config)
     assert weights.main(["describe", fixture_path("vit_io.safetensors")]) == 2  # not a CLIP state dict
