@@ -15,7 +15,6 @@ and its parameter count: the `model` section a config needs to start from it wit
 
 import argparse
 import json
-import os
 import sys
 from typing import Sequence
 
@@ -40,14 +39,15 @@ def export_run(run: str, out: str, epoch: int = -1) -> str:
     )
     variables, _ = checkpointing.load_model_variables(step_dir, abstract)
     tensors = open_clip_layout.to_open_clip(jax.device_get(variables))
-    if out.endswith(".safetensors"):
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    out = epath.Path(out)
+    if out.name.endswith(".safetensors"):
+        out.parent.mkdir(parents=True, exist_ok=True)
         open_clip_layout.write(out, tensors)
     else:
-        os.makedirs(out, exist_ok=True)
-        open_clip_layout.write(os.path.join(out, MODEL_FILE), tensors)
+        out.mkdir(parents=True, exist_ok=True)
+        open_clip_layout.write(out / MODEL_FILE, tensors)
         description = open_clip_layout.open_clip_config(config.model)
-        epath.Path(out, CONFIG_FILE).write_text(json.dumps(description, indent=2) + "\n")
+        (out / CONFIG_FILE).write_text(json.dumps(description, indent=2) + "\n")
     return step_dir
 
 

@@ -23,7 +23,10 @@ from typing import Any, Mapping
 
 import jax
 import ml_collections
+import ml_dtypes
 import numpy as np
+import safetensors
+from etils import epath
 from flax import traverse_util
 from safetensors import numpy as safetensors_numpy
 
@@ -191,22 +194,41 @@ def from_open_clip(
 
 
 def read(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """The tensors of a .safetensors file as numpy arrays (no pickle: .bin and .pt files are refused)."""
-    path = os.fspath(path)
-    if not path.endswith(".safetensors"):
+    """The tensors of a .safetensors file (local or remote, e.g. gs://) as numpy arrays; no pickle:
+    .bin and .pt files are refused."""
+    path = epath.Path(path)
+    if not path.name.endswith(".safetensors"):
         raise ValueError(
             f"{path} is not a .safetensors file; bclip never unpickles .pt/.bin checkpoints. Rewrite it "
             "with open_clip as the README's 'Pretrained weights in and out' shows"
         )
-    if not os.path.exists(path):
+    if not path.exists():
         raise FileNotFoundError(f"open_clip checkpoint {path} does not exist")
-    # bfloat16 files read too: jax's ml_dtypes makes bfloat16 a numpy dtype.
-    return safetensors_numpy.load_file(path)
+    tensors = {}
+    for name, tensor in safetensors.deserialize(path.read_bytes()):
+        if tensor["dtype"] not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {name!r} in {path} has dtype {tensor['dtype']}; bclip reads {sorted(_SAFETENSORS_DTYPES)}")
+        tensors[name] = np.frombuffer(tensor["data"], _SAFETENSORS_DTYPES[tensor["dtype"]]).reshape(tensor["shape"])
+    return tensors
+
+
+# safetensors' dtype names. numpy has no bfloat16 (safetensors' numpy API cannot read it): ml_dtypes' is used.
+_SAFETENSORS_DTYPES = {
+    "BF16": ml_dtypes.bfloat16,
+    "F16": np.float16,
+    "F32": np.float32,
+    "F64": np.float64,
+    "I64": np.int64,
+    "I32": np.int32,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
 
 
 def write(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]) -> None:
-    """Write tensors as safetensors, marked as PyTorch tensors (what Hugging Face tooling expects)."""
-    safetensors_numpy.save_file(dict(tensors), os.fspath(path), metadata={"format": "pt"})
+    """Write tensors as safetensors (local or remote), marked as PyTorch tensors (what Hugging Face
+    tooling expects)."""
+    epath.Path(path).write_bytes(safetensors_numpy.save(dict(tensors), metadata={"format": "pt"}))
 
 
 def abstract_variables(config: ml_collections.ConfigDict) -> dict[str, Any]:
