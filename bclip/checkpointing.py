@@ -11,11 +11,13 @@ import os
 
 import grain
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from bclip.models import open_clip_layout
+from bclip import sharding, train_step
+from bclip.models import clip, open_clip_layout
 
 
 # In a run's checkpoints directory: how many steps make an epoch, so a checkpoint can be named by
@@ -251,6 +253,26 @@ def saved_run_config(step_dir: str | os.PathLike) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{path} is not valid JSON: {error}") from None
+
+
+def load_run_model(run_dir: str | os.PathLike, mesh, epoch: int = -1) -> tuple:
+    """A finished run's model, for commands that use it (detection, trigger optimisation).
+
+    Returns:
+      (the run's config (its config.json), the model, its variables {"params", "batch_stats"}
+      replicated over `mesh`, the step directory read: the latest, or the one ending `epoch`).
+    """
+    where = step_dir(run_dir, epoch)
+    config = ml_collections.ConfigDict(saved_run_config(where))
+    model = clip.build_model(config.model)
+    replicated = sharding.replicated(mesh)
+    shapes = jax.eval_shape(
+        lambda rng: train_step.init_variables(model, rng, config.model.image.size, config.model.text.context_length),
+        jax.random.key(0),
+    )
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), shapes)
+    variables, _ = load_model_variables(where, abstract)
+    return config, model, variables, where
 
 
 def _restore_placed(state_dir: epath.Path, target: dict) -> dict:

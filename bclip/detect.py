@@ -19,14 +19,11 @@ import os
 import sys
 from typing import Sequence
 
-import jax
-import ml_collections
 import numpy as np
 from etils import epath
 
-from bclip import checkpointing, detection, epoch_passes, run_files, sharding, train_step
+from bclip import checkpointing, detection, epoch_passes, run_files, sharding
 from bclip.data import training_input
-from bclip.models import clip
 
 DETECTION_FILE, SCORES_FILE, SUSPECTED_FILE = "detection.json", "scores.npy", "suspected_indices.json"
 
@@ -37,17 +34,8 @@ def detect_run(run_dir: str, out_dir: str, detector: str = "dao", k: int = 16, g
     poison_file = epath.Path(run_dir) / run_files.POISON_FILE
     if not poison_file.exists():
         raise FileNotFoundError(f"{poison_file} does not exist: {run_dir} is not a poisoned run, so nothing can be measured")
-    step_dir = checkpointing.step_dir(run_dir)
-    config = ml_collections.ConfigDict(checkpointing.saved_run_config(step_dir))
-    model = clip.build_model(config.model)
     mesh = sharding.make_mesh()
-    replicated = sharding.replicated(mesh)
-    shapes = jax.eval_shape(
-        lambda rng: train_step.init_variables(model, rng, config.model.image.size, config.model.text.context_length),
-        jax.random.key(0),
-    )
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), shapes)
-    variables, _ = checkpointing.load_model_variables(step_dir, abstract)
+    config, model, variables, step_dir = checkpointing.load_run_model(run_dir, mesh)
 
     tokenizer = training_input.make_tokenizer(config)
     source, plan = training_input.training_examples(config)

@@ -72,13 +72,29 @@ def _checkerboard(size: int, checker_size: int) -> np.ndarray:
 
 _YELLOW = np.array([255, 255, 0], dtype=np.uint8)
 
+
+@functools.lru_cache(maxsize=16)
+def _image_patch(path: str, size: int) -> np.ndarray:
+    """uint8 [size, size, 3]: the image file at `path`, resized (bilinear) if it is not size x size."""
+    if not path:
+        raise ValueError("badnets patch='image' needs patch_path, the image file to paste")
+    try:
+        with Image.open(path) as opened:
+            image = opened.convert("RGB")
+    except (FileNotFoundError, OSError) as error:
+        raise ValueError(f"badnets patch_path {path!r} cannot be read as an image: {error}") from None
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.BILINEAR)
+    return _read_only(np.asarray(image, dtype=np.uint8).copy())
+
 _OVERFLOWS = ("clip", "wrap")
 
 
-def _patch_offsets(
+def patch_offsets(
     height: int, width: int, size: int, location: str, corner: str, rng: np.random.Generator | None
 ) -> list[tuple[int, int]]:
-    """Top-left (row, column) of every patch copy."""
+    """Top-left (row, column) of every copy of a `size` px patch that `badnets` pastes at `location`
+    (rng: draws the row, then the column, for location="random")."""
     bottom, right = height - size, width - size
     corner_offsets = {
         "top_left": (0, 0),
@@ -113,12 +129,15 @@ def badnets(
     corner: str = "bottom_right",
     checker_size: int = 1,
     overflow: str = "clip",
+    patch_path: str = "",
 ) -> np.ndarray:
     """Pastes a square patch (BadNets). image: uint8 [H, W, 3] -> uint8 [H, W, 3].
 
     patch: "random" (N(0, 1) noise added to the image's per-channel mean, in 0..1 units; redrawn
     per seed, as in the reference), "yellow" (R = G = 255, B = 0) or "checkerboard"
-    (black/white squares of `checker_size` px). size: side in px; None scales 16 px at 224 px with
+    (black/white squares of `checker_size` px) or "image" (the image file at `patch_path`, e.g. a
+    patch written by `python -m bclip.optimise_trigger`, resized bilinearly to size x size when
+    its own size differs). size: side in px; None scales 16 px at 224 px with
     the resolution. location: "random" (top-left uniform in [0, H - size) per seed), "corner"
     (the `corner` one: top_left, top_right, bottom_left, bottom_right) or "four_corners" (all four,
     the same patch in each). Pixels outside the patch are left bit-identical.
@@ -134,6 +153,8 @@ def badnets(
     """
     if overflow not in _OVERFLOWS:
         raise ValueError(f"badnets overflow must be one of {_OVERFLOWS}, got {overflow!r}")
+    if patch_path and patch != "image":
+        raise ValueError(f"badnets patch_path={patch_path!r} is read only with patch='image', got patch={patch!r}")
     height, width, _ = image.shape
     size = scaled_patch_size(height, width) if size is None else int(size)
     if not 1 <= size <= min(height, width):
@@ -141,7 +162,7 @@ def badnets(
     needs_rng = location == "random" or patch == "random"
     rng = np.random.default_rng(seed) if needs_rng else None
     # Location is drawn before the noise so a seed puts every patch kind at the same place.
-    offsets = _patch_offsets(height, width, size, location, corner, rng)
+    offsets = patch_offsets(height, width, size, location, corner, rng)
 
     if patch == "random":
         pixels = image.reshape(-1, 3).astype(np.float32)
@@ -158,9 +179,11 @@ def badnets(
         if checker_size < 1:
             raise ValueError(f"checker_size must be >= 1, got {checker_size}")
         pixels = _checkerboard(size, int(checker_size))
+    elif patch == "image":
+        pixels = _image_patch(patch_path, size)
     else:
         raise ValueError(
-            f"badnets patch must be 'random', 'yellow' or 'checkerboard', got {patch!r}"
+            f"badnets patch must be 'random', 'yellow', 'checkerboard' or 'image', got {patch!r}"
         )
 
     out = image.copy()
@@ -440,6 +463,7 @@ __all__ = [
     "apply_trigger",
     "default_trigger_config",
     "scaled_patch_size",
+    "patch_offsets",
     "badnets",
     "blended",
     "sig",
