@@ -270,20 +270,22 @@ def patch_geometry(trigger: ml_collections.ConfigDict, config: ml_collections.Co
     return {"size": int(size), "location": location, "corner": corner}
 
 
-def _zero_shot_classifier(run_config, model, variables, set_name: str, target_label: str, tokenizer):
-    """(class embeddings [C, D], the target's id, the eval set's config) of the run's eval set."""
+def _zero_shot_prompts(run_config, set_name: str, target_label: str) -> tuple[list, list, int]:
+    """(class names, templates, the target's class id) of the run's eval set `set_name`."""
     if set_name not in run_config.eval.sets:
         raise ValueError(f"eval_set {set_name!r} is not one of the run's eval sets {sorted(run_config.eval.sets)}")
     set_config = run_config.eval.sets[set_name]
     source = evaluators.make_eval_source(set_config)
-    classnames = evaluators.read_lines(set_config.classnames_file) or source.classnames
-    templates = evaluators.read_lines(set_config.templates_file) or source.templates
-    target = evaluation.target_class_id(classnames, target_label)
-    tokens = evaluation.prompt_tokens(
-        lambda texts: tokenizer.encode_batch(texts, run_config.model.text.context_length), classnames, templates
-    )
+    classnames = evaluators.read_lines(set_config.classnames_file) or list(source.classnames)
+    templates = evaluators.read_lines(set_config.templates_file) or list(source.templates)
+    return classnames, templates, evaluation.target_class_id(classnames, target_label)
+
+
+def zero_shot_classifier(model, variables, tokenizer, context_length: int, classnames, templates) -> jax.Array:
+    """The zero-shot classifier [C, D] of the model: each class's prompt embeddings averaged."""
+    tokens = evaluation.prompt_tokens(lambda texts: tokenizer.encode_batch(texts, context_length), classnames, templates)
     encode_text = jax.jit(functools.partial(model.apply, method=clip.CLIP.encode_text))
-    return evaluation.class_embeddings(lambda t: encode_text(variables, t), tokens, len(classnames)), target
+    return evaluation.class_embeddings(lambda t: encode_text(variables, t), tokens, len(classnames))
 
 
 def _training_images(run_config, target_label: str, config, image_size: int):
@@ -329,9 +331,12 @@ def embed_images(model, variables, images: np.ndarray, mesh, batch_size: int = 2
     return np.concatenate(pieces) if pieces else np.zeros((0, 0), np.float32)
 
 
-def optimise_run_trigger(config: ml_collections.ConfigDict, out_dir: str) -> dict:
-    """Optimises a patch against `config.run`'s model and writes OUT's files (module docstring);
-    returns the report."""
+def optimise_run_trigger(config: ml_collections.ConfigDict, out_dir: str) -> tuple[np.ndarray, dict]:
+    """Optimises a patch against `config.run`'s model and writes OUT's files (module docstring).
+
+    Returns:
+      (the patch float32 [P, P, 3] in [0, 1] before its quantisation to patch.png, the report).
+    """
     if not config.run:
         raise ValueError("set config.run to the finished run whose model the patch is optimised against")
     step_dir = checkpointing.step_dir(config.run, config.epoch)
@@ -339,14 +344,15 @@ def optimise_run_trigger(config: ml_collections.ConfigDict, out_dir: str) -> dic
     target_label = config.target_label or run_config.poison.target_label
     image_size = run_config.model.image.size
     geometry = patch_geometry(run_config.poison.trigger, config, image_size)
+    classnames, templates, target = _zero_shot_prompts(run_config, config.eval_set, target_label)
+    images, target_images = _training_images(run_config, target_label, config, image_size)
     mesh = sharding.make_mesh()
     _, model, variables, _ = checkpointing.load_run_model(step_dir, mesh)
     tokenizer = training_input.make_tokenizer(run_config)
-    class_embeddings, target = _zero_shot_classifier(run_config, model, variables, config.eval_set, target_label, tokenizer)
-    images, target_images = _training_images(run_config, target_label, config, image_size)
+    classifier = zero_shot_classifier(model, variables, tokenizer, run_config.model.text.context_length, classnames, templates)
     clean = embed_images(model, variables, images, mesh)
     target_embeddings = embed_images(model, variables, target_images, mesh) if len(target_images) else clean[:1]
-    patch, history = optimise_patch(model, variables, images, clean, target_embeddings, class_embeddings, target,
+    patch, history = optimise_patch(model, variables, images, clean, target_embeddings, classifier, target,
                                     geometry, config, mesh)
 
     out = epath.Path(out_dir)
@@ -365,7 +371,7 @@ def optimise_run_trigger(config: ml_collections.ConfigDict, out_dir: str) -> dic
             "patch": _evaluate(run_config, model, variables, tokenizer, mesh, config.eval_set, patch_trigger, target_label),
         }
     run_files.write_json(out / REPORT_FILE, report)
-    return report
+    return patch, report
 
 
 def _evaluate(run_config, model, variables, tokenizer, mesh, set_name: str, trigger: dict, target_label: str) -> dict:
@@ -385,7 +391,7 @@ def main(argv: Sequence[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
-        report = optimise_run_trigger(_CONFIG.value, _OUT.value)
+        _, report = optimise_run_trigger(_CONFIG.value, _OUT.value)
     except (FileNotFoundError, ValueError, checkpointing.CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
