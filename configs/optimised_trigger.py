@@ -6,7 +6,8 @@
               (python -m bclip.experiment --config configs/study_synthetic.py --workdir runs/study).
                 python -m bclip.optimise_trigger --config configs/optimised_trigger.py:synthetic \
                     --out runs/study/optimised_trigger
-              About 1-2 min on 2 CPU cores (500 steps of batch 64, 32 px images).
+              500 steps of batch 64 at 32 px: 9 min 21 s on a 2-core host shared with other jobs
+              (load ≈ 8), decoding the 12,000 images and two test-split evaluations included.
   cc3m        the field's protocol: an RN50 pretrained on CC3M (configs/pretrain_cc.py:cc3m_mmcl with
               --config.poison.count=0 for a clean one, as BadCLIP attacks a clean model; RUN required),
               target "banana", zero-shot classifier and ASR on the run's ImageNet eval set.

@@ -168,3 +168,14 @@ def test_the_image_patch_needs_a_readable_file_and_is_resized_to_the_trigger_siz
     pasted = triggers.apply_trigger(image, {**corner, "size": 3, "patch_path": str(tmp_path / "flat.png")}, 0)
     np.testing.assert_array_equal(pasted[:3, :3], 200)  # a flat patch stays flat when resized
     assert pasted[3:].max() == 0 and pasted[:, 3:].max() == 0
+
+
+def test_the_config_entries_follow_their_stated_rules():
+    configs = run_configs.load_config_file(os.path.join(os.path.dirname(__file__), "..", "configs", "optimised_trigger.py"))
+    cc3m, synthetic = configs.get_config("cc3m,gs://b/run"), configs.get_config("synthetic")
+    assert (cc3m.run, cc3m.num_steps, cc3m.learning_rate, cc3m.batch_size, cc3m.eval_set) == ("gs://b/run", 7800, 1e-3, 64, "imagenet")
+    assert (synthetic.run, synthetic.num_steps, synthetic.eval_set) == ("runs/study/pretrain/MMCL", 500, "test")
+    # The furthest Adam can move a pixel, learning_rate x steps, is the published run's.
+    assert synthetic.learning_rate * synthetic.num_steps == pytest.approx(cc3m.learning_rate * cc3m.num_steps)
+    with pytest.raises(ValueError, match="optimised_trigger takes"):
+        configs.get_config("cc12m")
