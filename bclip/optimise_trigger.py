@@ -339,6 +339,8 @@ def optimise_run_trigger(config: ml_collections.ConfigDict, out_dir: str) -> tup
     """
     if not config.run:
         raise ValueError("set config.run to the finished run whose model the patch is optimised against")
+    if not epath.Path(config.run).exists():
+        raise FileNotFoundError(f"config.run {config.run} does not exist: name a finished run's folder")
     step_dir = checkpointing.step_dir(config.run, config.epoch)
     run_config = ml_collections.ConfigDict(checkpointing.saved_run_config(step_dir))
     target_label = config.target_label or run_config.poison.target_label

@@ -146,8 +146,10 @@ def test_the_command_writes_a_patch_that_the_badnets_trigger_pastes_byte_for_byt
 
 
 def test_a_missing_run_and_a_target_outside_the_classes_are_clear_errors(tmp_path, monkeypatch):
-    with pytest.raises(checkpointing.CheckpointError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match=f"config.run {tmp_path}/nowhere does not exist"):
         optimise_trigger.optimise_run_trigger(_settings(run=str(tmp_path / "nowhere")), str(tmp_path / "out"))
+    with pytest.raises(checkpointing.CheckpointError, match="holds no finished checkpoint step"):
+        optimise_trigger.optimise_run_trigger(_settings(run=str(tmp_path)), str(tmp_path / "out"))
     run = _saved_run(tmp_path, monkeypatch)
     with pytest.raises(ValueError, match="the backdoor target 'banana' is not among the 2 eval classes"):
         optimise_trigger.optimise_run_trigger(_settings(run=run, target_label="banana"), str(tmp_path / "out"))
