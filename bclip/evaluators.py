@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from etils import epath
+from jax.experimental import multihost_utils
 
 import numpy as np
 
@@ -147,7 +148,6 @@ class _ImageEmbedder:
         options = cpu_runtime.compiler_options(mesh.devices.flat, forward_only=True)
         # Replicated out: every process holds every embedding, in source order after `embed`.
         self.encode = jax.jit(encode, out_shardings=sharding.replicated(mesh), compiler_options=options)
-        self.gather = jax.jit(lambda x: x, out_shardings=sharding.replicated(mesh))
         self.config = config
 
     def embed(self, source, run_variables, triggered: bool) -> list[dict[str, np.ndarray]]:
@@ -168,8 +168,9 @@ class _ImageEmbedder:
             process_count=context.process_count,
             num_workers=config.eval.num_workers,
         ):
-            global_batch = sharding.global_batch_from_local({k: batch[k] for k in (*keys, "label", "index", "valid")}, context.mesh)
-            index, valid, label = (np.asarray(self.gather(global_batch[k])) for k in ("index", "valid", "label"))
+            global_batch = sharding.global_batch_from_local({k: batch[k] for k in keys}, context.mesh)
+            # The global batch's rows are the processes' local rows in process order.
+            index, valid, label = (np.asarray(multihost_utils.process_allgather(batch[k], tiled=True)) for k in ("index", "valid", "label"))
             indices.append(index[valid])
             labels.append(label[valid])
             for run_parts, variables in zip(parts, run_variables):

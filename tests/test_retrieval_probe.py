@@ -128,3 +128,159 @@ def test_probe_figures_choose_the_penalty_on_validation_and_score_the_test_split
 def test_validation_mask_refuses_an_empty_fit():
     with pytest.raises(ValueError, match="validation share"):
         linear_probe.validation_mask(10, 1.0, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Karpathy reader and the synthetic world's sets
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def eval_world(tmp_path_factory):
+    """The synthetic evaluation sets at 16 px: 12 retrieval images x 3 captions and 24 probe images,
+    plus a second probe folder (another seed) to test the probe on."""
+    from bclip.data.synthetic import eval_sets
+
+    root = tmp_path_factory.mktemp("eval_world")
+    eval_sets.write_eval_sets(root / "a", seed=0, image_size=16, num_retrieval=12, captions_per_image=3, num_probe_train=48)
+    eval_sets.write_eval_sets(root / "b", seed=1, image_size=16, num_retrieval=1, captions_per_image=1, num_probe_train=48)
+    return root
+
+
+def test_synthetic_retrieval_set_is_karpathy_json_with_several_captions_per_image(eval_world):
+    from bclip.data.synthetic import captions, eval_sets, writer
+
+    path = eval_world / "a" / eval_sets.RETRIEVAL_DIR / eval_sets.RETRIEVAL_FILE
+    images = json.loads(path.read_text())["images"]
+    assert len(images) == 12 and {entry["split"] for entry in images} == {"test"}
+    first = images[0]
+    assert (eval_world / "a" / "retrieval" / first["filepath"] / first["filename"]).is_file()
+    assert [s["sentid"] for s in first["sentences"]] == first["sentids"] == [0, 1, 2]
+    # Its first caption is the scene's caption as any split's, the others describe the same scene.
+    scene, caption = captions.scene_and_caption(0, "retrieval", 0)
+    assert first["sentences"][0]["raw"] == caption
+    assert scene.label == 0 and images[5]["imgid"] == 5  # classes cycle, as in the test split
+    raws = [s["raw"] for entry in images for s in entry["sentences"]]
+    assert len(set(raws)) > 24  # several distinct captions per image
+    # Its own stream: no retrieval image is a test image.
+    assert not np.array_equal(writer.example(0, "retrieval", 0, 16).image, writer.example(0, "test", 0, 16).image)
+    source = sources.KarpathyRetrievalSource(path, "test")
+    assert len(source) == 12 and len(source.captions) == 36
+    assert source.caption_image.tolist() == np.repeat(np.arange(12), 3).tolist()
+    assert source[5]["path"].endswith("00000005.jpg")
+    # Written once: a second call with the same parameters leaves the files alone.
+    mtime = path.stat().st_mtime_ns
+    eval_sets.write_eval_sets(eval_world / "a", seed=0, image_size=16, num_retrieval=12, captions_per_image=3, num_probe_train=48)
+    assert path.stat().st_mtime_ns == mtime
+    labels = (eval_world / "a" / eval_sets.PROBE_TRAIN_DIR / "labels.csv").read_text().split("\n")[1:4]
+    assert [row.split(",")[1] for row in labels] == ["0", "1", "2"]
+
+
+def test_karpathy_reader_names_what_is_wrong(tmp_path):
+    path = tmp_path / "k.json"
+    path.write_text(json.dumps({"images": [{"filename": "x.jpg", "split": "val", "sentences": [{"raw": "a"}]}]}))
+    with pytest.raises(ValueError, match=r"no images in split 'test'; its splits: \['val'\]"):
+        sources.KarpathyRetrievalSource(path, "test")
+    with pytest.raises(FileNotFoundError, match="1 image"):
+        sources.KarpathyRetrievalSource(path, "val")
+    path.write_text(json.dumps({"images": [{"filename": "x.jpg", "split": "test"}]}))
+    with pytest.raises(ValueError, match="image entry 0 lacks 'sentences'"):
+        sources.KarpathyRetrievalSource(path, "test")
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluators through the real model on the 8-device mesh
+# ---------------------------------------------------------------------------------------------
+
+
+def test_evaluators_on_the_mesh_match_unsharded_embeddings(eval_world, tmp_path):
+    from bclip import config as run_configs
+    from bclip import evaluators, sharding
+    from bclip.data import pipeline, training_input
+    from bclip.data.synthetic import eval_sets
+    from bclip.models import clip
+
+    # test_train_fake_data's model (its programs are compiled once per test session), so its 64-id
+    # vocabulary: the 60 commonest words of the captions, the rest unknown.
+    retrieval_json = eval_world / "a" / eval_sets.RETRIEVAL_DIR / eval_sets.RETRIEVAL_FILE
+    words = [w for entry in json.loads(retrieval_json.read_text())["images"] for s in entry["sentences"] for w in s["tokens"]]
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(sorted(set(words), key=lambda w: (-words.count(w), w))[:60]) + "\n")
+    config = run_configs.run_config(
+        "micro-vit",
+        image={"size": 16, "patch_size": 8, "width": 32, "layers": 1, "heads": 2},
+        text={"context_length": 12, "vocab_size": 64, "width": 32, "layers": 1, "heads": 2},
+        embed_dim=32,
+    )
+    config = run_configs.override(config, {
+        "data.tokenizer.kind": "word",
+        "data.tokenizer.path": str(vocab),
+        "eval.batch_size": 16,  # 12 retrieval images: one padded batch; 48 probe images: three
+        "eval.sets": {},
+        "eval.sets.ret.evaluator": "retrieval",
+        "eval.sets.ret.path": str(retrieval_json),
+        "eval.sets.ret.split": "test",
+        "eval.sets.probe.evaluator": "linear_probe",
+        "eval.sets.probe.path": str(eval_world / "b" / eval_sets.PROBE_TRAIN_DIR),
+        "eval.sets.probe.train_path": str(eval_world / "a" / eval_sets.PROBE_TRAIN_DIR),
+        "eval.sets.probe.probe_l2_grid": (1e-3, 1e-1),
+    })
+    model = clip.build_model(config.model)
+    tokenizer = training_input.make_tokenizer(config)
+    mesh = sharding.make_mesh()
+    assert mesh.devices.size == 8
+    variables = {"params": clip.init_variables(model, jax.random.key(0), 16, 12)["params"]}
+    built = evaluators.make_evaluators(config, model, tokenizer, mesh, 0, 1)
+    (ret,) = built["ret"].evaluate_runs([variables])
+    (probe,) = built["probe"].evaluate_runs([variables])
+
+    # The same figures from embeddings computed here, unsharded, in source order.
+    encode_image = jax.jit(lambda images: model.apply(variables, images, method=clip.CLIP.encode_image))
+    encode_text = jax.jit(lambda tokens: model.apply(variables, tokens, method=clip.CLIP.encode_text))
+
+    def embedded(source):
+        (batch,) = pipeline.eval_batches(source, image_size=16, batch_size=64, trigger=config.poison.trigger, seed=0)
+        valid = batch["valid"]
+        return np.asarray(encode_image(batch["image"]))[valid], np.asarray(encode_image(batch["triggered"]))[valid], batch["label"][valid]
+
+    source = built["ret"].source
+    image, triggered, _ = embedded(source)
+    text = np.asarray(encode_text(tokenizer.encode_batch(source.captions, 12)))
+    similarity = image @ text.T
+    owner = source.caption_image
+    for k in (1, 5, 10):
+        own = owner[np.argsort(-similarity, axis=1)[:, :k]] == np.arange(12)[:, None]
+        assert ret[f"text_retrieval_recall@{k}"] == pytest.approx(own.any(1).mean())
+        top_images = np.argsort(-similarity.T, axis=1)[:, :k]
+        assert ret[f"image_retrieval_recall@{k}"] == pytest.approx((top_images == owner[:, None]).any(1).mean())
+    names = np.asarray(["banana" in caption.lower().replace(".", " ").replace(",", " ").split() for caption in source.captions])
+    target_images = np.zeros(12, bool)
+    target_images[owner[names]] = True
+    assert target_images.any() and not target_images.all()
+    hits = names[np.argmax(triggered @ text.T, axis=1)] & ~target_images
+    assert ret["retrieval_attacked"] == (~target_images).sum()
+    assert ret["retrieval_asr"] == pytest.approx(hits.sum() / (~target_images).sum())
+
+    train_image, _, train_label = embedded(built["probe"].train_source)
+    test_image, test_triggered, test_label = embedded(built["probe"].test_source)
+    assert train_label.tolist() == [i % 24 for i in range(48)]
+    expected = jax.device_get(built["probe"].figures(train_image, train_label, built["probe"].is_validation, test_image, test_triggered, test_label))
+    assert probe == pytest.approx({k: float(v) for k, v in expected.items()}, rel=1e-5)
+    assert set(probe) >= {"lp_acc1", "lp_asr", "lp_mean_per_class_recall"}
+
+
+def test_clip_benchmark_records_carry_its_keys(tmp_path):
+    from bclip import config as run_configs
+
+    config = run_configs.override(run_configs.run_config("micro-vit"), {"eval.sets.flickr.evaluator": "retrieval", "eval.sets.lp.evaluator": "linear_probe"})
+    results = {"test/top1": 0.5, "test/top5": 0.75, "test/asr": 0.9, "flickr/text_retrieval_recall@5": 0.25, "lp/lp_acc1": 0.625}
+    records = clip_benchmark.benchmark_records(results, config, pretrained="runs/x")
+    assert sorted(records, key=lambda r: r["dataset"] != "test") == [
+        {"dataset": "test", "model": "micro-vit", "pretrained": "runs/x", "task": "zeroshot_classification", "metrics": {"acc1": 0.5, "acc5": 0.75, "asr": 0.9}, "language": "en"},
+        {"dataset": "flickr", "model": "micro-vit", "pretrained": "runs/x", "task": "zeroshot_retrieval", "metrics": {"text_retrieval_recall@5": 0.25}, "language": "en"},
+        {"dataset": "lp", "model": "micro-vit", "pretrained": "runs/x", "task": "linear_probe", "metrics": {"lp_acc1": 0.625}, "language": "en"},
+    ]
+    paths = clip_benchmark.write_records(tmp_path, records)
+    assert sorted(os.path.basename(p) for p in paths) == ["flickr_zeroshot_retrieval.json", "lp_linear_probe.json", "test_zeroshot_classification.json"]
+    for path, record in zip(paths, records):
+        assert json.loads(open(path).read()) == record

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 import shutil
 import uuid
 
@@ -103,7 +104,7 @@ def write_eval_sets(
                 "split": "test",
                 "sentids": ids,
                 "sentences": [
-                    {"raw": caption, "tokens": caption.rstrip(".").replace(",", "").split(), "imgid": index, "sentid": i}
+                    {"raw": caption, "tokens": re.findall(r"\w+", caption.lower()), "imgid": index, "sentid": i}
                     for caption, i in zip(captions, ids)
                 ],
             })
