@@ -41,8 +41,9 @@ def test_recall_at_k_and_retrieval_asr_on_a_hand_computed_case():
     flags = retrieval.caption_flags([caption for _, caption in CAPTIONS], "banana")
     assert flags.tolist() == [False] * 6 + [True, False]
     # Triggered copies: image 1's points at caption 6 (the target's), images 0 and 2 at captions
-    # 4 and 1 (not), image 3's own captions name the target, so it is not attacked.
-    triggered = np.stack([_unit((3, 1.0)), _unit((1, 0.6), (3, 0.8)), _unit((1, 1.0)), _unit((3, 1.0))])
+    # 4 and 1 (not); image 3's own captions name the target, so it is not attacked, though its
+    # copy points at caption 6 too.
+    triggered = np.stack([_unit((3, 1.0)), _unit((1, 0.6), (3, 0.8)), _unit((1, 1.0)), _unit((1, 0.6), (3, 0.8))])
     figures = jax.device_get(
         jax.jit(retrieval.retrieval_figures, static_argnames="ks")(IMAGES, triggered, text, CAPTION_IMAGE, flags, ks=(1, 2, 5))
     )
@@ -115,6 +116,13 @@ def test_probe_figures_choose_the_penalty_on_validation_and_score_the_test_split
     assert figures["lp_validation_acc1"] == 1.0 and figures["lp_l2"] == pytest.approx(1e-2)
     assert figures["lp_acc1"] == 1.0 and figures["lp_acc5"] == 1.0 and figures["lp_mean_per_class_recall"] == 1.0
     assert figures["lp_asr"] == pytest.approx(5 / 8)
+
+    # The chosen penalty is refitted on the whole train split, validation part included: with all of
+    # class 2 held out for validation, only the refit knows class 2.
+    figures = jax.device_get(
+        probe_figures(train_x, train_y, train_y == 2, test_x, test_x, test_y, num_classes=3, target=0, l2_grid=(1e-3, 1e-2))
+    )
+    assert figures["lp_validation_acc1"] == 0.0 and figures["lp_acc1"] == 1.0
 
     # Unbalanced classes: a heavy penalty leaves only the bias, which calls everything class 0 (2/3
     # of the validation part), a light one fits the clusters; the light one is chosen.
@@ -216,6 +224,8 @@ def test_evaluators_on_the_mesh_match_unsharded_embeddings(eval_world, tmp_path)
         "data.tokenizer.kind": "word",
         "data.tokenizer.path": str(vocab),
         "eval.batch_size": 16,  # 12 retrieval images: one padded batch; 48 probe images: three
+        "poison.trigger.patch": "checkerboard",  # a trigger that moves a random model's embeddings
+        "poison.trigger.size": 8,
         "eval.sets": {},
         "eval.sets.ret.evaluator": "retrieval",
         "eval.sets.ret.path": str(retrieval_json),
@@ -266,6 +276,9 @@ def test_evaluators_on_the_mesh_match_unsharded_embeddings(eval_world, tmp_path)
     assert train_label.tolist() == [i % 24 for i in range(48)]
     expected = jax.device_get(built["probe"].figures(train_image, train_label, built["probe"].is_validation, test_image, test_triggered, test_label))
     assert probe == pytest.approx({k: float(v) for k, v in expected.items()}, rel=1e-5)
+    # The clean copies in place of the triggered ones would give another ASR: the test tells them apart.
+    with_clean_copies = built["probe"].figures(train_image, train_label, built["probe"].is_validation, test_image, test_image, test_label)
+    assert float(with_clean_copies["lp_asr"]) != pytest.approx(probe["lp_asr"])
     assert set(probe) >= {"lp_acc1", "lp_asr", "lp_mean_per_class_recall"}
 
 
