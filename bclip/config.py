@@ -30,6 +30,8 @@ def eval_set_config(kind: str = "folder", path: str = "", **overrides) -> ml_col
             "evaluator": "zero_shot",  # a key of bclip.evaluators.EVALUATORS
             # Evaluate after every k-th epoch (and the last); 0 = eval.every_epochs.
             "every_epochs": 0,
+            # Also before the first step (when eval.at_start); False skips the set there.
+            "at_start": True,
             "kind": kind,  # "folder" | "tfds"
             "path": path,  # folder path, TFDS dataset name, or (retrieval) the Karpathy JSON file
             "split": "validation",  # TFDS: its split; retrieval: the Karpathy JSON's ("test")

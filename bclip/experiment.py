@@ -138,7 +138,9 @@ EXTRA_EVAL_SETS = {"retrieval": "retrieval", "probe": "linear_probe"}
 def _with_world(config: ml_collections.ConfigDict, world_dir: str, world: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Point a run config's data and eval sets at the synthetic world on disk. The retrieval and
     probe sets, when the world has them, are evaluated at the end of pretraining only (and, in
-    cleaning, as often as the rest: `clean_config`); the probe is tested on the test split."""
+    cleaning, as often as the rest: `clean_config`), never before the first step (a pretraining
+    run's random model; a cleaning run's start is the pretrained model, evaluated already); the
+    probe is tested on the test split."""
     extra = {}
     if world.num_retrieval:
         extra["retrieval"] = {
@@ -146,6 +148,7 @@ def _with_world(config: ml_collections.ConfigDict, world_dir: str, world: ml_col
             "path": os.path.join(world_dir, eval_sets.RETRIEVAL_DIR, eval_sets.RETRIEVAL_FILE),
             "split": "test",
             "every_epochs": config.train.num_epochs,
+            "at_start": False,
         }
     if world.num_probe_train:
         extra["probe"] = {
@@ -153,6 +156,7 @@ def _with_world(config: ml_collections.ConfigDict, world_dir: str, world: ml_col
             "path": os.path.join(world_dir, "test"),
             "train_path": os.path.join(world_dir, eval_sets.PROBE_TRAIN_DIR),
             "every_epochs": config.train.num_epochs,
+            "at_start": False,
         }
     return run_configs.override(
         config,

@@ -80,11 +80,11 @@ def test_smoke_study_end_to_end_and_resumable(tmp_path):
         evals = experiment.read_evals(os.path.join(workdir, "pretrain", model))
         assert [record["step"] for record in evals] == [epoch * steps_per_epoch for epoch in range(base.train.num_epochs + 1)]
         original = dict(entry["original"])
-        # The retrieval and probe sets are evaluated at the end of pretraining only (and at the start).
+        # The retrieval and probe sets are evaluated at the end of pretraining only.
         evaluations = original.pop("evaluations")
-        assert [("retrieval/retrieval_asr" in record, "probe/lp_acc1" in record) for record in evals] == [(True, True)] + [
+        assert [("retrieval/retrieval_asr" in record, "probe/lp_acc1" in record) for record in evals] == [
             (False, False)
-        ] * (base.train.num_epochs - 1) + [(True, True)]
+        ] * base.train.num_epochs + [(True, True)]
         assert evaluations == {k: v for k, v in evals[-1].items() if k.startswith(("retrieval/", "probe/"))}
         assert {"retrieval/text_retrieval_recall@5", "retrieval/image_retrieval_recall@5", "probe/lp_acc1", "probe/lp_asr"} <= set(evaluations)
         assert original == {
@@ -103,6 +103,8 @@ def test_smoke_study_end_to_end_and_resumable(tmp_path):
         for run_dir, lr in zip(clean_runs[model], study.cleaning_learning_rates):
             clean_evals = experiment.read_evals(run_dir)
             assert [record["epoch"] for record in clean_evals] == list(range(clean_epochs + 1))
+            # Every cleaning evaluation but the start's (the pretrained model's, known) has them.
+            assert ["probe/lp_asr" in record for record in clean_evals] == [False] + [True] * clean_epochs
             for record in clean_evals[1:]:
                 points[(os.path.relpath(run_dir, workdir), record["epoch"])] = (lr, record["test/top1"], record["test/asr"])
         chosen = method["chosen_on_selection"]
