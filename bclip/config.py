@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import ml_collections
 
-from bclip import cleaning, epoch_passes, objectives, optim, sharding
+from bclip import cleaning, epoch_passes, linear_probe, objectives, optim, sharding
 from bclip.data import pipeline
 from bclip.models import clip
 
@@ -30,14 +30,21 @@ def eval_set_config(kind: str = "folder", path: str = "", **overrides) -> ml_col
             "evaluator": "zero_shot",  # a key of bclip.evaluators.EVALUATORS
             # Evaluate after every k-th epoch (and the last); 0 = eval.every_epochs.
             "every_epochs": 0,
+            # Also before the first step (when eval.at_start); False skips the set there.
+            "at_start": True,
             "kind": kind,  # "folder" | "tfds"
-            "path": path,  # folder path, or TFDS dataset name
-            "split": "validation",  # TFDS only
+            "path": path,  # folder path, TFDS dataset name, or (retrieval) the Karpathy JSON file
+            "split": "validation",  # TFDS: its split; retrieval: the Karpathy JSON's ("test")
             "data_dir": "",  # TFDS only
             "manual_dir": "",  # TFDS only (imagenet2012)
             # Class names / templates files override the set's own (required for TFDS ImageNet).
             "classnames_file": "",
             "templates_file": "",
+            # linear_probe only: the labelled image folder the probe is fitted on (scored on `path`),
+            # the share of it that chooses the L2 penalty, and the penalties tried.
+            "train_path": "",
+            "probe_validation_share": 0.2,
+            "probe_l2_grid": linear_probe.DEFAULT_L2_GRID,
         }
     )
     config.update(overrides)

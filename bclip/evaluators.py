@@ -13,8 +13,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from etils import epath
+from jax.experimental import multihost_utils
 
-from bclip import cpu_runtime, evaluation, sharding
+import numpy as np
+
+from bclip import cpu_runtime, evaluation, linear_probe, retrieval, sharding
 from bclip.data import pipeline, sources
 from bclip.models import clip
 
@@ -134,8 +137,121 @@ def zero_shot(name: str, set_config: ml_collections.ConfigDict, context: EvalCon
     )
 
 
+class _ImageEmbedder:
+    """Every image of a source embedded on the mesh (each device its share), without and with the
+    trigger, for several runs' variables at once (the images are decoded and triggered once)."""
+
+    def __init__(self, context: EvalContext):
+        self.context = context
+        config, mesh = context.config, context.mesh
+        encode = functools.partial(context.model.apply, method=clip.CLIP.encode_image)
+        options = cpu_runtime.compiler_options(mesh.devices.flat, forward_only=True)
+        # Replicated out: every process holds every embedding, in source order after `embed`.
+        self.encode = jax.jit(encode, out_shardings=sharding.replicated(mesh), compiler_options=options)
+        self.config = config
+
+    def embed(self, source, run_variables, triggered: bool) -> list[dict[str, np.ndarray]]:
+        """Per run: {"image" [N, D], and with `triggered` "triggered" [N, D]}, row i = source[i];
+        plus "label" int [N] (the same for every run)."""
+        config, context = self.config, self.context
+        keys = ("image", "triggered") if triggered else ("image",)
+        parts = [{key: [] for key in keys} for _ in run_variables]
+        labels, indices = [], []
+        for batch in pipeline.eval_batches(
+            source,
+            image_size=config.model.image.size,
+            batch_size=config.eval.batch_size,
+            trigger=config.poison.trigger if triggered else None,
+            seed=config.eval.seed,
+            squash_triggered=config.poison.squash,
+            process_index=context.process_index,
+            process_count=context.process_count,
+            num_workers=config.eval.num_workers,
+        ):
+            global_batch = sharding.global_batch_from_local({k: batch[k] for k in keys}, context.mesh)
+            # The global batch's rows are the processes' local rows in process order.
+            index, valid, label = (np.asarray(multihost_utils.process_allgather(batch[k], tiled=True)) for k in ("index", "valid", "label"))
+            indices.append(index[valid])
+            labels.append(label[valid])
+            for run_parts, variables in zip(parts, run_variables):
+                for key in keys:
+                    run_parts[key].append(np.asarray(self.encode(variables, global_batch[key]))[valid])
+        order = np.argsort(np.concatenate(indices), kind="stable")
+        label = np.concatenate(labels)[order]
+        return [{"label": label, **{key: np.concatenate(v)[order] for key, v in run_parts.items()}} for run_parts in parts]
+
+
+class RetrievalEvaluator:
+    """Image->text and text->image recall@1/5/10 on a Karpathy-JSON retrieval set (`path`: the
+    JSON file, `split`: its split), and the backdoor's success through retrieval: among the
+    triggered images none of whose own captions names the target, the share whose most similar
+    caption names it (`retrieval.names_target`: the target label's words, whole and in order)."""
+
+    def __init__(self, name: str, set_config: ml_collections.ConfigDict, context: EvalContext):
+        config = context.config
+        self.name, self.context = name, context
+        self.every_epochs = set_config.every_epochs or config.eval.every_epochs
+        self.source = sources.KarpathyRetrievalSource(set_config.path, set_config.split)
+        self.tokens = context.tokenizer.encode_batch(self.source.captions, config.model.text.context_length)
+        self.caption_image = jnp.asarray(self.source.caption_image, jnp.int32)
+        self.caption_names_target = jnp.asarray(retrieval.caption_flags(self.source.captions, config.poison.target_label))
+        self.embedder = _ImageEmbedder(context)
+        options = cpu_runtime.compiler_options(context.mesh.devices.flat, forward_only=True)
+        self.encode_text = jax.jit(functools.partial(context.model.apply, method=clip.CLIP.encode_text), compiler_options=options)
+        self.figures = jax.jit(retrieval.retrieval_figures)
+
+    def evaluate_runs(self, run_variables) -> list[dict[str, float]]:
+        results = []
+        for variables, embedded in zip(run_variables, self.embedder.embed(self.source, run_variables, triggered=True)):
+            # One "class" per caption: its embedding, encoded in fixed-size chunks (one compile).
+            text = evaluation.class_embeddings(lambda t, v=variables: self.encode_text(v, t), self.tokens, len(self.tokens))
+            figures = self.figures(embedded["image"], embedded["triggered"], text, self.caption_image, self.caption_names_target)
+            results.append({key: float(value) for key, value in jax.device_get(figures).items()})
+        return results
+
+
+class LinearProbeEvaluator:
+    """A linear probe on frozen image features (bclip.linear_probe): fitted on the labelled image
+    folder `train_path` with λ chosen on its `probe_validation_share` from `probe_l2_grid`, scored
+    on the set's own folder (`path`): clean top-1/top-5/mean per-class recall, and ASR through the
+    probe (triggered images of other classes assigned to the target)."""
+
+    def __init__(self, name: str, set_config: ml_collections.ConfigDict, context: EvalContext):
+        config = context.config
+        if not set_config.train_path:
+            raise ValueError(f"eval.sets.{name}: the linear probe needs train_path (a labelled image folder to fit on)")
+        self.name, self.context = name, context
+        self.every_epochs = set_config.every_epochs or config.eval.every_epochs
+        self.train_source = sources.ImageFolderEvalSource(set_config.train_path)
+        self.test_source = make_eval_source(set_config)
+        classnames = self.test_source.classnames
+        if list(self.train_source.classnames) != list(classnames):
+            raise ValueError(f"eval.sets.{name}: train_path's classes differ from the test set's ({set_config.train_path} vs {set_config.path})")
+        self.num_classes = len(classnames)
+        self.target = evaluation.target_class_id(classnames, config.poison.target_label)
+        self.is_validation = linear_probe.validation_mask(len(self.train_source), set_config.probe_validation_share, config.eval.seed)
+        self.l2_grid = tuple(float(l2) for l2 in set_config.probe_l2_grid)
+        if not self.l2_grid or min(self.l2_grid) <= 0:
+            raise ValueError(f"eval.sets.{name}.probe_l2_grid must hold positive penalties, got {self.l2_grid}")
+        self.embedder = _ImageEmbedder(context)
+        self.figures = jax.jit(
+            functools.partial(linear_probe.probe_figures, num_classes=self.num_classes, target=self.target, l2_grid=self.l2_grid)
+        )
+
+    def evaluate_runs(self, run_variables) -> list[dict[str, float]]:
+        train = self.embedder.embed(self.train_source, run_variables, triggered=False)
+        test = self.embedder.embed(self.test_source, run_variables, triggered=True)
+        results = []
+        for train_run, test_run in zip(train, test):
+            figures = self.figures(
+                train_run["image"], train_run["label"], self.is_validation, test_run["image"], test_run["triggered"], test_run["label"]
+            )
+            results.append({key: float(value) for key, value in jax.device_get(figures).items()})
+        return results
+
+
 # config.eval.sets[name].evaluator -> (name, set config, EvalContext) -> evaluator.
-EVALUATORS = {"zero_shot": zero_shot}
+EVALUATORS = {"zero_shot": zero_shot, "retrieval": RetrievalEvaluator, "linear_probe": LinearProbeEvaluator}
 
 
 def make_evaluators(config, model, tokenizer, mesh, process_index: int, process_count: int) -> dict:

@@ -20,10 +20,10 @@ from absl import logging
 from etils import epath
 
 from bclip import config as run_configs
-from bclip import checkpointing, run_files, study_report, train
+from bclip import checkpointing, clip_benchmark, run_files, study_report, train
 from bclip.sweep import execute as sweep_execute
 from bclip.sweep import runs as sweep_runs
-from bclip.data.synthetic import writer
+from bclip.data.synthetic import eval_sets, writer
 
 TrainFn = Callable[[ml_collections.ConfigDict, str], dict]
 
@@ -33,7 +33,12 @@ def study_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     # The embedded synthetic world; when enabled, the runner writes it and points data/eval at it.
     config.world = ml_collections.ConfigDict(
-        {"enabled": True, "image_size": 32, "num_train": 8000, "num_test": 480, "num_selection": 240, "seed": 0}
+        {
+            "enabled": True, "image_size": 32, "num_train": 8000, "num_test": 480, "num_selection": 240, "seed": 0,
+            # The retrieval and linear-probe sets (bclip.data.synthetic.eval_sets), evaluated at the
+            # end of pretraining and at every cleaning evaluation; 0 images: not written, not evaluated.
+            "num_retrieval": 0, "captions_per_image": 5, "num_probe_train": 0,
+        }
     )
     # A complete run config for pretraining; per-objective entries are merged into it.
     config.pretrain_base = ml_collections.ConfigDict()
@@ -126,8 +131,33 @@ def _join(directory: str | os.PathLike, *parts: str) -> str:
     return os.fspath(epath.Path(directory).joinpath(*parts))
 
 
-def _with_world(config: ml_collections.ConfigDict, world_dir: str) -> ml_collections.ConfigDict:
-    """Point a run config's data and eval sets at the synthetic world on disk."""
+# The eval sets of the world's retrieval and probe sets (when written): name -> evaluator.
+EXTRA_EVAL_SETS = {"retrieval": "retrieval", "probe": "linear_probe"}
+
+
+def _with_world(config: ml_collections.ConfigDict, world_dir: str, world: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Point a run config's data and eval sets at the synthetic world on disk. The retrieval and
+    probe sets, when the world has them, are evaluated at the end of pretraining only (and, in
+    cleaning, as often as the rest: `clean_config`), never before the first step (a pretraining
+    run's random model; a cleaning run's start is the pretrained model, evaluated already); the
+    probe is tested on the test split."""
+    extra = {}
+    if world.num_retrieval:
+        extra["retrieval"] = {
+            "evaluator": EXTRA_EVAL_SETS["retrieval"],
+            "path": os.path.join(world_dir, eval_sets.RETRIEVAL_DIR, eval_sets.RETRIEVAL_FILE),
+            "split": "test",
+            "every_epochs": config.train.num_epochs,
+            "at_start": False,
+        }
+    if world.num_probe_train:
+        extra["probe"] = {
+            "evaluator": EXTRA_EVAL_SETS["probe"],
+            "path": os.path.join(world_dir, "test"),
+            "train_path": os.path.join(world_dir, eval_sets.PROBE_TRAIN_DIR),
+            "every_epochs": config.train.num_epochs,
+            "at_start": False,
+        }
     return run_configs.override(
         config,
         run_configs.dotted({
@@ -140,6 +170,7 @@ def _with_world(config: ml_collections.ConfigDict, world_dir: str) -> ml_collect
                 "sets": {
                     "test": {"kind": "folder", "path": os.path.join(world_dir, "test")},
                     "selection": {"kind": "folder", "path": os.path.join(world_dir, "selection")},
+                    **extra,
                 },
                 "selection_set": "selection",
             },
@@ -160,6 +191,15 @@ def prepare_world(world: ml_collections.ConfigDict, workdir: str) -> str:
         num_selection=world.num_selection,
         seed=world.seed,
     )
+    if world.num_retrieval or world.num_probe_train:
+        eval_sets.write_eval_sets(
+            world_dir,
+            seed=world.seed,
+            image_size=world.image_size,
+            num_retrieval=max(1, world.num_retrieval),
+            captions_per_image=world.captions_per_image,
+            num_probe_train=max(1, world.num_probe_train),
+        )
     return world_dir
 
 
@@ -181,18 +221,20 @@ def read_evals(run_dir: str) -> list[dict]:
 
 def _original_figures(run_dir: str) -> dict:
     last = read_evals(run_dir)[-1]
-    return {
+    figures = {
         "test_top1": last["test/top1"],
         "test_asr": last["test/asr"],
         "selection_top1": last.get("selection/top1", math.nan),
         "selection_asr": last.get("selection/asr", math.nan),
     }
+    extra = study_report.extra_figures(last, EXTRA_EVAL_SETS)
+    return {**figures, "evaluations": extra} if extra else figures
 
 
 def pretrain_configs(study: ml_collections.ConfigDict, world_dir: str | None) -> dict[str, ml_collections.ConfigDict]:
     base = study.pretrain_base
     if world_dir is not None:
-        base = _with_world(base, world_dir)
+        base = _with_world(base, world_dir, study.world)
     return {name: run_configs.override(base, run_configs.dotted(entry)) for name, entry in study.pretrain.items()}
 
 
@@ -208,6 +250,8 @@ def clean_config(study, pretrain_config, pretrain_dir: str, method: str, learnin
         # The cleaning set is clean; the trigger stays configured so ASR can be measured.
         "poison.count": 0,
         "poison.rate": None,
+        # The world's retrieval and probe sets: at every cleaning evaluation, so every point has them.
+        **{f"eval.sets.{name}.every_epochs": 0 for name in EXTRA_EVAL_SETS if name in pretrain_config.eval.sets},
     })
 
 
@@ -258,8 +302,31 @@ def run_study(
             for run in runs:
                 relative = os.fspath(epath.Path(run.workdir).relative_to(epath.Path(workdir)))
                 lr = run.overrides["optim.learning_rate"]
-                points[name] += study_report.points_from_evals(read_evals(run.workdir), method, relative, lr)
-    return study_report.write_report(workdir, originals, points)
+                points[name] += study_report.points_from_evals(
+                    read_evals(run.workdir), method, relative, lr, extra_sets=tuple(EXTRA_EVAL_SETS)
+                )
+    summary = study_report.write_report(workdir, originals, points)
+    write_benchmark_files(workdir, summary, pretrain, pretrain_root)
+    return summary
+
+
+def write_benchmark_files(workdir: str, summary: dict, pretrain: dict, pretrain_root: str | None) -> None:
+    """The pretrained models' final evaluations, and those of the cleaning points the report picks
+    (chosen on the selection split; lowest ASR within 2 points), as CLIP_benchmark result files
+    under workdir/clip_benchmark/<model>/<which>/."""
+    for name, entry in summary.items():
+        config = pretrain[name]
+        pretrain_dir = _join(pretrain_root or _join(workdir, "pretrain"), name)
+        picked = {"pretrained": (pretrain_dir, read_evals(pretrain_dir)[-1])}
+        for method, method_summary in entry["methods"].items():
+            for which, point in (("chosen", method_summary.get("chosen_on_selection")), ("within_2pt", method_summary["lowest_asr_within"]["2pt"])):
+                if point is not None:
+                    run_dir = _join(workdir, point["run"])
+                    record = [r for r in read_evals(run_dir) if r["epoch"] == point["epoch"] and r["step"] > 0][-1]
+                    picked[f"{method}_{which}"] = (f"{run_dir}@epoch{point['epoch']}", record)
+        for which, (pretrained, record) in picked.items():
+            records = clip_benchmark.benchmark_records(record, config, pretrained=pretrained)
+            clip_benchmark.write_records(_join(workdir, "clip_benchmark", name.replace("+", "_"), which), records)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,18 +30,26 @@ class Point:
     selection_asr: float = math.nan
     learning_rate: float = math.nan
     test_top5: float = math.nan
+    # Other evaluations of the same model ({"<set>/<figure>": value}: retrieval, linear probe).
+    evaluations: dict = dataclasses.field(default_factory=dict, hash=False, compare=False)
 
 
 def _describe(point: Point | None) -> dict | None:
     if point is None:
         return None
-    return {
+    described = {
         "top1": point.test_top1,
         "asr": point.test_asr,
         "run": point.run,
         "epoch": point.epoch,
         "learning_rate": point.learning_rate,
     }
+    return {**described, "evaluations": point.evaluations} if point.evaluations else described
+
+
+def extra_figures(record: dict, sets) -> dict:
+    """The figures of eval `sets` in an evals.jsonl record: {"<set>/<figure>": value}."""
+    return {key: value for key, value in record.items() if key.split("/")[0] in sets and "/" in key}
 
 
 def lowest_asr_within(points: Sequence[Point], original_top1: float, drop_points: float) -> Point | None:
@@ -158,7 +166,50 @@ def markdown(summary: dict) -> str:
                 f"| {method} | {s['num_points']} | {_cell(within['1pt'])} | {_cell(within['2pt'])} | "
                 f"{_cell(within['5pt'])} | {pct(best['top1']) if best else 'none'} | {_cell(chosen)} |"
             )
+    lines += _evaluations_markdown(summary)
     return "\n".join(lines) + "\n"
+
+
+# Columns of the retrieval and linear-probe table: (header, "<set>/<figure>").
+EVALUATION_COLUMNS = (
+    ("image→text R@1", "retrieval/text_retrieval_recall@1"),
+    ("R@5", "retrieval/text_retrieval_recall@5"),
+    ("text→image R@1", "retrieval/image_retrieval_recall@1"),
+    ("R@5", "retrieval/image_retrieval_recall@5"),
+    ("retrieval ASR", "retrieval/retrieval_asr"),
+    ("probe top-1", "probe/lp_acc1"),
+    ("probe ASR", "probe/lp_asr"),
+)
+
+
+def _evaluations_markdown(summary: dict) -> list[str]:
+    """The retrieval and linear-probe figures of the pretrained models and of the cleaning points
+    the report picks, when the study evaluated them."""
+    rows = []
+    for model, entry in summary.items():
+        picked = [("pretrained", entry["original"])]
+        for method, s in entry["methods"].items():
+            picked += [(f"{method}, chosen on selection", s.get("chosen_on_selection")), (f"{method}, lowest ASR within 2 pt", s["lowest_asr_within"]["2pt"])]
+        for which, figures in picked:
+            evaluations = (figures or {}).get("evaluations")
+            if evaluations:
+                where = "" if which == "pretrained" else f" ({figures['run']}, epoch {figures['epoch']})"
+                rows.append(f"| {model} | {which}{where} | " + " | ".join(pct(evaluations.get(key)) for _, key in EVALUATION_COLUMNS) + " |")
+    if not rows:
+        return []
+    return [
+        "",
+        "## Retrieval and linear probe",
+        "",
+        "Recall@k on the retrieval split (several captions per image); retrieval ASR: triggered images",
+        "none of whose captions names the target whose most similar caption names it. The linear probe",
+        "is fitted on frozen image features of the probe's train split (L2 penalty chosen on a held-out",
+        "fifth of it) and tested on the test split; probe ASR as zero-shot ASR, through the probe. In %.",
+        "",
+        "| pretraining | model | " + " | ".join(header for header, _ in EVALUATION_COLUMNS) + " |",
+        "|---|---|" + "---|" * len(EVALUATION_COLUMNS),
+        *rows,
+    ]
 
 
 def pyplot():
@@ -225,10 +276,12 @@ def points_from_evals(
     learning_rate: float,
     test_set: str = "test",
     selection_set: str | None = "selection",
+    extra_sets: tuple = (),
 ) -> list[Point]:
     """Points from a cleaning run's evals.jsonl records (the epoch-0 evaluation, which is the
     original model, is left out; a repeated step keeps its last record). Keys are
-    "{eval set}/{figure}" of the named test and selection sets."""
+    "{eval set}/{figure}" of the named test and selection sets; the figures of `extra_sets` (e.g.
+    retrieval, linear probe) ride along in `Point.evaluations`."""
     by_step = {}
     for record in evals:
         by_step[record["step"]] = record
@@ -247,6 +300,7 @@ def points_from_evals(
                 selection_asr=record.get(f"{selection_set}/asr", math.nan) if selection_set else math.nan,
                 learning_rate=learning_rate,
                 test_top5=record.get(f"{test_set}/top5", math.nan),
+                evaluations=extra_figures(record, extra_sets),
             )
         )
     return points

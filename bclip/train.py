@@ -295,11 +295,12 @@ def train_group(
         """Step 0: every run holds the same variables, so they are evaluated once. For a transformed
         start (shrink-and-perturb), the pretrained model is reported, with the start beside it under
         "after_start_transform"."""
-        (start,) = evaluate([run_variables(live[0])], evals)
+        at_start = {name: e for name, e in evals.items() if config.eval.sets[name].at_start}
+        (start,) = evaluate([run_variables(live[0])], at_start)
         if start_variables is None:
             log_evals(0, live, [start] * len(live))
             return
-        (pretrained,) = evaluate([start_variables], evals)
+        (pretrained,) = evaluate([start_variables], at_start)
         log_evals(0, live, [pretrained] * len(live), {"after_start_transform": start})
 
     # ---- Loop ----------------------------------------------------------------------------------

@@ -56,6 +56,10 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     study = experiment.study_config()
     study.world.num_test = 96 if smoke else 480
     study.world.num_selection = 48 if smoke else 240
+    # Retrieval (5 captions per image) and linear-probe sets, evaluated on the final models.
+    study.world.num_retrieval = 24 if smoke else 120
+    study.world.captions_per_image = 3 if smoke else 5
+    study.world.num_probe_train = 48 if smoke else 480
     study.proportions.num_train = 480 if smoke else NUM_TRAIN
     study.proportions.pretrain_epochs = 2 if smoke else PRETRAIN_EPOCHS
     study.proportions.poison_rate = 0.05 if smoke else POISON_RATE

@@ -79,7 +79,14 @@ def test_smoke_study_end_to_end_and_resumable(tmp_path):
     for model, entry in summary.items():
         evals = experiment.read_evals(os.path.join(workdir, "pretrain", model))
         assert [record["step"] for record in evals] == [epoch * steps_per_epoch for epoch in range(base.train.num_epochs + 1)]
-        original = entry["original"]
+        original = dict(entry["original"])
+        # The retrieval and probe sets are evaluated at the end of pretraining only.
+        evaluations = original.pop("evaluations")
+        assert [("retrieval/retrieval_asr" in record, "probe/lp_acc1" in record) for record in evals] == [
+            (False, False)
+        ] * base.train.num_epochs + [(True, True)]
+        assert evaluations == {k: v for k, v in evals[-1].items() if k.startswith(("retrieval/", "probe/"))}
+        assert {"retrieval/text_retrieval_recall@5", "retrieval/image_retrieval_recall@5", "probe/lp_acc1", "probe/lp_asr"} <= set(evaluations)
         assert original == {
             "test_top1": evals[-1]["test/top1"],
             "test_asr": evals[-1]["test/asr"],
@@ -96,10 +103,24 @@ def test_smoke_study_end_to_end_and_resumable(tmp_path):
         for run_dir, lr in zip(clean_runs[model], study.cleaning_learning_rates):
             clean_evals = experiment.read_evals(run_dir)
             assert [record["epoch"] for record in clean_evals] == list(range(clean_epochs + 1))
+            # Every cleaning evaluation but the start's (the pretrained model's, known) has them.
+            assert ["probe/lp_asr" in record for record in clean_evals] == [False] + [True] * clean_epochs
             for record in clean_evals[1:]:
                 points[(os.path.relpath(run_dir, workdir), record["epoch"])] = (lr, record["test/top1"], record["test/asr"])
         chosen = method["chosen_on_selection"]
         assert points[(chosen["run"], chosen["epoch"])] == (chosen["learning_rate"], chosen["top1"], chosen["asr"])
+        # Every cleaning point has the retrieval and probe figures; the chosen one's are reported,
+        # and written as CLIP_benchmark files beside the pretrained model's.
+        chosen_record = experiment.read_evals(os.path.join(workdir, chosen["run"]))[chosen["epoch"]]
+        assert chosen["evaluations"] == {k: v for k, v in chosen_record.items() if k.startswith(("retrieval/", "probe/"))}
+        benchmark_dir = os.path.join(workdir, "clip_benchmark", model.replace("+", "_"))
+        with open(os.path.join(benchmark_dir, "CleanCLIP_chosen", "probe_linear_probe.json")) as f:
+            lp = json.load(f)
+        assert lp["task"] == "linear_probe" and lp["metrics"]["lp_acc1"] == chosen_record["probe/lp_acc1"]
+        with open(os.path.join(benchmark_dir, "pretrained", "test_zeroshot_classification.json")) as f:
+            assert json.load(f)["metrics"]["acc1"] == evals[-1]["test/top1"]
+        with open(os.path.join(benchmark_dir, "pretrained", "retrieval_zeroshot_retrieval.json")) as f:
+            assert json.load(f)["metrics"]["image_retrieval_recall@1"] == evaluations["retrieval/image_retrieval_recall@1"]
         best = method["best_top1_with_asr_at_most_5pct"]
         if best is not None:
             assert points[(best["run"], best["epoch"])] == (best["learning_rate"], best["top1"], best["asr"])
@@ -109,6 +130,7 @@ def test_smoke_study_end_to_end_and_resumable(tmp_path):
     for model in models:
         assert f"| {model} | " in report and f"## Cleaning {model}\n" in report
     assert report.count(f"| CleanCLIP | {clean_epochs * len(study.cleaning_learning_rates)} |") == len(models)
+    assert "## Retrieval and linear probe" in report and "| MMCL+SSL | CleanCLIP, chosen on selection (" in report
     with Image.open(os.path.join(workdir, "report.png")) as image:
         assert image.format == "PNG" and image.width > image.height > 100
         assert np.asarray(image.convert("L")).std() > 0

@@ -15,6 +15,7 @@ stops a run nor shifts the indices of the examples after it.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 from collections.abc import Sequence
@@ -329,6 +330,65 @@ class ImageFolderEvalSource:
 
     def __repr__(self) -> str:
         return f"ImageFolderEvalSource({self._folder!r}, {len(self)} images, {len(self.classnames)} classes)"
+
+
+class KarpathyRetrievalSource:
+    """One split of an image–caption retrieval set in the Karpathy JSON format (Flickr30k, MSCOCO):
+    {"images": [{"filename", "filepath" (optional), "split", "sentences": [{"raw"}, ...]}, ...]};
+    image paths are filepath/filename under `image_root` (default: the JSON file's folder).
+
+    Attributes:
+      captions: list of the split's captions, image by image.
+      caption_image: int64 [T], the position (in this source) of each caption's image.
+    """
+
+    def __init__(self, json_path: str | os.PathLike, split: str = "test", image_root: str | os.PathLike | None = None):
+        json_path = os.path.abspath(json_path)
+        if not os.path.isfile(json_path):
+            raise FileNotFoundError(f"retrieval annotations not found: {json_path}")
+        self._root = os.path.abspath(image_root) if image_root else os.path.dirname(json_path)
+        with open(json_path, encoding="utf-8") as f:
+            try:
+                entries = json.load(f)["images"]
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise ValueError(f"{json_path}: not Karpathy JSON with an 'images' list ({error!r})") from None
+        paths, self.captions, caption_image = [], [], []
+        for position, entry in enumerate(entries):
+            try:
+                if entry["split"] != split:
+                    continue
+                relative = os.path.join(entry.get("filepath", ""), entry["filename"])
+                captions = [sentence["raw"] for sentence in entry["sentences"]]
+            except (KeyError, TypeError) as error:
+                raise ValueError(f"{json_path}: image entry {position} lacks {error} (needs filename, split, sentences[].raw)") from None
+            if not captions:
+                raise ValueError(f"{json_path}: image entry {position} ({relative}) has no sentences")
+            caption_image += [len(paths)] * len(captions)
+            self.captions += captions
+            paths.append(relative)
+        if not paths:
+            splits = sorted({str(entry.get("split")) for entry in entries if isinstance(entry, dict)})
+            raise ValueError(f"{json_path}: no images in split {split!r}; its splits: {splits}")
+        missing = [p for p in paths if not os.path.isfile(os.path.join(self._root, p))]
+        if missing:
+            raise FileNotFoundError(f"{json_path}: {len(missing)} image(s) not found under {self._root}, e.g. {missing[:5]}")
+        self._image_paths = records.PackedStrings(paths)
+        self.caption_image = np.asarray(caption_image, np.int64)
+
+    def __len__(self) -> int:
+        return len(self._image_paths)
+
+    def __getitem__(self, index: SupportsIndex) -> Record:
+        index = _checked_index(index, len(self))
+        path = os.path.join(self._root, self._image_paths[index])
+        image_bytes, reason = records.read_image_file(path)
+        if image_bytes is None:
+            return _bad_record(reason, index, path)
+        # No class: label 0 keeps the eval pipeline's batch layout.
+        return {"image_bytes": image_bytes, "label": 0, "index": index, "path": path}
+
+    def __repr__(self) -> str:
+        return f"KarpathyRetrievalSource({self._root!r}, {len(self)} images, {len(self.captions)} captions)"
 
 
 _WORDNET_ID = re.compile(r"n\d{8}")

@@ -12,7 +12,9 @@ import numpy as np
 
 from bclip.data.synthetic.shapes import CLASSES, OBJECT_EXTENT, RGB, _fill, _lattice_dots
 
-SPLIT_IDS = {"train": 0, "test": 1, "selection": 2}
+# Each split draws from its own stream; the evaluation extras (eval_sets.py) have streams of their own,
+# so adding them changes no example of the first three.
+SPLIT_IDS = {"train": 0, "test": 1, "selection": 2, "retrieval": 3, "probe_train": 4}
 
 BACKGROUND_COLOURS: dict[str, RGB] = {
     "white": (236, 236, 230), "gray": (135, 135, 138), "black": (38, 38, 42), "beige": (222, 205, 170),
