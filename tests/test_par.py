@@ -1,6 +1,8 @@
 """Perturb and Recover (PAR): its term against numpy, its gradient, its weight 0, and a run that
 has no model to start from. Its cleaning run, sharded over 8 devices, is in test_train.py."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +10,7 @@ import pytest
 from test_train_fake_data import fake_data_config
 
 from bclip import config as run_configs
-from bclip import objectives, train
+from bclip import experiment, objectives, train
 
 
 def _unit(rng, shape):
@@ -94,3 +96,24 @@ def test_par_without_a_starting_model_fails_before_training(tmp_path, monkeypatc
     config = run_configs.override(fake_data_config(tmp_path, monkeypatch), {"objective.par_weight": 1.0})
     with pytest.raises(ValueError, match=r"\['mmcl', 'par'\] push the model away .* train.init_from must name"):
         train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_the_study_cleans_with_par_only_when_asked_and_as_it_cleans_with_cleanclip():
+    study_synthetic = run_configs.load_config_file(
+        os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs", "study_synthetic.py")
+    )
+    default, with_par = study_synthetic.get_config("default"), study_synthetic.get_config("par")
+    assert list(default.cleaning_methods) == ["CleanCLIP"] and list(with_par.cleaning_methods) == ["CleanCLIP", "PAR"]
+    with with_par.unlocked():
+        del with_par.cleaning_methods["PAR"]
+    assert with_par.to_dict() == default.to_dict()
+    # A PAR run of the grid differs from CleanCLIP's only in its loss and PAR's AdamW β2 and weight decay.
+    study = experiment.apply_proportions(study_synthetic.get_config("par"))
+    pretrain = experiment.pretrain_configs(study, "/world")["MMCL+SSL"]
+    runs = {
+        method: experiment.clean_config(study, pretrain, "/pretrain", method, 2e-4).to_dict() for method in ("CleanCLIP", "PAR")
+    }
+    assert {section for section in runs["PAR"] if runs["PAR"][section] != runs["CleanCLIP"][section]} == {"objective", "optim"}
+    assert runs["PAR"]["objective"] == {**runs["CleanCLIP"]["objective"], "ssl_weight": 0.0, "par_weight": 1.0}
+    assert runs["PAR"]["optim"] == {**runs["CleanCLIP"]["optim"], "b2": 0.98, "weight_decay": 1e-4}
+    assert runs["PAR"]["objective"]["par_threshold"] == 2.15 and runs["PAR"]["optim"]["learning_rate"] == 2e-4
