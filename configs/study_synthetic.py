@@ -50,8 +50,8 @@ CLEANING_LEARNING_RATES = (5e-5, 2e-4, 1e-3, 5e-3)
 # β2 = 0.98 and weight decay 1e-4. Their CC3M setting (configs/clean_cc.py:par) is 2 epochs over
 # 250K pairs at global batch 2,048 and a learning rate of 3e-5 falling to ~0. Scaled as the study
 # scales CleanCLIP, it keeps CleanCLIP's clean set, epochs, batch and learning-rate grid (the rule
-# of item 2 above: PAR's 3e-5 on models pretrained at 1e-3 sits just under the grid's 5e-5); τ is
-# a distance between unit vectors, which no scale changes, and its optimiser settings are kept.
+# of item 2 above; PAR's own 3e-5 sits just under the grid's 5e-5); τ bounds a distance between
+# unit vectors, which no scale changes, and its AdamW settings are kept. Figures: README.md.
 PAR = {
     "objective": objectives.objective_config(mmcl=1.0, par=1.0).to_dict(),
     "optim": {"b2": 0.98, "weight_decay": 1e-4},
