@@ -1,4 +1,5 @@
-"""Training objectives for CLIP-style models: MMCL, CleanCLIP's in-modal SSL term and SigLIP.
+"""Training objectives for CLIP-style models: MMCL, CleanCLIP's in-modal SSL term, SigLIP and
+PAR's perturbation term.
 
 Every loss is written once, on global arrays: under `jit` with a sharded batch, XLA inserts the
 collectives, so negatives always span the whole global batch over every device.
@@ -100,6 +101,39 @@ def cluster_loss(cluster_logits: jax.Array, cluster_ids: jax.Array) -> jax.Array
     return -jnp.sum(jnp.where(valid, picked, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
 
 
+def par_loss(
+    image_emb: jax.Array,
+    text_emb: jax.Array,
+    reference_image_emb: jax.Array,
+    reference_text_emb: jax.Array,
+    threshold: float = 2.15,
+) -> jax.Array:
+    """Perturb and Recover's perturbation term (Singh, Croce & Hein, arXiv 2412.00727): minus half
+    the sum, over the two towers, of the batch's mean squared distance between the model's
+    embeddings and the frozen poisoned model's, each distance counted only while it is at most
+    `threshold` (above it, that tower's part is 0 and pushes no more).
+
+    With the CLIP loss beside it (objective.mmcl_weight = objective.par_weight = 1), this is PAR's
+    `L_CLIP - ½(L_img + L_txt)`: the embeddings are pushed away from where the backdoor put them
+    while the CLIP loss keeps (recovers) their clean alignment. Unit vectors are at most 4 apart
+    (squared), so τ = 2.15 means "until the mean cosine to the old embedding is about -0.08".
+
+    Args:
+      image_emb, text_emb: [B, D] normalised embeddings of the model being cleaned.
+      reference_image_emb, reference_text_emb: [B, D] the frozen original model's embeddings of
+        the same images and captions (no gradient flows into them).
+      threshold: τ, on the mean squared distance of each tower.
+    """
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+
+    def gated_distance(emb, reference):
+        distance = jnp.mean(jnp.sum((f32(emb) - f32(jax.lax.stop_gradient(reference))) ** 2, axis=-1))
+        # Past τ the tower's part is 0 (as the authors' code sets it), not τ: either way no gradient.
+        return jnp.where(distance > threshold, 0.0, distance)
+
+    return -0.5 * (gated_distance(image_emb, reference_image_emb) + gated_distance(text_emb, reference_text_emb))
+
+
 # ---------------------------------------------------------------------------------------------
 # The objective's terms, declared once
 # ---------------------------------------------------------------------------------------------
@@ -111,12 +145,16 @@ PAIR_WEIGHTS = "pair_weight"
 
 @dataclasses.dataclass(frozen=True)
 class Term:
-    """One loss term: `loss(inputs) -> scalar`, where inputs holds "image", "text" [B, D] (and
-    "aug_image", "aug_text" when `needs_views`), "logit_scale", "logit_bias" (None without one), the
-    model's extra outputs (e.g. "cluster_logits") and the batch's per-example fields (e.g.
-    PAIR_WEIGHTS, "cluster")."""
+    """One loss term: `loss(inputs, **options) -> scalar`, where inputs holds "image", "text" [B, D]
+    (and "aug_image", "aug_text" when `needs_views`; "reference_image", "reference_text", the frozen
+    starting model's embeddings of the same batch, when `needs_reference`), "logit_scale",
+    "logit_bias" (None without one), the model's extra outputs (e.g. "cluster_logits") and the
+    batch's per-example fields (e.g. PAIR_WEIGHTS, "cluster"). `options` maps each keyword option
+    of `loss` to its default; its config key is `objective.<term>_<option>`."""
 
-    loss: Callable[[Mapping[str, Any]], jax.Array]
+    loss: Callable[..., jax.Array]
+    options: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    needs_reference: bool = False
     needs_views: bool = False
 
 
@@ -134,6 +172,12 @@ TERMS = {
         lambda x: ssl_loss(x["image"], x["aug_image"], x["text"], x["aug_text"], x["logit_scale"], x.get(PAIR_WEIGHTS)),
         needs_views=True,
     ),
+    # PAR: the CLIP loss plus this term (both weight 1); its threshold is objective.par_threshold.
+    "par": Term(
+        lambda x, threshold: par_loss(x["image"], x["text"], x["reference_image"], x["reference_text"], threshold),
+        options={"threshold": 2.15},
+        needs_reference=True,
+    ),
     "siglip": Term(_siglip_term),
     "cluster": Term(lambda x: cluster_loss(x["cluster_logits"], x["cluster"])),
 }
@@ -144,17 +188,27 @@ def weight_key(term: str) -> str:
     return f"{term}_weight"
 
 
+def option_key(term: str, option: str) -> str:
+    """The config key (in config.objective) of one of a term's options."""
+    return f"{term}_{option}"
+
+
 def objective_config(mmcl: float = 1.0, **weights: float) -> ml_collections.ConfigDict:
-    """The objective section of a config: one weight per term of TERMS (`<term>_weight`).
+    """The objective section of a config: one weight per term of TERMS (`<term>_weight`), then the
+    terms' options at their defaults (`<term>_<option>`).
 
     MMCL pretraining is mmcl=1; MMCL+SSL and CleanCLIP are mmcl=1, ssl=1; SSL-only cleaning is
-    mmcl=0, ssl=1; SigLIP replaces MMCL with mmcl=0, siglip=1; deep clustering adds cluster=5.
+    mmcl=0, ssl=1; SigLIP replaces MMCL with mmcl=0, siglip=1; deep clustering adds cluster=5;
+    PAR is mmcl=1, par=1.
     """
     unknown = sorted(set(weights) - set(TERMS))
     if unknown:
         raise ValueError(f"unknown objective terms {unknown}; known: {sorted(TERMS)}")
     weights = {"mmcl": mmcl, **weights}
-    return ml_collections.ConfigDict({weight_key(name): float(weights.get(name, 0.0)) for name in TERMS})
+    config = {weight_key(name): float(weights.get(name, 0.0)) for name in TERMS}
+    for name, term in TERMS.items():
+        config.update({option_key(name, option): default for option, default in term.options.items()})
+    return ml_collections.ConfigDict(config)
 
 
 def active_terms(objective: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -165,6 +219,11 @@ def active_terms(objective: ml_collections.ConfigDict) -> tuple[str, ...]:
 def needs_augmented_views(objective: ml_collections.ConfigDict) -> bool:
     """Whether the objective needs augmented image and caption views in each batch."""
     return any(TERMS[name].needs_views for name in active_terms(objective))
+
+
+def needs_reference(objective: ml_collections.ConfigDict) -> bool:
+    """Whether the objective reads a frozen copy of the starting model (PAR)."""
+    return any(TERMS[name].needs_reference for name in active_terms(objective))
 
 
 def combined_loss(
@@ -186,7 +245,10 @@ def combined_loss(
     names = active_terms(objective)
     if not names:
         raise ValueError(f"every objective weight is zero: {objective}")
-    terms = {name: TERMS[name].loss(inputs) for name in names}
+    terms = {
+        name: TERMS[name].loss(inputs, **{option: objective[option_key(name, option)] for option in TERMS[name].options})
+        for name in names
+    }
     weights = weights if weights is not None else {weight_key(name): objective[weight_key(name)] for name in names}
     total = sum(weights[weight_key(name)] * value for name, value in terms.items())
     return total, terms

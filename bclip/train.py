@@ -33,7 +33,7 @@ from clu import metric_writers, periodic_actions
 from etils import epath
 from jax.experimental import multihost_utils
 
-from bclip import checkpointing, epoch_passes, evaluators, optim, run_group, run_start, sharding, train_step
+from bclip import checkpointing, epoch_passes, evaluators, objectives, optim, run_group, run_start, sharding, train_step
 from bclip.data import training_input
 from bclip.models import clip
 from bclip.run_files import (
@@ -120,6 +120,13 @@ def train_group(
 
     # ---- Data: one stream for every run --------------------------------------------------------
     objective = run_group.group_objective(configs)
+    # PAR's terms read the starting (poisoned) model, kept frozen in the state beside the one trained.
+    keeps_reference = objectives.needs_reference(objective)
+    if keeps_reference and not config.train.init_from:
+        raise ValueError(
+            f"objective terms {list(objectives.active_terms(objective))} push the model away from the one it "
+            "starts from, which train.init_from must name"
+        )
     tokenizer = training_input.make_tokenizer(config)
     source, plan, data = training_input.make_training_input(
         config, objective, tokenizer, process_index, process_count, os.fspath(group_dir) if is_chief else None
@@ -148,7 +155,14 @@ def train_group(
             variables["params"] = {**variables["params"], name: init_head(config, rng, len(source))}
         return variables
 
-    abstract_run = jax.eval_shape(lambda rng: train_step.init_state(tx, init_variables(rng)), rng)
+    def start_state(variables, reference):
+        return train_step.init_state(tx, variables, reference if keeps_reference else None)
+
+    def abstract_start(rng):
+        variables = init_variables(rng)
+        return start_state(variables, epoch_passes.model_variables(variables))
+
+    abstract_run = jax.eval_shape(abstract_start, rng)
     run_shardings = sharding.state_shardings(abstract_run, mesh, config.sharding)
     variable_shardings = {"params": run_shardings["params"], "batch_stats": run_shardings["batch_stats"]}
     abstract = group.abstract(abstract_run, run_shardings)
@@ -214,8 +228,9 @@ def train_group(
         )
         variables = run_start.initial_variables(context, init_from)
         # The optimiser starts fresh, also from a pretrained checkpoint, unless asked to reload it.
-        init = jax.jit(lambda v: train_step.init_state(tx, v), out_shardings=run_shardings, donate_argnums=0)
-        run_state = init(variables)
+        init = jax.jit(start_state, out_shardings=run_shardings, donate_argnums=0)
+        # The reference is a copy: `variables` may share init_from's buffers, and they are donated.
+        run_state = init(variables, jax.tree.map(jnp.copy, init_from) if keeps_reference else None)
         if saved_opt is not None:
             run_state = {**run_state, "opt": jax.device_put(optim.with_reloaded_adam(run_state["opt"], saved_opt), run_shardings["opt"])}
         # Every run of a group starts from the same state; they differ in their hyper-parameters.

@@ -1,7 +1,8 @@
 """Training state and the pure train step, written once for one run; `run_group` lays it over
 the runs of a group (one run, or a vectorised sweep's).
 
-State is a plain dict of pytrees: {"params", "batch_stats", "opt", "step"}. `batch_stats` is empty
+State is a plain dict of pytrees: {"params", "batch_stats", "opt", "step"}, plus REFERENCE (a frozen
+copy of the starting model's variables) when a term reads it (PAR). `batch_stats` is empty
 for ViT towers and holds BatchNorm statistics for ResNets (computed over the global batch, since the
 step sees global arrays, or per group of model.image.batch_norm_group_size images). The train step
 is a pure function `(state, batch, rng, hparams) -> (state, metrics)`; `hparams` holds the run's
@@ -32,15 +33,25 @@ def init_variables(model: nn.Module, rng: jax.Array, image_size: int, context_le
     return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
 
-def init_state(tx: optax.GradientTransformation, variables: dict) -> dict:
+# The state's frozen copy of the model a run started from, {"params", "batch_stats"} (no heads of
+# per-epoch passes): PAR pushes the embeddings away from this model's. Saved with the state, so a
+# resumed run keeps the original model without reading init_from again.
+REFERENCE = "reference"
+
+
+def init_state(tx: optax.GradientTransformation, variables: dict, reference: dict | None = None) -> dict:
     """A run's training state at step 0 with a fresh optimiser, from its model variables (random,
-    or a pretrained checkpoint's); pure, so it can be traced by `jax.eval_shape` and sharded `jit`."""
-    return {
+    or a pretrained checkpoint's) and, for objectives that read one, the frozen `reference` model's
+    {"params", "batch_stats"}; pure, so it can be traced by `jax.eval_shape` and sharded `jit`."""
+    state = {
         "params": variables["params"],
         "batch_stats": variables.get("batch_stats", {}),
         "opt": tx.init(variables["params"]),
         "step": jnp.zeros((), jnp.int32),
     }
+    if reference is not None:
+        state[REFERENCE] = {"params": reference["params"], "batch_stats": reference.get("batch_stats", {})}
+    return state
 
 
 def run_hyperparams(optim_config: ml_collections.ConfigDict, objective: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
@@ -153,10 +164,12 @@ def compute_embeddings(model, params, batch_stats, batch, with_views: bool, trai
     return embeddings, batch_stats
 
 
-def loss_inputs(model, params, batch_stats, batch, objective: ml_collections.ConfigDict):
+def loss_inputs(model, params, batch_stats, batch, objective: ml_collections.ConfigDict, reference: dict | None = None):
     """Everything the objective's terms read (objectives.Term): the embeddings (and augmented
-    views), the temperature and bias, with deep clustering the cluster head's logits [B, K], and
-    the batch's per-example fields from per-epoch passes (e.g. "cluster" [B]).
+    views), the temperature and bias, with deep clustering the cluster head's logits [B, K], the
+    batch's per-example fields from per-epoch passes (e.g. "cluster" [B]) and, for terms that need
+    it, the frozen `reference` model's embeddings of the same images and captions ("reference_image",
+    "reference_text" [B, D]; BatchNorm in inference mode, as a frozen model).
 
     Returns:
       (inputs for `objectives.combined_loss`, new batch_stats)
@@ -173,6 +186,17 @@ def loss_inputs(model, params, batch_stats, batch, objective: ml_collections.Con
     if cleaning.CLUSTER_HEAD in params:
         head = params[cleaning.CLUSTER_HEAD]
         inputs["cluster_logits"] = embeddings["image"] @ head["kernel"] + head["bias"]
+    if objectives.needs_reference(objective):
+        if reference is None:
+            raise ValueError(
+                f"objective terms {list(objectives.active_terms(objective))} read the starting model's embeddings, "
+                f"but the state has no {REFERENCE!r} (train.init_from makes it)"
+            )
+        reference_image, reference_text, _ = encode_pair(
+            model, reference["params"], reference["batch_stats"], batch["image"], batch["text"], train=False
+        )
+        inputs["reference_image"] = jax.lax.stop_gradient(reference_image)
+        inputs["reference_text"] = jax.lax.stop_gradient(reference_text)
     return inputs, batch_stats
 
 
@@ -191,7 +215,8 @@ def make_train_step(
     compiled step serves every run of a sweep that differs only in these values.
 
     Args (of the returned step):
-      state: {"params", "batch_stats", "opt", "step"}, `opt` from `tx` = `optim.make_optimizer`.
+      state: {"params", "batch_stats", "opt", "step"}, `opt` from `tx` = `optim.make_optimizer`;
+        with REFERENCE too when a term reads the starting model (PAR).
       batch: "image" uint8 [B, H, W, 3], "text" int32 [B, L], plus the SSL views and per-example
         fields (e.g. "cluster" int32 [B]) the objective reads.
       rng: a key (the step has no stochastic layers yet).
@@ -201,20 +226,23 @@ def make_train_step(
     "learning_rate". With deep clustering, `params` also holds "cluster_head".
     """
 
-    def loss_fn(params, batch_stats, batch, hparams):
-        inputs, new_batch_stats = loss_inputs(model, params, batch_stats, batch, objective)
+    def loss_fn(params, batch_stats, batch, hparams, reference):
+        inputs, new_batch_stats = loss_inputs(model, params, batch_stats, batch, objective, reference)
         total, terms = objectives.combined_loss(inputs, objective, hparams)
         return total, (terms, new_batch_stats)
 
     def train_step(state, batch, rng, hparams):
         del rng  # No stochastic layers yet; the argument keeps the signature stable.
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, (terms, batch_stats)), grads = grad_fn(state["params"], state["batch_stats"], batch, hparams)
+        (loss, (terms, batch_stats)), grads = grad_fn(
+            state["params"], state["batch_stats"], batch, hparams, state.get(REFERENCE)
+        )
         updates, opt_state = optim.scheduled_update(
             tx, optim_config, total_steps, grads, state["opt"], state["params"], hparams["learning_rate"], hparams["weight_decay"]
         )
         params = clamp_logit_scale(optax.apply_updates(state["params"], updates))
-        new_state = {"params": params, "batch_stats": batch_stats, "opt": opt_state, "step": state["step"] + 1}
+        # Everything else (the frozen reference model) is carried over unchanged.
+        new_state = {**state, "params": params, "batch_stats": batch_stats, "opt": opt_state, "step": state["step"] + 1}
         metrics = {
             "loss": loss,
             **terms,

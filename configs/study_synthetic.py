@@ -1,6 +1,10 @@
 """The embedded study: the paper's experiment on the synthetic world, end to end on a laptop CPU.
 
   python -m bclip.experiment --config configs/study_synthetic.py --workdir runs/study
+  python -m bclip.experiment --config configs/study_synthetic.py:par --workdir runs/study
+
+`:par` adds Perturb and Recover (PAR) as a second cleaning method beside CleanCLIP (see PAR below);
+the default study's runs and figures are the same with or without it.
 
 Pretrains a small CLIP on the synthetic world's image–caption pairs, a few of which carry a BadNets
 checkerboard patch at a random place and a caption naming "banana", once with MMCL and once with
@@ -40,6 +44,19 @@ WIDTH = 64
 # The paper's grid is 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3 with pretraining at 1e-3.
 CLEANING_LEARNING_RATES = (5e-5, 2e-4, 1e-3, 5e-3)
 
+# Perturb and Recover (Singh, Croce & Hein, arXiv 2412.00727; the authors' code,
+# nmndeep/PerturbAndRecover): the CLIP loss minus half of each tower's mean squared distance to the
+# poisoned model's embeddings, each counted while at most τ = 2.15 (objectives.par_loss), AdamW with
+# β2 = 0.98 and weight decay 1e-4. Their CC3M setting (configs/clean_cc.py:par) is 2 epochs over
+# 250K pairs at global batch 2,048 and a learning rate of 3e-5 falling to ~0. Scaled as the study
+# scales CleanCLIP, it keeps CleanCLIP's clean set, epochs, batch and learning-rate grid (the rule
+# of item 2 above; PAR's own 3e-5 sits just under the grid's 5e-5); τ bounds a distance between
+# unit vectors, which no scale changes, and its AdamW settings are kept. Figures: README.md.
+PAR = {
+    "objective": objectives.objective_config(mmcl=1.0, par=1.0).to_dict(),
+    "optim": {"b2": 0.98, "weight_decay": 1e-4},
+}
+
 
 def _model_overrides(width: int, smoke: bool) -> dict:
     return {
@@ -51,8 +68,8 @@ def _model_overrides(width: int, smoke: bool) -> dict:
 
 def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     smoke = arg == "smoke"
-    if arg not in ("default", "smoke"):
-        raise ValueError(f"study_synthetic takes 'default' or 'smoke', got {arg!r}")
+    if arg not in ("default", "smoke", "par"):
+        raise ValueError(f"study_synthetic takes 'default', 'smoke' or 'par', got {arg!r}")
     study = experiment.study_config()
     study.world.num_test = 96 if smoke else 480
     study.world.num_selection = 48 if smoke else 240
@@ -92,5 +109,7 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     study.cleaning_methods = {
         "CleanCLIP": {"objective": objectives.objective_config(mmcl=1.0, ssl=1.0).to_dict()},
     }
+    if arg == "par":
+        study.cleaning_methods.PAR = PAR
     study.cleaning_learning_rates = (5e-4,) if smoke else CLEANING_LEARNING_RATES
     return study

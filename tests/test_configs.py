@@ -41,6 +41,7 @@ CLEAN_ARGS = [
     "shrink_perturb",
     "heavy_wd",
     "deep_clustering",
+    "par",
 ]
 ALL_CONFIGS = (
     [(pretrain_cc, arg) for arg in PRETRAIN_ARGS + REFERENCE_ARGS] + [(clean_cc, arg) for arg in CLEAN_ARGS]
@@ -201,6 +202,8 @@ def test_pretraining_has_the_study_numbers(arg, poisons, batch_size, mmcl_weight
         "ssl_weight": ssl_weight,
         "siglip_weight": 0.0,
         "cluster_weight": 0.0,
+        "par_weight": 0.0,
+        "par_threshold": 2.15,
     }
     assert config.optim.learning_rate == 1e-3
     assert config.optim.warmup_steps == 10_000
@@ -370,6 +373,18 @@ def test_cleaning_methods_differ_only_where_they_should():
         assert differing == changed, arg
 
 
+def test_par_has_its_published_setting():
+    par, base = clean_cc.get_config("par,cc3m_mmcl"), clean_cc.get_config("cleanclip,cc3m_mmcl")
+    assert (par.objective.mmcl_weight, par.objective.ssl_weight, par.objective.par_weight) == (1.0, 0.0, 1.0)
+    assert par.objective.par_threshold == 2.15
+    assert (par.optim.learning_rate, par.optim.warmup_steps, par.optim.b2, par.optim.weight_decay) == (3e-5, 0, 0.98, 1e-4)
+    assert (par.data.batch_size, par.train.num_epochs, par.train.subset_size) == (2048, 2, 250_000)
+    assert par.model.to_dict() == base.model.to_dict() and par.eval.to_dict() == base.eval.to_dict()
+    assert par.train.init_from == "" and par.poison.count == 0
+    for published in ("2412.00727", "2.15", "250K", "2,048", "3e-5", "0.98", "1e-4"):
+        assert published in clean_cc.__doc__ + open(os.path.join(CONFIG_DIR, "clean_cc.py"), encoding="utf-8").read()
+
+
 def test_cleaning_model_and_trigger_match_pretraining():
     for pretrain_arg in PRETRAIN_ARGS:
         pretrain = pretrain_cc.get_config(pretrain_arg)
@@ -396,7 +411,7 @@ def test_sweep_is_the_study_learning_rate_grid(arg):
         from_flags = load_from_command_line(config_path, *sweep_runs.override_flags(overrides))
         assert in_process.optim.learning_rate == from_flags.optim.learning_rate == overrides["optim.learning_rate"]
         assert in_process.to_dict() == from_flags.to_dict()
-    assert base.optim.learning_rate == 5e-4  # untouched
+    assert base.optim.learning_rate == (3e-5 if arg == "par" else 5e-4)  # untouched: PAR's own, the others' 5e-4
 
 
 def test_cleaning_docstring_holds_command_hardware_and_time():

@@ -25,10 +25,11 @@ import orbax.checkpoint as ocp
 import pytest
 import saved_arrays
 
-from bclip import checkpointing, epoch_passes, experiment, optim, run_files, run_group, run_start, sharding, train
+from bclip import checkpointing, epoch_passes, experiment, optim, run_files, run_group, run_start, sharding, train, train_step
 from bclip import config as run_configs
 from bclip.data import pipeline, poisoning, training_input
 from bclip.data.synthetic import writer
+from bclip.models import clip as clip_model
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -170,6 +171,7 @@ class RunRecorder:
                 if self.first_state is None:
                     self.first_state = jax.device_get(state)  # before the step donates it
                     self.first_hparams = jax.device_get(hparams)
+                    self.first_batch = jax.device_get(batch)
                 self.num_steps += 1
                 self.batch_shardings.append(batch["image"].sharding)
                 if "cluster" in batch:
@@ -208,6 +210,9 @@ CLEANING_METHODS = {
     "SSL weight 4": {"objective": {"ssl_weight": 4.0}},
     "shrink and perturb": {"cleaning": {"shrink": 0.95, "perturb": 1e-4}},
     "heavy weight decay": {"optim": {"weight_decay": 1.0}},
+    # PAR's loss; from a shrunk start, so that its first step's embeddings already differ from the
+    # reference's (the unshrunk pretrained model's) and its term is not 0.
+    "PAR": {"objective": {"ssl_weight": 0.0, "par_weight": 1.0}, "cleaning": {"shrink": 0.95, "perturb": 1e-4}},
     # Two epochs, so k-means runs twice; a checkpoint every 2 steps for the resume test below.
     "deep clustering": {
         "objective": {"cluster_weight": 5.0},
@@ -681,7 +686,7 @@ def test_cleaning_method_trains_sharded_with_finite_losses(cleaning_run, method)
     for batch_sharding in run.recorder.batch_shardings:
         assert len(batch_sharding.device_set) == 8 and batch_sharding.spec[0] == "data"
     assert [record["step"] for record in run.metrics] == list(range(1, steps + 1))
-    weights = {"mmcl": objective.mmcl_weight, "ssl": objective.ssl_weight, "cluster": objective.cluster_weight}
+    weights = {name: objective[f"{name}_weight"] for name in ("mmcl", "ssl", "cluster", "par")}
     for record in run.metrics:
         assert np.isfinite(record["loss"])
         terms = {name: record[name] for name, weight in weights.items() if weight}
@@ -695,6 +700,29 @@ def test_cleaning_method_trains_sharded_with_finite_losses(cleaning_run, method)
         np.testing.assert_array_equal(hparams[f"{name}_weight"], np.float32([weights[name]]))
     assert run.config.optim.weight_decay == (1.0 if method == "heavy weight decay" else 0.1)
     assert saved_steps(run.run_dir)[-1] == steps
+
+
+@pytest.mark.slow
+def test_par_pushes_away_from_the_pretrained_model_kept_frozen_in_the_state(cleaning_run, pretrained):
+    run = cleaning_run("PAR")
+    first, batch = run.recorder.first_state, run.recorder.first_batch
+    pretrained_params = saved_state(pretrained, PRETRAIN_STEPS)["params"]
+    # The state carries the pretrained model, unshrunk, beside the shrunk one being trained, and
+    # still holds it unchanged at the end.
+    assert_trees_equal(first[train_step.REFERENCE]["params"], pretrained_params)
+    assert not np.array_equal(first["params"]["text_tower"]["text_projection"], pretrained_params["text_tower"]["text_projection"])
+    assert_trees_equal(saved_state(run.run_dir, 4)[train_step.REFERENCE]["params"], pretrained_params)
+    # The first step's term, from both models' embeddings of its batch, in numpy.
+    model = clip_model.build_model(run.config.model)
+    apply = jax.jit(clip_model.apply_model, static_argnums=0)
+    (image, text), _ = apply(model, {"params": first["params"]}, batch["image"], batch["text"])
+    (image0, text0), _ = apply(model, {"params": pretrained_params}, batch["image"], batch["text"])
+    image_distance, text_distance = (
+        np.mean(np.sum((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2, axis=-1))
+        for a, b in ((image, image0), (text, text0))
+    )
+    assert 0 < image_distance < 2.15 and 0 < text_distance < 2.15
+    np.testing.assert_allclose(run.metrics[0]["par"], -0.5 * (image_distance + text_distance), rtol=1e-3)
 
 
 @pytest.mark.slow
