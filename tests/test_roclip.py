@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import saved_arrays
 from PIL import Image
+from test_configs import load_config_module
 from test_train_fake_data import fake_data_config
 
 from bclip import config as run_configs
-from bclip import epoch_passes, run_files, sharding, train
+from bclip import epoch_passes, experiment, run_files, sharding, train
 from bclip.data import pipeline, training_input
 from bclip.models import clip
 
@@ -153,3 +154,27 @@ def test_matching_epochs_train_on_pool_captions_and_resume_exactly(tmp_path, mon
     assert final.keys() == reference.keys()
     for name in final:
         np.testing.assert_array_equal(final[name], reference[name], err_msg=name)
+
+
+def _without_pass(config) -> dict:
+    as_dict = config.to_dict()
+    del as_dict["epoch_passes"]["roclip"]
+    return as_dict
+
+
+def test_configs_are_the_study_runs_plus_the_pass():
+    roclip = load_config_module("roclip")
+    cc3m = roclip.get_config("cc3m")
+    assert cc3m.epoch_passes.roclip.to_dict() == {"pool_size": 21_845, "every_epochs": 2}
+    assert _without_pass(cc3m) == load_config_module("pretrain_cc").get_config("cc3m_mmcl").to_dict()
+    assert cc3m.poison.count == 1_500 and cc3m.poison.target_label == "banana" and cc3m.model.name == "RN50"
+
+    synthetic = roclip.get_config("synthetic,/worlds/w")
+    study = experiment.apply_proportions(load_config_module("study_synthetic").get_config("default"))
+    # 0.66 % of the study's 12,000 pairs, as 21,845 of CC3M's 3.3M.
+    assert synthetic.epoch_passes.roclip.to_dict() == {"pool_size": 79, "every_epochs": 2}
+    assert _without_pass(synthetic) == experiment.pretrain_configs(study, "/worlds/w")["MMCL"].to_dict()
+    assert synthetic.data.train_csv == "/worlds/w/train/train.csv"
+    for bad in ("synthetic", "cc6m", "cc3m,/w"):
+        with pytest.raises(ValueError, match="configs/roclip.py takes"):
+            roclip.get_config(bad)
