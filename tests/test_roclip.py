@@ -76,9 +76,12 @@ def test_pool_is_a_fresh_draw_per_epoch_from_the_seed():
 
 def _embed(config, params, images, tokens):
     model = clip.build_model(config.model)
-    variables = {"params": params}
-    image = model.apply(variables, images, method=clip.CLIP.encode_image)
-    text = model.apply(variables, tokens, method=clip.CLIP.encode_text)
+    # Jitted: op by op, the model's many small programs take longer to compile than the whole.
+    encode = jax.jit(lambda params, images, tokens: (
+        model.apply({"params": params}, images, method=clip.CLIP.encode_image),
+        model.apply({"params": params}, tokens, method=clip.CLIP.encode_text),
+    ))
+    image, text = encode(params, images, tokens)
     return np.asarray(image, np.float64), np.asarray(text, np.float64)
 
 
@@ -88,7 +91,8 @@ def test_matching_epochs_train_on_pool_captions_and_resume_exactly(tmp_path, mon
     run_configs.enable_epoch_pass(config, "roclip", pool_size=POOL_SIZE, every_epochs=2)  # the config entry
     # 2 steps per epoch; every step's checkpoint kept, for the resume below.
     config = run_configs.override(
-        config, {"train.num_epochs": 3, "train.checkpoint_every_steps": 1, "train.keep_checkpoints": 10, "eval.at_start": False}
+        config, {"train.num_epochs": 3, "train.checkpoint_every_steps": 1, "train.keep_checkpoints": 10,
+                 "eval.at_start": False, "eval.every_epochs": 3}
     )
     tokenizer = training_input.make_tokenizer(config)
     length = config.model.text.context_length
