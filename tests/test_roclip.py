@@ -72,6 +72,8 @@ def test_pool_is_a_fresh_draw_per_epoch_from_the_seed():
             epoch_passes.caption_pool(0, 1, 100, size)
     assert [epoch_passes.is_matching_epoch(e, 2) for e in range(4)] == [False, True, False, True]
     assert [epoch_passes.is_matching_epoch(e, 3) for e in range(6)] == [False, False, True, False, False, True]
+    with pytest.raises(ValueError, match=r"epoch_passes.roclip.every_epochs=0"):
+        epoch_passes.is_matching_epoch(1, 0)
 
 
 def _embed(config, params, images, tokens):
