@@ -51,6 +51,8 @@ class EpochPass:
       trained by its own AdamW that `run` may reset (optim.make_optimizer(resettable_head=name)).
     options: the pass's options and their defaults: `config.epoch_passes.NAME` holds them.
     enabled: whether a config turns the pass on; default: it has an entry in config.epoch_passes.
+    to_batch: (context, rows [B], batch) -> the batch fields that a batch's table rows become
+      (e.g. replacement caption tokens); default: the rows themselves under `field`.
     """
 
     field: str
@@ -60,10 +62,11 @@ class EpochPass:
     head: tuple[str, Callable] | None = None
     options: dict = dataclasses.field(default_factory=dict)
     enabled: Callable[[ml_collections.ConfigDict], bool] | None = None
+    to_batch: Callable | None = None
 
 
 # ---------------------------------------------------------------------------------------------
-# Deep clustering
+# The training set as the run trains on it, embedded by the current model
 # ---------------------------------------------------------------------------------------------
 
 
@@ -102,6 +105,16 @@ class _PoisonedView:
             return record  # the eval transform meets the same error and leaves the row out
         pixels, caption = pipeline.poison_training_pair(image, record["caption"], index, self.epoch, self.plan, self.poison)
         return {**record, "image": pixels, "caption": caption}
+
+
+def trained_caption(source, index: int, plan=None, poison=None) -> str:
+    """Example `index`'s caption as the training pipeline feeds it: stripped, and the poisoned
+    caption for an example the plan poisons (the examples of an IndexSubset keep their index into
+    its full source)."""
+    caption = getattr(source, "source", source).captions[index].strip()
+    if plan is not None and plan.contains(index):
+        caption = poisoning.caption_maker(poison.captions).caption(caption, index, poison.target_label, plan.seed)
+    return caption
 
 
 def _captions_by_index(source, plan=None, poison=None) -> dict[int, str]:
@@ -183,6 +196,112 @@ def model_variables(state: dict) -> dict:
     return variables
 
 
+# ---------------------------------------------------------------------------------------------
+# RoCLIP (Yang, Gao & Mirzasoleiman, NeurIPS 2023)
+# ---------------------------------------------------------------------------------------------
+
+# Keeps the pool's draws apart from other uses of the run's seed.
+_POOL_STREAM = 0x526F434C
+
+
+def is_matching_epoch(epoch: int, every_epochs: int) -> bool:
+    """Whether (0-based) `epoch` pairs images with pool captions: every `every_epochs`-th epoch,
+    counted from 1 as RoCLIP's code counts them, so the first every_epochs - 1 epochs warm up on
+    the original pairs."""
+    if every_epochs < 1:
+        raise ValueError(f"epoch_passes.roclip.every_epochs={every_epochs}; it must be at least 1")
+    return (epoch + 1) % every_epochs == 0
+
+
+def caption_pool(seed: int, epoch: int, num_examples: int, size: int) -> np.ndarray:
+    """Positions (int64 [size], sorted, distinct) in the training source of the captions pooled in
+    `epoch`: a fresh random draw each matching epoch, a function of (seed, epoch) only, so a
+    resumed run draws the same pool."""
+    if not 0 < size <= num_examples:
+        raise ValueError(f"epoch_passes.roclip.pool_size={size}; it must be in 1..{num_examples} (the training set's size)")
+    rng = np.random.default_rng([seed, _POOL_STREAM, epoch])
+    return np.sort(rng.choice(num_examples, size, replace=False))
+
+
+def nearest_captions(image: jax.Array, pool_text: jax.Array, chunk: int) -> jax.Array:
+    """Each image's nearest pool caption by cosine similarity (the first on ties).
+
+    Args:
+      image: [N, D] image embeddings, N a multiple of `chunk` (the similarities are formed `chunk`
+        images at a time: N x P at once would not fit for a whole dataset).
+      pool_text: [P, D] the pool captions' embeddings.
+    Returns:
+      int32 [N]: positions in the pool.
+    """
+    unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+    image, pool_text = unit(image.astype(jnp.float32)), unit(pool_text.astype(jnp.float32))
+    nearest = jax.lax.map(lambda part: jnp.argmax(part @ pool_text.T, axis=-1), image.reshape(-1, chunk, image.shape[-1]))
+    return nearest.reshape(-1).astype(jnp.int32)
+
+
+def _source_indices(source) -> np.ndarray:
+    """The example index at each position of the training source."""
+    indices = getattr(source, "indices", None)
+    return np.arange(len(source), dtype=np.int64) if indices is None else np.asarray(indices, np.int64)
+
+
+def _pool_text_embeddings(context: PassContext, variables: dict, tokens: np.ndarray) -> jax.Array:
+    """The pool's caption embeddings [P, D], encoded an eval batch at a time on the mesh (every
+    process holds the same pool)."""
+    encode_text = jax.jit(functools.partial(context.model.apply, method=clip.CLIP.encode_text))
+    batch_size = context.config.eval.batch_size * jax.process_count()
+    padded = np.zeros((-(-len(tokens) // batch_size) * batch_size, tokens.shape[1]), tokens.dtype)
+    padded[: len(tokens)] = tokens
+    on_batch = sharding.batch_sharding(context.mesh)
+    parts = [
+        encode_text(variables, jax.make_array_from_callback(part.shape, on_batch, lambda index, part=part: part[index]))
+        for part in np.split(padded, len(padded) // batch_size)
+    ]
+    return jnp.concatenate(parts)[: len(tokens)]
+
+
+def roclip(context: PassContext, state: dict, rng):
+    """Before each matching epoch, a fresh pool of training captions (as trained, poisoned ones
+    included) and, for every training image (with its trigger of the epoch), the example index of
+    its nearest pool caption by the current model's embeddings (int32 [table_size]); -1 in the other
+    epochs, which train on the original pairs."""
+    del rng
+    config = context.config
+    options = config.epoch_passes.roclip
+    table = np.full((context.table_size,), -1, np.int32)
+    if not is_matching_epoch(context.epoch, options.every_epochs):
+        return table, state
+    pool = _source_indices(context.source)[caption_pool(config.seed, context.epoch, len(context.source), options.pool_size)]
+    captions = [trained_caption(context.source, int(i), context.poison_plan, config.poison) for i in pool]
+    tokens = context.tokenizer.encode_batch(captions, config.model.text.context_length)
+    variables = model_variables(state)
+    pool_text = _pool_text_embeddings(context, variables, np.asarray(tokens, np.int32))
+    embedded = training_set_embeddings(context, variables)
+    chunk = config.eval.batch_size * jax.process_count()
+    nearest = jax.jit(nearest_captions, static_argnums=2)(embedded["image"], pool_text, chunk)
+    positions = per_example_table(nearest, embedded["index"], embedded["valid"], context.table_size, -1, np.int32)
+    table[positions >= 0] = pool[positions[positions >= 0]]
+    return table, state
+
+
+def roclip_batch(context: PassContext, rows: np.ndarray, batch: dict) -> dict:
+    """A batch's captions: each example's matched pool caption where its table row names one
+    (rows [B] >= 0), its own elsewhere. Only the caption trained against the image changes; an SSL
+    text view stays a view of the example's own caption."""
+    matched = np.flatnonzero(rows >= 0)
+    if not matched.size:
+        return {}
+    captions = [trained_caption(context.source, int(rows[row]), context.poison_plan, context.config.poison) for row in matched]
+    text = np.array(batch["text"], copy=True)
+    text[matched] = context.tokenizer.encode_batch(captions, context.config.model.text.context_length)
+    return {"text": text}
+
+
+# ---------------------------------------------------------------------------------------------
+# Deep clustering
+# ---------------------------------------------------------------------------------------------
+
+
 def cluster_assignments(context: PassContext, variables: dict, num_clusters: int, rng) -> np.ndarray:
     """k-means cluster id per example index (int32 [table_size], -1 where none)."""
     embedded = training_set_embeddings(context, variables)
@@ -219,6 +338,13 @@ EPOCH_PASSES = {
         head=(cleaning.CLUSTER_HEAD, _init_cluster_head),
         enabled=lambda config: bool(config.objective.cluster_weight),
     ),
+    # Defaults: the public RoCLIP code's (its memory-bank size and "break_epoch"); see configs/roclip.py.
+    "roclip": EpochPass(
+        field="roclip_caption",
+        run=roclip,
+        to_batch=roclip_batch,
+        options={"pool_size": 21845, "every_epochs": 2},
+    ),
 }
 
 
@@ -240,12 +366,18 @@ def enabled_passes(config: ml_collections.ConfigDict) -> dict[str, EpochPass]:
     }
 
 
-def batch_fields(passes: dict[str, EpochPass], tables: dict[str, np.ndarray], indices: np.ndarray) -> dict[str, np.ndarray]:
-    """Each pass's table rows for a batch's example `indices` [B] under its field (`missing`
-    beyond the table)."""
+def batch_fields(
+    passes: dict[str, EpochPass], tables: dict[str, np.ndarray], indices: np.ndarray, context: PassContext | None = None,
+    batch: dict | None = None,
+) -> dict[str, np.ndarray]:
+    """Each pass's table rows for a batch's example `indices` [B] (`missing` beyond the table)
+    under its field, or the fields its `to_batch` makes of them and of the `batch`."""
     fields = {}
     for name, table in tables.items():
         inside = indices < len(table)
-        rows = table[np.minimum(indices, len(table) - 1)]
-        fields[passes[name].field] = np.where(inside, rows, passes[name].missing).astype(table.dtype)
+        rows = np.where(inside, table[np.minimum(indices, len(table) - 1)], passes[name].missing).astype(table.dtype)
+        if passes[name].to_batch is None:
+            fields[passes[name].field] = rows
+        else:
+            fields.update(passes[name].to_batch(context, rows, batch))
     return fields

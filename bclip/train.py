@@ -339,17 +339,19 @@ def train_group(
             if not live:
                 break
             epoch, step_in_epoch = divmod(step, steps_per_epoch)
-            if passes and (step_in_epoch == 0 or not tables):
-                # A run resumed mid-epoch has the epoch's tables from its checkpoint: recomputing them
-                # from the current weights would change the run.
+            pass_context = None
+            if passes:
                 pass_context = epoch_passes.PassContext(
                     config, model, mesh, source, table_size, tokenizer, poison_plan=plan, epoch=epoch
                 )
+            if passes and (step_in_epoch == 0 or not tables):
+                # A run resumed mid-epoch has the epoch's tables from its checkpoint: recomputing them
+                # from the current weights would change the run.
                 for name, epoch_pass in passes.items():
                     tables[name], states = epoch_pass.run(pass_context, states, jax.random.fold_in(rng, epoch))
             batch = next(data)
             model_batch = {key: batch[key] for key in train_step.MODEL_BATCH_KEYS if key in batch}
-            model_batch.update(epoch_passes.batch_fields(passes, tables, np.asarray(batch["index"])))
+            model_batch.update(epoch_passes.batch_fields(passes, tables, np.asarray(batch["index"]), pass_context, model_batch))
             global_batch = sharding.global_batch_from_local(model_batch, mesh)
             states, metrics = step_fn(states, global_batch, jax.random.fold_in(rng, step), hparams_on_mesh)
             if pending is not None:
