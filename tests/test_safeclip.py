@@ -1,0 +1,140 @@
+"""SafeCLIP (Yang et al., ICML 2024): the masked contrastive terms against numpy, the safe split and
+its schedule, and a tiny sharded run over 8 devices that resumes mid-epoch exactly."""
+
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from test_train_fake_data import FakeTrainingSource, fake_data_config
+
+from bclip import config as run_configs
+from bclip import epoch_passes, objectives, run_files, sharding, train
+from bclip.data import pipeline
+
+# ---------------------------------------------------------------------------------------------
+# The masked contrastive terms
+# ---------------------------------------------------------------------------------------------
+
+
+def _unit(rng, shape):
+    x = rng.normal(size=shape)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _numpy_info_nce(anchors, candidates, scale, keep):
+    """Mean over the kept rows i of -log(exp(s a_i.c_i) / sum over kept j of exp(s a_i.c_j)),
+    written out term by term on the kept sub-batch alone."""
+    kept = np.flatnonzero(keep)
+    if len(kept) == 0:
+        return 0.0
+    losses = []
+    for i in kept:
+        numerator = np.exp(scale * anchors[i] @ candidates[i])
+        denominator = sum(np.exp(scale * anchors[i] @ candidates[j]) for j in kept)
+        losses.append(-np.log(numerator / denominator))
+    return float(np.mean(losses))
+
+
+SAFE = np.array([1, 0, 1, 1, 0, 0, 1, 0, 1, 1, 0, 1, 0, 0, 0, 1], np.float32)
+
+
+def test_safe_mmcl_is_clip_on_the_safe_sub_batch_alone():
+    rng = np.random.default_rng(0)
+    image, text = _unit(rng, (16, 8)), _unit(rng, (16, 8))
+    logit_scale = np.float32(np.log(10.0))
+    safe_only = lambda x: x[SAFE > 0]
+    expected = 0.5 * (
+        _numpy_info_nce(image, text, 10.0, SAFE > 0) + _numpy_info_nce(text, image, 10.0, SAFE > 0)
+    )
+    got = objectives.safe_mmcl_loss(jnp.asarray(image), jnp.asarray(text), logit_scale, jnp.asarray(SAFE))
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    # The same as the plain loss on the safe pairs cut out of the batch: risky ones are not negatives.
+    cut = objectives.mmcl_loss(jnp.asarray(safe_only(image)), jnp.asarray(safe_only(text)), logit_scale)
+    np.testing.assert_allclose(got, cut, rtol=1e-5)
+    # ... which the per-pair weights (0-weight pairs still negatives) are not.
+    weighted = objectives.mmcl_loss(jnp.asarray(image), jnp.asarray(text), logit_scale, jnp.asarray(SAFE))
+    assert abs(float(weighted) - expected) > 1e-2
+    # All safe: the plain loss. None safe: 0, with a finite gradient.
+    all_safe = objectives.safe_mmcl_loss(jnp.asarray(image), jnp.asarray(text), logit_scale, jnp.ones(16))
+    np.testing.assert_allclose(all_safe, objectives.mmcl_loss(jnp.asarray(image), jnp.asarray(text), logit_scale), rtol=1e-6)
+    loss, grad = jax.value_and_grad(objectives.safe_mmcl_loss)(jnp.asarray(image), jnp.asarray(text), logit_scale, jnp.zeros(16))
+    assert float(loss) == 0.0 and np.all(np.asarray(grad) == 0.0)
+
+
+def test_risky_ssl_is_the_in_modal_term_on_the_risky_sub_batch_alone():
+    rng = np.random.default_rng(1)
+    image, aug_image, text, aug_text = (_unit(rng, (16, 8)) for _ in range(4))
+    risky = SAFE == 0
+    expected = 0.5 * (_numpy_info_nce(image, aug_image, 10.0, risky) + _numpy_info_nce(text, aug_text, 10.0, risky))
+    args = [jnp.asarray(x) for x in (image, aug_image, text, aug_text)]
+    got = objectives.risky_ssl_loss(*args, np.float32(np.log(10.0)), jnp.asarray(SAFE))
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    none_safe = objectives.risky_ssl_loss(*args, np.float32(np.log(10.0)), jnp.zeros(16))
+    np.testing.assert_allclose(none_safe, objectives.ssl_loss(*args, np.float32(np.log(10.0))), rtol=1e-6)
+
+
+def test_masked_terms_on_a_sharded_global_batch_match_the_unsharded_value():
+    # Written on global arrays: sharded over 8 devices, the denominators and the count of safe pairs
+    # span the global batch, not each device's 2 rows.
+    rng = np.random.default_rng(2)
+    image, text = _unit(rng, (16, 8)).astype(np.float32), _unit(rng, (16, 8)).astype(np.float32)
+    mesh = sharding.make_mesh()
+    assert mesh.size == 8
+    put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh))
+    loss = jax.jit(objectives.safe_mmcl_loss)(put(image), put(text), np.float32(np.log(10.0)), put(SAFE))
+    expected = 0.5 * (_numpy_info_nce(image, text, 10.0, SAFE > 0) + _numpy_info_nce(text, image, 10.0, SAFE > 0))
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+
+
+def test_the_terms_say_what_they_need_without_the_pass():
+    inputs = {"image": jnp.zeros((2, 4)), "text": jnp.zeros((2, 4)), "logit_scale": jnp.zeros(())}
+    with pytest.raises(ValueError, match="epoch_passes.safeclip"):
+        objectives.TERMS["safe_mmcl"].loss(inputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The split and its schedule
+# ---------------------------------------------------------------------------------------------
+
+
+def test_safe_split_takes_the_top_share_by_similarity():
+    rng = np.random.default_rng(3)
+    similarity = rng.uniform(-1, 1, 100).astype(np.float32)
+    similarity[[7, 50]] = np.nan  # no value: never safe, not counted
+    table = epoch_passes.safe_split(similarity, 0.18)
+    known = np.flatnonzero(~np.isnan(similarity))
+    count = int(0.18 * 98)  # 17
+    top = known[np.argsort(similarity[known])[::-1][:count]]
+    np.testing.assert_array_equal(np.flatnonzero(table), np.sort(top))
+    assert table.dtype == np.float32 and table.sum() == 17
+    # A share reached by adding steps counts as the exact share (0.15 + 3 * 0.01 of 100 is 18).
+    assert epoch_passes.safe_split(np.linspace(0, 1, 100), 0.15 + 3 * 0.01).sum() == 18
+    # Ties go to the lower index.
+    np.testing.assert_array_equal(epoch_passes.safe_split(np.array([0.5, 0.9, 0.5, 0.5]), 0.5), [1, 1, 0, 0])
+
+
+def test_safe_split_of_known_embeddings():
+    # Pairs whose caption embedding is rotated away from the image by a known angle: the split keeps
+    # the least rotated. The pass's similarity is the dot product of the unit embeddings.
+    angles = np.array([0.3, 1.2, 0.1, 0.9, 0.5, 1.5, 0.2, 0.7])
+    image = np.stack([np.ones_like(angles), np.zeros_like(angles)], -1)
+    text = np.stack([np.cos(angles), np.sin(angles)], -1)
+    similarity = np.sum(image * text, -1)
+    np.testing.assert_array_equal(epoch_passes.safe_split(similarity, 0.5), [1, 0, 1, 0, 1, 0, 1, 0])
+
+
+def test_schedule_warm_ups_then_a_growing_capped_share():
+    options = ml_collections.ConfigDict(dict(epoch_passes.EPOCH_PASSES["safeclip"].options))
+    phases = [epoch_passes.safeclip_schedule(options, epoch) for epoch in range(80)]
+    assert phases[:5] == [("inmodal_warmup", 0.0)] * 5
+    assert phases[5] == ("multimodal_warmup", 1.0)
+    assert [phase for phase, _ in phases[6:]] == ["split"] * 74
+    shares = np.array([share for _, share in phases[6:]])
+    expected = np.minimum(0.15 + 0.01 * np.arange(74), 0.85)
+    np.testing.assert_allclose(shares, expected, atol=1e-12)
+    assert shares[-1] == 0.85 and shares[69] == pytest.approx(0.84)
