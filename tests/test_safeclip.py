@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
+import saved_arrays
 from test_train_fake_data import FakeTrainingSource, fake_data_config
 
 from bclip import config as run_configs
@@ -138,3 +138,91 @@ def test_schedule_warm_ups_then_a_growing_capped_share():
     expected = np.minimum(0.15 + 0.01 * np.arange(74), 0.85)
     np.testing.assert_allclose(shares, expected, atol=1e-12)
     assert shares[-1] == 0.85 and shares[69] == pytest.approx(0.84)
+
+
+# ---------------------------------------------------------------------------------------------
+# A sharded run, resumed mid-epoch
+# ---------------------------------------------------------------------------------------------
+
+
+class SixteenPairs(FakeTrainingSource):
+    """The fake red and blue squares, 16 pairs: two batches of 8 an epoch."""
+
+    def __init__(self):
+        super().__init__()
+        self.colours = self.colours * 2
+
+
+def _safeclip_config(tmp_path, monkeypatch):
+    config = fake_data_config(tmp_path, monkeypatch)
+    monkeypatch.setattr(pipeline, "training_source", lambda data: SixteenPairs())
+    # The config entry: one epoch of each warm-up, then a split keeping 4 of the 16 pairs.
+    run_configs.enable_epoch_pass(config, "safeclip", inmodal_warmup_epochs=1, multimodal_warmup_epochs=1, safe_share_start=0.25)
+    config.objective = objectives.objective_config(mmcl=0.0, safe_mmcl=1.0, risky_ssl=1.0)
+    lexicon = tmp_path / "synonyms.json"
+    lexicon.write_text('{"photo": ["picture"], "square": ["block"]}')  # for the captions' SSL views
+    return run_configs.override(config, {
+        "data.synonyms": str(lexicon),
+        "train.num_epochs": 3,
+        "train.checkpoint_every_steps": 1,
+        "train.keep_checkpoints": 2,
+        "train.log_every_steps": 1,
+        "eval.at_start": False,
+        "eval.every_epochs": 3,
+    })
+
+
+def test_a_sharded_safeclip_run_follows_its_schedule_and_resumes_exactly(tmp_path, monkeypatch):
+    config = _safeclip_config(tmp_path, monkeypatch)
+    safe_fields, tables = [], []
+    real_jit_step, real_split = train.run_group.RunGroup.jit_step, epoch_passes.safeclip_split
+
+    def recording_jit_step(group, step, shardings):
+        jitted = real_jit_step(group, step, shardings)
+
+        def call(state, batch, rng, hparams):
+            assert len(batch[objectives.SAFE_PAIRS].sharding.device_set) == 8
+            safe_fields.append(np.asarray(batch[objectives.SAFE_PAIRS]))
+            return jitted(state, batch, rng, hparams)
+
+        return call
+
+    def recording_split(context, state, rng):
+        table, state = real_split(context, state, rng)
+        tables.append((context.epoch, table))
+        return table, state
+
+    monkeypatch.setattr(train.run_group.RunGroup, "jit_step", recording_jit_step)
+    monkeypatch.setitem(epoch_passes.EPOCH_PASSES, "safeclip", epoch_passes.EPOCH_PASSES["safeclip"].__class__(
+        **{**epoch_passes.EPOCH_PASSES["safeclip"].__dict__, "run": recording_split}
+    ))
+    reference = str(tmp_path / "reference")
+    train.train_and_evaluate(config, reference)
+
+    # Per epoch: all risky, all safe, then 4 of the 16 pairs safe, in the batches as in the table.
+    assert [(epoch, float(table.sum())) for epoch, table in tables] == [(0, 0.0), (1, 16.0), (2, 4.0)]
+    assert [float(field.sum()) for field in safe_fields[:4]] == [0.0, 0.0, 8.0, 8.0]
+    assert all(field.shape == (8,) for field in safe_fields) and len(safe_fields) == 6
+    assert float(safe_fields[4].sum() + safe_fields[5].sum()) == 4.0
+    # The in-modal warm-up trains no MMCL and the cross-modal one no SSL.
+    metrics = run_files.read_json_lines(os.path.join(reference, run_files.METRICS_FILE))
+    by_step = {record["step"]: record for record in metrics}
+    assert by_step[1]["safe_mmcl"] == 0.0 and by_step[1]["risky_ssl"] > 0.0
+    assert by_step[3]["risky_ssl"] == 0.0 and by_step[3]["safe_mmcl"] > 0.0
+
+    # The run killed after step 5 (halfway through the split epoch) resumes from that checkpoint,
+    # reads the epoch's split back rather than recomputing it, and ends with the same state.
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(reference, resumed)
+    shutil.rmtree(os.path.join(resumed, run_files.CHECKPOINTS_DIR, "6"))
+    os.remove(os.path.join(resumed, run_files.DONE_FILE))
+    tables.clear()
+    safe_fields.clear()
+    train.train_and_evaluate(config, resumed)
+    assert tables == [] and len(safe_fields) == 1
+    final = lambda run: saved_arrays.read_state(os.path.join(run, run_files.CHECKPOINTS_DIR, "6", "state"))
+    expected = dict(jax.tree_util.tree_leaves_with_path(final(reference)))
+    got = dict(jax.tree_util.tree_leaves_with_path(final(resumed)))
+    assert got.keys() == expected.keys()
+    for path, leaf in expected.items():
+        assert np.array_equal(np.asarray(got[path]), np.asarray(leaf)), jax.tree_util.keystr(path)
