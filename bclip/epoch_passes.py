@@ -240,7 +240,7 @@ def safe_split(similarity: np.ndarray, share: float) -> np.ndarray:
       float32 [N].
     """
     known = np.flatnonzero(~np.isnan(similarity))
-    # The small slack keeps e.g. 0.15 + 3 * 0.01 of 100 pairs at 18, not 17.
+    # The small slack keeps e.g. 0.15 + 18 * 0.01 (0.32999...) of 100 pairs at 33, not 32.
     count = int(np.floor(share * len(known) + 1e-6))
     ranked = known[np.argsort(-similarity[known], kind="stable")]
     table = np.zeros(similarity.shape, np.float32)
