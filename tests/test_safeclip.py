@@ -13,7 +13,7 @@ import saved_arrays
 from test_train_fake_data import FakeTrainingSource, fake_data_config
 
 from bclip import config as run_configs
-from bclip import epoch_passes, objectives, run_files, sharding, train
+from bclip import epoch_passes, experiment, objectives, run_files, sharding, train
 from bclip.data import pipeline
 
 # ---------------------------------------------------------------------------------------------
@@ -226,3 +226,71 @@ def test_a_sharded_safeclip_run_follows_its_schedule_and_resumes_exactly(tmp_pat
     assert got.keys() == expected.keys()
     for path, leaf in expected.items():
         assert np.array_equal(np.asarray(got[path]), np.asarray(leaf)), jax.tree_util.keystr(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config entries
+# ---------------------------------------------------------------------------------------------
+
+
+def _config_module(name):
+    return run_configs.load_config_file(os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}.py"))
+
+
+def _flat(config) -> dict:
+    def walk(tree, prefix=""):
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                yield from walk(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    return dict(walk(config.to_dict()))
+
+
+SAFECLIP_KEYS = {"objective.mmcl_weight", "objective.safe_mmcl_weight", "objective.risky_ssl_weight"}
+
+
+def test_cc3m_entry_is_the_study_run_with_the_published_schedule():
+    config = _config_module("pretrain_safeclip_cc").get_config("cc3m")
+    assert config.epoch_passes.safeclip.to_dict() == {
+        "inmodal_warmup_epochs": 5, "multimodal_warmup_epochs": 1,
+        "safe_share_start": 0.15, "safe_share_step": 0.01, "safe_share_cap": 0.85,
+    }
+    assert objectives.active_terms(config.objective) == ("safe_mmcl", "risky_ssl")
+    assert (config.poison.count, config.poison.target_label, config.model.image.kind) == (1_500, "banana", "resnet")
+    assert (config.train.num_epochs, config.optim.learning_rate, config.data.batch_size) == (32, 5e-4, 1_024)
+    # Everything else is the study's MMCL+SSL CC3M run.
+    study_run = _flat(_config_module("pretrain_cc").get_config("cc3m_mmcl_ssl"))
+    different = {key for key, value in _flat(config).items() if study_run.get(key, "<none>") != value}
+    assert different == SAFECLIP_KEYS | {"objective.ssl_weight", "optim.learning_rate", "train.num_epochs"} | {
+        f"epoch_passes.safeclip.{option}" for option in config.epoch_passes.safeclip
+    }
+    with pytest.raises(ValueError, match="cc3m"):
+        _config_module("pretrain_safeclip_cc").get_config("cc6m")
+
+
+def test_synthetic_entry_is_the_studys_mmcl_run_with_the_scaled_schedule(tmp_path):
+    module = _config_module("pretrain_safeclip_synthetic")
+    config = module.get_config(str(tmp_path / "world"))
+    # 6 epochs: one of each warm-up, then 4 splits whose share reaches the published last share, 40 %.
+    options = config.epoch_passes.safeclip
+    assert (options.inmodal_warmup_epochs, options.multimodal_warmup_epochs) == (1, 1)
+    shares = [epoch_passes.safeclip_schedule(options, epoch)[1] for epoch in range(6)]
+    np.testing.assert_allclose(shares, [0.0, 1.0, 0.15, 0.15 + 0.25 / 3, 0.15 + 0.5 / 3, 0.40])
+    assert module.scaled_schedule(32) == {"inmodal_warmup_epochs": 5, "multimodal_warmup_epochs": 1, "safe_share_step": pytest.approx(0.01)}
+    study = run_configs.load_config_file(os.path.join(os.path.dirname(__file__), "..", "configs", "study_synthetic.py"))
+    mmcl = experiment.pretrain_configs(experiment.apply_proportions(study.get_config("default")), str(tmp_path / "world"))["MMCL"]
+    different = {key for key, value in _flat(config).items() if _flat(mmcl).get(key, "<none>") != value}
+    assert different == SAFECLIP_KEYS | {f"epoch_passes.safeclip.{option}" for option in options}
+
+
+def test_the_pass_refuses_a_run_whose_objective_ignores_its_split():
+    config = run_configs.run_config("micro-vit")
+    run_configs.enable_epoch_pass(config, "safeclip")
+    context = epoch_passes.PassContext(config, None, None, None, 4)
+    with pytest.raises(ValueError, match="safe_mmcl_weight"):
+        epoch_passes.safeclip_split(context, {}, None)
+    config = run_configs.override(config, {"epoch_passes.safeclip.safe_share_step": 1.5})
+    with pytest.raises(ValueError, match="epoch_passes.safeclip.safe_share_step"):
+        epoch_passes.safeclip_split(epoch_passes.PassContext(config, None, None, None, 4), {}, None)
