@@ -44,6 +44,13 @@ def mmcl_loss(
     return 0.5 * (_contrastive_cross_entropy(logits, weights) + _contrastive_cross_entropy(logits.T, weights))
 
 
+def _in_modal_logits(image_emb, aug_image_emb, text_emb, aug_text_emb, logit_scale) -> tuple[jax.Array, jax.Array]:
+    """s·I·I′ᵀ and s·T·T′ᵀ [B, B] in float32, s = exp(logit_scale)."""
+    scale = jnp.exp(logit_scale.astype(jnp.float32))
+    f32 = lambda x: x.astype(jnp.float32)
+    return scale * f32(image_emb) @ f32(aug_image_emb).T, scale * f32(text_emb) @ f32(aug_text_emb).T
+
+
 def ssl_loss(
     image_emb: jax.Array,
     aug_image_emb: jax.Array,
@@ -63,10 +70,7 @@ def ssl_loss(
     Returns:
       scalar `½[CE(s·I·I′ᵀ, diag) + CE(s·T·T′ᵀ, diag)]`.
     """
-    scale = jnp.exp(logit_scale.astype(jnp.float32))
-    f32 = lambda x: x.astype(jnp.float32)
-    image_logits = scale * f32(image_emb) @ f32(aug_image_emb).T
-    text_logits = scale * f32(text_emb) @ f32(aug_text_emb).T
+    image_logits, text_logits = _in_modal_logits(image_emb, aug_image_emb, text_emb, aug_text_emb, logit_scale)
     return 0.5 * (_contrastive_cross_entropy(image_logits, weights) + _contrastive_cross_entropy(text_logits, weights))
 
 
@@ -115,10 +119,7 @@ def risky_ssl_loss(
       safe: [B] 1 for a safe pair, 0 for a risky one.
     """
     mask = safe <= 0
-    scale = jnp.exp(logit_scale.astype(jnp.float32))
-    f32 = lambda x: x.astype(jnp.float32)
-    image_logits = scale * f32(image_emb) @ f32(aug_image_emb).T
-    text_logits = scale * f32(text_emb) @ f32(aug_text_emb).T
+    image_logits, text_logits = _in_modal_logits(image_emb, aug_image_emb, text_emb, aug_text_emb, logit_scale)
     return 0.5 * (_masked_contrastive_cross_entropy(image_logits, mask) + _masked_contrastive_cross_entropy(text_logits, mask))
 
 
@@ -174,6 +175,12 @@ class Term:
     needs_views: bool = False
 
 
+def _siglip_term(inputs) -> jax.Array:
+    if inputs["logit_bias"] is None:
+        raise ValueError("siglip_weight > 0 needs a model built with model.siglip_bias=True")
+    return siglip_loss(inputs["image"], inputs["text"], inputs["logit_scale"], inputs["logit_bias"])
+
+
 def _safe_pairs(inputs) -> jax.Array:
     if inputs.get(SAFE_PAIRS) is None:
         raise ValueError(
@@ -181,12 +188,6 @@ def _safe_pairs(inputs) -> jax.Array:
             "config.epoch_passes.safeclip (config.enable_epoch_pass(config, 'safeclip'))"
         )
     return inputs[SAFE_PAIRS]
-
-
-def _siglip_term(inputs) -> jax.Array:
-    if inputs["logit_bias"] is None:
-        raise ValueError("siglip_weight > 0 needs a model built with model.siglip_bias=True")
-    return siglip_loss(inputs["image"], inputs["text"], inputs["logit_scale"], inputs["logit_bias"])
 
 
 # Term name -> Term. Its weight is config.objective.<name>_weight (objective_config makes the keys),
