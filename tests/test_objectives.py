@@ -132,7 +132,14 @@ def test_per_pair_weights_weigh_the_positives_and_keep_every_negative(embeddings
 
 def test_objective_config_has_one_weight_per_term():
     config = objectives.objective_config(ssl=2.0)
-    assert config.to_dict() == {"mmcl_weight": 1.0, "ssl_weight": 2.0, "siglip_weight": 0.0, "cluster_weight": 0.0}
+    assert config.to_dict() == {
+        "mmcl_weight": 1.0,
+        "safe_mmcl_weight": 0.0,
+        "risky_ssl_weight": 0.0,
+        "ssl_weight": 2.0,
+        "siglip_weight": 0.0,
+        "cluster_weight": 0.0,
+    }
     assert objectives.active_terms(config) == ("mmcl", "ssl")
     assert objectives.needs_augmented_views(config) and not objectives.needs_augmented_views(objectives.objective_config())
     with pytest.raises(ValueError, match=r"unknown objective terms \['ssl_weight'\]"):
