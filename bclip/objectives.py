@@ -83,7 +83,7 @@ def _masked_contrastive_cross_entropy(logits: jax.Array, mask: jax.Array) -> jax
     # A finite floor rather than -inf: a row with no kept column stays finite (and its gradient 0).
     kept = jnp.where(mask[None, :], logits, -1e9)
     diagonal = jnp.diagonal(jax.nn.log_softmax(kept, axis=-1))
-    return -jnp.sum(jnp.where(mask, diagonal, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+    return jnp.sum(jnp.where(mask, -diagonal, 0.0)) / jnp.maximum(jnp.sum(mask), 1)  # +0, not -0, when empty
 
 
 def safe_mmcl_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array, safe: jax.Array) -> jax.Array:
