@@ -1,6 +1,7 @@
 """SafeCLIP (Yang et al., ICML 2024): the masked contrastive terms against numpy, the safe split and
 its schedule, and a tiny sharded run over 8 devices that resumes mid-epoch exactly."""
 
+import dataclasses
 import os
 import shutil
 
@@ -193,9 +194,9 @@ def test_a_sharded_safeclip_run_follows_its_schedule_and_resumes_exactly(tmp_pat
         return table, state
 
     monkeypatch.setattr(train.run_group.RunGroup, "jit_step", recording_jit_step)
-    monkeypatch.setitem(epoch_passes.EPOCH_PASSES, "safeclip", epoch_passes.EPOCH_PASSES["safeclip"].__class__(
-        **{**epoch_passes.EPOCH_PASSES["safeclip"].__dict__, "run": recording_split}
-    ))
+    monkeypatch.setitem(
+        epoch_passes.EPOCH_PASSES, "safeclip", dataclasses.replace(epoch_passes.EPOCH_PASSES["safeclip"], run=recording_split)
+    )
     reference = str(tmp_path / "reference")
     train.train_and_evaluate(config, reference)
 
