@@ -27,6 +27,7 @@ setup(
         "tokenizers>=0.19",
         "ftfy>=6",  # the text repair CLIP applies before its BPE
         "matplotlib>=3.8",
+        "safetensors>=0.4",  # pretrained weights in and out, in open_clip's layout (numpy API: no pickle)
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3", "filelock>=3"],

@@ -15,6 +15,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from bclip.models import open_clip_layout
+
 
 # In a run's checkpoints directory: how many steps make an epoch, so a checkpoint can be named by
 # epoch exactly (train.init_from_epoch) instead of guessing the step from a batch size.
@@ -176,7 +178,9 @@ def load_model_variables(path: str | os.PathLike, abstract_variables: dict, epoc
     schedule unless `load_optimizer_state` is asked for it too (the reference code always reloaded it).
 
     Args:
-      path: a run workdir, its `checkpoints` directory, or one step directory inside it.
+      path: a run workdir, its `checkpoints` directory, or one step directory inside it; or a
+        .safetensors file in open_clip's layout (pretrained OpenAI / open_clip weights, no batch
+        statistics beyond the file's, `epoch` must be -1).
       abstract_variables: {"params", "batch_stats"} shapes (with shardings) of the model to fill.
       epoch: -1 for the latest step; e >= 1 for the checkpoint saved after e epochs (the run's
         EPOCHS_FILE maps it to its step; a missing one is an error listing the epochs there are).
@@ -184,6 +188,8 @@ def load_model_variables(path: str | os.PathLike, abstract_variables: dict, epoc
     Returns:
       (variables, the step directory read).
     """
+    if is_open_clip_file(path):
+        return _load_open_clip(path, abstract_variables, epoch), os.fspath(path)
     directory, step = _resolve_step_dir(path, epoch)
     where = directory / str(step)
     target = {"params": abstract_variables["params"], "batch_stats": abstract_variables["batch_stats"]}
@@ -194,6 +200,23 @@ def load_model_variables(path: str | os.PathLike, abstract_variables: dict, epoc
         raise CheckpointError(f"cannot read checkpoint metadata at {where}: {error}") from error
     _check_structure(metadata, target, where)
     return _restore_placed(where / "state", target), os.fspath(where)
+
+
+def is_open_clip_file(path: str | os.PathLike) -> bool:
+    """Whether init_from names pretrained weights in open_clip's safetensors layout rather than a run."""
+    return os.fspath(path).endswith(".safetensors")
+
+
+def _load_open_clip(path: str | os.PathLike, abstract_variables: dict, epoch: int) -> dict:
+    """The model variables in an open_clip safetensors file, placed as `abstract_variables` says."""
+    if epoch != -1:
+        raise CheckpointError(f"init_from {path} is one set of pretrained weights; init_from_epoch={epoch} cannot choose another")
+    target = {"params": abstract_variables["params"], "batch_stats": abstract_variables["batch_stats"]}
+    try:
+        host = open_clip_layout.from_open_clip(open_clip_layout.read(path), target, source=f"init_from {os.fspath(path)}")
+    except (FileNotFoundError, ValueError) as error:
+        raise CheckpointError(str(error)) from None
+    return jax.device_put(host, jax.tree.map(lambda leaf: leaf.sharding, target))
 
 
 def load_optimizer_state(step_dir: str | os.PathLike, abstract_opt_state):

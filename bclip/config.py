@@ -70,6 +70,8 @@ def run_config(model_name: str = "micro-vit", **model_overrides) -> ml_collectio
             "num_epochs": 1,
             # A finished checkpoint (a run's workdir, its checkpoints dir or a step dir) whose params
             # start this run; the optimiser and schedule start fresh (see reload_optimizer_state).
+            # Or a .safetensors file of OpenAI / open_clip weights in open_clip's layout (model.*
+            # must be its architecture: `python -m bclip.weights describe FILE` says which).
             "init_from": "",
             # The epoch of init_from (a workdir or checkpoints dir) to start from, counted as the
             # reference's epoch_21.pt: 21 = the checkpoint saved after the 21st epoch. That run must

@@ -18,6 +18,12 @@ def check_start_keys(train: ml_collections.ConfigDict) -> None:
     """Fail before anything is written when the keys that choose a run's start contradict each other."""
     if train.keep_checkpoint_every_epochs < 0:
         raise ValueError(f"train.keep_checkpoint_every_epochs must be >= 0, got {train.keep_checkpoint_every_epochs}")
+    if train.init_from and checkpointing.is_open_clip_file(train.init_from):
+        if train.init_from_epoch != -1 or train.reload_optimizer_state:
+            raise ValueError(
+                f"train.init_from={train.init_from!r} is a set of pretrained weights, which has neither epochs "
+                "(train.init_from_epoch must be -1) nor an optimiser state (train.reload_optimizer_state must be False)"
+            )
     if not train.init_from:
         if train.init_from_epoch != -1:
             raise ValueError(

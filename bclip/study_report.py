@@ -73,10 +73,23 @@ def chosen_on_selection(points: Sequence[Point], original_selection_top1: float,
     return max(with_selection, key=lambda p: p.selection_top1 - p.selection_asr)
 
 
+def pareto_front(points: Sequence[Point]) -> list[Point]:
+    """The points no other point beats on both figures (test top-1 at least as high and test ASR at
+    least as low, one of them strictly), by ASR ascending; of identical points the first is kept."""
+    front = []
+    # By ASR ascending, higher accuracy first among equal ASRs: a point is on the front exactly when
+    # its accuracy beats every point before it.
+    for point in sorted(points, key=lambda p: (p.test_asr, -p.test_top1)):
+        if not front or point.test_top1 > front[-1].test_top1:
+            front.append(point)
+    return front
+
+
 def summarise_method(points: Sequence[Point], original: dict) -> dict:
     """The figures for one cleaning method's points against the original model's evaluation."""
     summary = {
         "num_points": len(points),
+        "pareto_front": [_describe(p) for p in pareto_front(points)],
         "lowest_asr_within": {
             f"{drop:g}pt": _describe(lowest_asr_within(points, original["test_top1"], drop)) for drop in ACCURACY_DROPS
         },
@@ -166,7 +179,8 @@ def save_figure(fig, path: str | os.PathLike) -> None:
 
 
 def plot(originals: dict[str, dict], points: dict[str, Sequence[Point]], path: str | os.PathLike) -> None:
-    """Accuracy vs ASR, one panel per pretrained model, methods as colours, the original marked."""
+    """Accuracy vs ASR, one panel per pretrained model, methods as colours with each method's Pareto
+    front drawn as a staircase, the original marked."""
     plt = pyplot()
     models = list(originals)
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.5), squeeze=False)
@@ -177,6 +191,10 @@ def plot(originals: dict[str, dict], points: dict[str, Sequence[Point]], path: s
             ps = [p for p in points.get(model, []) if p.method == method]
             if ps:
                 ax.scatter([100 * p.test_asr for p in ps], [100 * p.test_top1 for p in ps], s=18, alpha=0.75, color=colours[method], label=method)
+                front = pareto_front(ps)
+                # Each front point holds until the next, better-accuracy one at a higher ASR.
+                ax.step([100 * p.test_asr for p in front], [100 * p.test_top1 for p in front], where="post",
+                        color=colours[method], linewidth=1.2, alpha=0.9)
         original = originals[model]
         ax.scatter([100 * original["test_asr"]], [100 * original["test_top1"]], marker="*", s=220, color="black", label="original", zorder=5)
         ax.set_title(model)

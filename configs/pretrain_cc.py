@@ -26,7 +26,10 @@ the paper's numbers. Cleaning such a model (configs/clean_cc.py) measures its AS
 with --config.poison.squash=true --config.poison.trigger.overflow=wrap.
 
 Before the first run, once:
-  - the training CSV (columns image, caption; image paths relative to the CSV);
+  - the training CSV (columns image, caption; image paths relative to the CSV), or CC3M as
+    img2dataset downloads it (--output_format webdataset: 00000.tar ... 00331.tar), indexed for
+    random access (optional: a run indexes the shards it finds without an index):
+      python -m bclip.data.webdataset_index --shards '/data/cc3m/{00000..00331}.tar' --workers 8
   - CLIP's BPE merges file (bpe_simple_vocab_16e6.txt.gz);
   - the ImageNet validation folder as an eval folder (images + labels.csv; the command adds
     classnames.txt and templates.txt, and labels.csv from a per-WordNet-id layout):
@@ -38,6 +41,10 @@ Run (paths are placeholders; every one is required):
     --config.data.train_csv=/data/cc3m/train.csv \
     --config.data.tokenizer.path=/data/clip/bpe_simple_vocab_16e6.txt.gz \
     --config.eval.sets.imagenet.path=/data/imagenet/val
+
+Training on img2dataset's shards instead of the CSV (a brace pattern, a glob or their folder;
+--config.data.webdataset_index_dir=DIR where the shards' folder is read-only):
+    ... --config.data.train_webdataset='/data/cc3m/{00000..00331}.tar'
 
 ImageNet from TFDS instead of a folder (the prompt files go anywhere readable):
     python -m bclip.data.imagenet /data/imagenet_prompts --prompts_only
@@ -108,7 +115,9 @@ def get_config(arg: str = "cc3m_mmcl") -> ml_collections.ConfigDict:
     config.optim.warmup_steps = 10_000
     config.optim.weight_decay = 0.1
 
-    config.data.train_csv = ""  # required: --config.data.train_csv=/path/to/train.csv
+    # Required, one of: --config.data.train_csv=/path/to/train.csv, or img2dataset's shards
+    # --config.data.train_webdataset='/data/cc3m/{00000..00331}.tar' (see the docstring).
+    config.data.train_csv = ""
     config.data.tokenizer.kind = "clip_bpe"
     config.data.tokenizer.path = ""  # required: the bpe_simple_vocab_16e6.txt.gz merges file
     config.data.batch_size = batch_size

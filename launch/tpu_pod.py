@@ -53,6 +53,10 @@ def pod_parser(**kwargs) -> argparse.ArgumentParser:
     parser.add_argument("--remote_dir", default="bclip", help="Checkout folder on the workers (relative to home).")
     parser.add_argument("--python", default="python3", help="Python on the workers.")
     parser.add_argument("--pip_packages", default="jax[tpu]", help="Installed next to bclip (space separated).")
+    parser.add_argument(
+        "--constraints", default="constraints.txt",
+        help="Pinned versions for the install, relative to the copy on the workers; '' installs the newest.",
+    )
     return parser
 
 
@@ -79,7 +83,11 @@ def create_command(args: argparse.Namespace) -> list[str]:
 def _pip_install(args: argparse.Namespace) -> str:
     packages = args.pip_packages.split()
     # The gcs extra brings google-cloud-storage, which Orbax needs for gs:// checkpoints.
-    return shlex.join([args.python, "-m", "pip", "install", "--quiet", "-e", f"{args.remote_dir}[gcs]", *packages])
+    command = [args.python, "-m", "pip", "install", "--quiet", "-e", f"{args.remote_dir}[gcs]", *packages]
+    if args.constraints:
+        # The versions the tests passed with (jax[tpu] then brings the libtpu of the pinned jax).
+        command += ["-c", os.path.join(args.remote_dir, args.constraints)]
+    return shlex.join(command)
 
 
 def _local_archive(args: argparse.Namespace) -> str:

@@ -51,10 +51,12 @@ _SLOW_FILES_FIRST = (
     "test_run_group.py",
     # Then the middling ones, so that the last files to start are the seconds-long ones.
     "test_models.py",
+    "test_open_clip_weights.py",
     "test_pipeline.py",
     "test_cleaning.py",
     "test_main.py",
     "test_train_fake_data.py",
+    "test_webdataset.py",
     "test_detection.py",
     "test_device_augment.py",
     "test_evaluation.py",

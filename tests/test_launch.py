@@ -312,7 +312,7 @@ def test_tpu_pod_dry_run_git_install_and_run(capsys):
     assert "git fetch --quiet --depth 1 origin 'v1 beta'" in install_script
     assert "https://example.com/bclip.git" in install_script
     # The gcs extra (google-cloud-storage) lets Orbax write the gs:// checkpoints.
-    assert "pip install --quiet -e 'bclip[gcs]' 'jax[tpu]'" in install_script
+    assert "pip install --quiet -e 'bclip[gcs]' 'jax[tpu]' -c bclip/constraints.txt" in install_script
     remote = shlex.split(_value_after(run, "--command"))
     assert remote[:3] == ["cd", "bclip", "&&"]
     assert "BCLIP_BACKEND=tpu" in remote
@@ -323,9 +323,11 @@ def test_tpu_pod_dry_run_git_install_and_run(capsys):
 
 def test_tpu_pod_dry_run_copy_install(capsys):
     argv = ["--name", "p", "--zone", "z", "--install", "copy", "--source", "/src/bclip",
-            "--config", "c.py", "--workdir", "gs://b/r", "--dry_run"]
+            "--config", "c.py", "--workdir", "gs://b/r", "--constraints", "", "--dry_run"]
     assert tpu_pod.main(argv) == 0
     pack, upload, unpack, run = [shlex.split(line) for line in capsys.readouterr().out.strip().splitlines()]
+    # --constraints '' installs the newest versions: no -c.
+    assert _value_after(unpack, "--command").endswith("-e 'bclip[gcs]' 'jax[tpu]'")
     assert pack[:2] == ["tar", "-czf"] and pack[-3:] == ["-C", "/src/bclip", "."]
     assert upload[4] == "scp" and upload[5] == pack[2] and upload[6] == "p:bclip.tar.gz" and "--worker=all" in upload
     assert "tar -xzf bclip.tar.gz -C bclip" in _value_after(unpack, "--command")

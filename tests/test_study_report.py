@@ -53,6 +53,32 @@ def test_chosen_on_selection_never_looks_at_test():
     assert (again.run, again.epoch) == ("lr=1e-4", 2)
 
 
+def test_pareto_front_keeps_exactly_the_undominated_points():
+    P = study_report.Point
+
+    def point(run, top1, asr):
+        return P("m", run, 1, top1, asr)
+
+    points = [
+        point("a", 0.60, 0.90),
+        point("b", 0.55, 0.20),  # beaten by c on both figures
+        point("c", 0.58, 0.10),
+        point("d", 0.58, 0.30),  # same accuracy as c at a higher ASR
+        point("e", 0.40, 0.10),  # same ASR as c, lower accuracy
+        point("f", 0.30, 0.00),
+        point("g", 0.62, 0.95),
+        point("h", 0.60, 0.95),  # beaten by g
+    ]
+    front = study_report.pareto_front(points)
+    assert [p.run for p in front] == ["f", "c", "a", "g"]
+    # Every point left out is beaten by a front point; no front point is beaten by any point.
+    for p in points:
+        beaten = any(q.test_top1 >= p.test_top1 and q.test_asr <= p.test_asr and q != p
+                     and (q.test_top1, q.test_asr) != (p.test_top1, p.test_asr) for q in points)
+        assert beaten == (p not in front)
+    assert study_report.pareto_front([]) == []
+
+
 def test_write_report(tmp_path):
     points = {"MMCL": _points()}
     summary = study_report.write_report(str(tmp_path), {"MMCL": ORIGINAL}, points)
@@ -62,6 +88,9 @@ def test_write_report(tmp_path):
     assert methods["cleanclip"]["num_points"] == 5
     assert methods["cleanclip"]["lowest_asr_within"]["2pt"]["asr"] == 0.10
     assert methods["cleanclip"]["best_top1_with_asr_at_most_5pct"]["top1"] == 0.50
+    # All five cleanclip points are undominated; the front runs from the lowest ASR up.
+    assert [(p["top1"], p["asr"]) for p in methods["cleanclip"]["pareto_front"]] == [
+        (0.30, 0.00), (0.50, 0.03), (0.58, 0.10), (0.595, 0.40), (0.60, 0.90)]
     md = (tmp_path / "report.md").read_text()
     assert "| cleanclip | 5 | 40.0 (acc 59.5) | 10.0 (acc 58.0) |" in md
     png = (tmp_path / "report.png").read_bytes()

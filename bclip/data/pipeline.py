@@ -30,9 +30,14 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
     """The data section of a config with its defaults."""
     config = ml_collections.ConfigDict(
         {
-            # Training pairs: a CSV (CC3M-style) or a glob of ArrayRecord shards.
+            # Training pairs (set one): a CSV (CC3M-style), a glob of ArrayRecord shards, or
+            # img2dataset's webdataset tar shards: a folder, glob or brace pattern such as
+            # "/data/cc3m/{00000..00331}.tar", indexed once for random access (index files beside
+            # the shards, or in webdataset_index_dir when set; bclip.data.webdataset_index).
             "train_csv": "",
             "train_records": "",
+            "train_webdataset": "",
+            "webdataset_index_dir": "",
             "image_column": "image",
             "caption_column": "caption",
             "delimiter": ",",
@@ -486,12 +491,18 @@ class _UsableBatchIterator(grain.DatasetIterator):
 
 
 def training_source(data: ml_collections.ConfigDict):
-    """The random-access source named by the config (a CSV or ArrayRecord shards)."""
-    if bool(data.train_csv) == bool(data.train_records):
-        raise ValueError("set exactly one of data.train_csv and data.train_records")
+    """The random-access source named by the config (a CSV, ArrayRecord or webdataset shards)."""
+    named = [key for key in ("train_csv", "train_records", "train_webdataset") if data[key]]
+    if len(named) != 1:
+        raise ValueError(
+            "set exactly one of data.train_csv, data.train_records and data.train_webdataset"
+            + (f"; set: {', '.join('data.' + key for key in named)}" if named else "")
+        )
     if data.train_csv:
         return sources.CsvImageTextSource(data.train_csv, data.image_column, data.caption_column, data.delimiter)
-    return sources.ArrayRecordImageTextSource(data.train_records)
+    if data.train_records:
+        return sources.ArrayRecordImageTextSource(data.train_records)
+    return sources.WebDatasetImageTextSource(data.train_webdataset, data.webdataset_index_dir)
 
 
 def make_poison_plan(source, poison: ml_collections.ConfigDict) -> poisoning.PoisonPlan | None:

@@ -1,8 +1,9 @@
 """On-disk formats of image-caption data: the CSV index, the binary ArrayRecord layout, and
 the conversion from one to the other (also a command line tool).
 
-Convert a CSV dataset into shards:
+Convert a CSV dataset, or img2dataset's webdataset shards, into shards:
   python -m bclip.data.records --csv /data/cc3m/train.csv --out /data/cc3m_ar --num_shards 64
+  python -m bclip.data.records --webdataset '/data/cc3m/{00000..00331}.tar' --out /data/cc3m_ar --num_shards 64
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 import os
 import struct
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -275,12 +276,63 @@ def convert_csv_to_array_record(
     Returns:
       A ConversionSummary.
     """
+    table = read_image_text_csv(csv_path, image_column, caption_column, delimiter)
+
+    def read_row(row: int) -> tuple[bytes | None, str, str, str | None]:
+        relative_path = table.image_paths[row]
+        caption = table.captions[row].strip()
+        if not caption:
+            return None, caption, relative_path, "empty caption"
+        image_bytes, reason = read_image_file(table.resolved_image_path(row))
+        return image_bytes, caption, relative_path, reason
+
+    return write_array_record_shards(out_dir, num_shards, len(table), read_row, "csv_row", overwrite=overwrite)
+
+
+def convert_webdataset_to_array_record(
+    shards: str | os.PathLike | Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    num_shards: int,
+    *,
+    index_dir: str | os.PathLike = "",
+    overwrite: bool = False,
+) -> ConversionSummary:
+    """Copies img2dataset's webdataset tar shards (a folder, brace pattern or glob) into ArrayRecord
+    shards, as `convert_csv_to_array_record` does a CSV: samples in the webdataset source's index
+    order, images byte for byte, the samples it reports bad skipped and listed in skipped.txt by
+    index (so the records' indices are the samples' less the skipped ones before them)."""
+    from bclip.data import sources  # sources reads this module's record layout
+
+    source = sources.WebDatasetImageTextSource(shards, index_dir)
+
+    def read_row(row: int) -> tuple[bytes | None, str, str, str | None]:
+        record = source[row]
+        if sources.is_bad_record(record):
+            return None, "", record["path"], record["error"]
+        return record["image_bytes"], record["caption"], record["path"], None
+
+    return write_array_record_shards(out_dir, num_shards, len(source), read_row, "index", overwrite=overwrite)
+
+
+def write_array_record_shards(
+    out_dir: str | os.PathLike,
+    num_shards: int,
+    num_rows: int,
+    read_row: Callable[[int], tuple[bytes | None, str, str, str | None]],
+    row_name: str,
+    *,
+    overwrite: bool = False,
+) -> ConversionSummary:
+    """Writes rows 0..num_rows-1 into `num_shards` shards of contiguous rows, in order.
+
+    `read_row(row)` gives (image bytes, caption, source path, reason): a row with a reason is
+    skipped and listed in out_dir/skipped.txt under the column name `row_name`.
+    """
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
     # Imported here so that reading records (in Grain workers) does not need the writer.
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    table = read_image_text_csv(csv_path, image_column, caption_column, delimiter)
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     existing = sorted(glob.glob(os.path.join(out_dir, f"{SHARD_PREFIX}-*.array_record")))
@@ -294,7 +346,6 @@ def convert_csv_to_array_record(
         if os.path.isfile(captions_path(stale)):
             os.remove(captions_path(stale))
 
-    num_rows = len(table)
     boundaries = [num_rows * shard // num_shards for shard in range(num_shards + 1)]
     shard_paths = [shard_path(out_dir, shard, num_shards) for shard in range(num_shards)]
     skipped: list[tuple[int, str, str]] = []
@@ -307,16 +358,11 @@ def convert_csv_to_array_record(
         shard_captions = []
         try:
             for row in range(boundaries[shard], boundaries[shard + 1]):
-                relative_path = table.image_paths[row]
-                caption = table.captions[row].strip()
-                if not caption:
-                    skipped.append((row, relative_path, "empty caption"))
-                    continue
-                image_bytes, reason = read_image_file(table.resolved_image_path(row))
+                image_bytes, caption, source_path, reason = read_row(row)
                 if image_bytes is None:
-                    skipped.append((row, relative_path, reason))
+                    skipped.append((row, source_path, reason))
                     continue
-                writer.write(encode_image_text_record(image_bytes, caption, relative_path))
+                writer.write(encode_image_text_record(image_bytes, caption, source_path))
                 shard_captions.append(caption)
                 num_written += 1
         finally:
@@ -327,7 +373,7 @@ def convert_csv_to_array_record(
         os.replace(partial_path, final_path)
 
     with open(os.path.join(out_dir, SKIPPED_FILENAME), "w", encoding="utf-8") as handle:
-        handle.write("csv_row\tpath\treason\n")
+        handle.write(f"{row_name}\tpath\treason\n")
         for row, path, reason in skipped:
             handle.write(f"{row}\t{path}\t{reason}\n")
     return ConversionSummary(shard_paths=shard_paths, num_written=num_written, skipped=skipped)
@@ -335,25 +381,33 @@ def convert_csv_to_array_record(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description="Convert an image-caption CSV dataset into ArrayRecord shards."
+        description="Convert an image-caption CSV dataset, or img2dataset's webdataset shards, into ArrayRecord shards."
     )
-    parser.add_argument("--csv", required=True, help="CSV with image and caption columns")
+    given = parser.add_mutually_exclusive_group(required=True)
+    given.add_argument("--csv", help="CSV with image and caption columns")
+    given.add_argument("--webdataset", help="webdataset tar shards: folder, glob or brace pattern")
     parser.add_argument("--out", required=True, help="output folder for the shards")
     parser.add_argument("--num_shards", type=int, required=True)
     parser.add_argument("--image_column", default="image")
     parser.add_argument("--caption_column", default="caption")
     parser.add_argument("--delimiter", default=",")
+    parser.add_argument("--index_dir", default="", help="the webdataset shards' index folder (default: beside them)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing shards")
     args = parser.parse_args(argv)
-    summary = convert_csv_to_array_record(
-        args.csv,
-        args.out,
-        args.num_shards,
-        image_column=args.image_column,
-        caption_column=args.caption_column,
-        delimiter=args.delimiter,
-        overwrite=args.overwrite,
-    )
+    if args.csv:
+        summary = convert_csv_to_array_record(
+            args.csv,
+            args.out,
+            args.num_shards,
+            image_column=args.image_column,
+            caption_column=args.caption_column,
+            delimiter=args.delimiter,
+            overwrite=args.overwrite,
+        )
+    else:
+        summary = convert_webdataset_to_array_record(
+            args.webdataset, args.out, args.num_shards, index_dir=args.index_dir, overwrite=args.overwrite
+        )
     print(
         f"wrote {summary.num_written} records to {len(summary.shard_paths)} shard(s) in "
         f"{args.out}; skipped {len(summary.skipped)} (see {SKIPPED_FILENAME})"

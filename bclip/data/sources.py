@@ -1,5 +1,5 @@
-"""Grain random-access data sources: image-caption pairs from a CSV or ArrayRecord shards,
-and labelled evaluation sets from an image folder or TFDS.
+"""Grain random-access data sources: image-caption pairs from a CSV, ArrayRecord shards or
+img2dataset's webdataset tar shards, and labelled evaluation sets from an image folder or TFDS.
 
 Sources return encoded image bytes; decoding happens later in the pipeline with
 `bclip.data.decode.decode_and_resize`. Every source is picklable (it holds paths and packed
@@ -23,7 +23,7 @@ from typing import Any, SupportsIndex
 import grain
 import numpy as np
 
-from bclip.data import records
+from bclip.data import records, webdataset_index
 
 Record = dict[str, Any]
 
@@ -163,6 +163,69 @@ class ArrayRecordImageTextSource:
 
     def __repr__(self) -> str:
         return f"ArrayRecordImageTextSource({len(self._paths)} shards, {len(self)} records)"
+
+
+class WebDatasetImageTextSource:
+    """Image-caption pairs from webdataset tar shards as img2dataset writes them ({key}.jpg|png|webp
+    and {key}.txt members), read by random access through each shard's index
+    (`webdataset_index.load_shard_index`: made on first use, beside the shards or in `index_dir`).
+
+    Accepts a folder, a brace pattern ('/data/cc3m/{00000..00331}.tar'), a glob, or a list of
+    those. Index i is the i-th sample over the shards in name order, each shard's samples in tar
+    order. A sample without an image or a caption, with an empty one, or lost to a truncated shard
+    gives a bad record whose path names the shard and the key.
+    """
+
+    def __init__(self, shards: str | os.PathLike | Sequence[str | os.PathLike], index_dir: str | os.PathLike = ""):
+        self._paths = webdataset_index.expand_shard_pattern(shards)
+        indexes = [webdataset_index.load_shard_index(path, index_dir) for path in self._paths]
+        # Per sample, packed as the CSV source's columns are: Grain pickles the source into workers.
+        self._ends = np.cumsum([len(index) for index in indexes], dtype=np.int64)
+        self._offsets = np.concatenate([index.image_offsets for index in indexes])
+        self._sizes = np.concatenate([index.image_sizes for index in indexes])
+        self._keys = records.PackedStrings(key for index in indexes for key in index.keys)
+        self._extensions = records.PackedStrings(ext for index in indexes for ext in index.image_extensions)
+        self._captions = records.PackedStrings(caption for index in indexes for caption in index.captions)
+        problems = [problem for index in indexes for problem in index.problems]
+        self._problems = {i: problem for i, problem in enumerate(problems) if problem}
+
+    @property
+    def paths(self) -> list[str]:
+        return list(self._paths)
+
+    def __len__(self) -> int:
+        return int(self._ends[-1])
+
+    @property
+    def captions(self) -> Sequence[str]:
+        """Every sample's caption, in index order ("" for an unusable one), for poison selection."""
+        return self._captions
+
+    def location(self, index: int) -> str:
+        """Shard and key of sample `index`: /data/cc3m/00000.tar/000000123.jpg."""
+        shard = self._paths[int(np.searchsorted(self._ends, index, side="right"))]
+        extension = self._extensions[index]
+        return f"{shard}/{self._keys[index]}" + (f".{extension}" if extension else "")
+
+    def __getitem__(self, index: SupportsIndex) -> Record:
+        index = _checked_index(index, len(self))
+        path = self.location(index)
+        if index in self._problems:
+            return _bad_record(self._problems[index], index, path)
+        shard = self._paths[int(np.searchsorted(self._ends, index, side="right"))]
+        size = int(self._sizes[index])
+        try:
+            with open(shard, "rb") as handle:
+                handle.seek(int(self._offsets[index]))
+                image_bytes = handle.read(size)
+        except OSError as error:
+            return _bad_record(f"cannot read shard: {error}", index, path)
+        if len(image_bytes) != size:
+            return _bad_record("image member cut short: the shard changed since it was indexed", index, path)
+        return {"image_bytes": image_bytes, "caption": self._captions[index].strip(), "index": index, "path": path}
+
+    def __repr__(self) -> str:
+        return f"WebDatasetImageTextSource({len(self._paths)} shards, {len(self)} samples)"
 
 
 # ----------------------------------------------------------------------------- evaluation
