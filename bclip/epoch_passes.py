@@ -329,6 +329,77 @@ def _init_cluster_head(config, rng, num_examples: int) -> dict:
     return cleaning.init_cluster_head(rng, config.model.embed_dim, num_clusters(config, num_examples))
 
 
+# ---------------------------------------------------------------------------------------------
+# SafeCLIP (Yang, Gao & Mirzasoleiman, ICML 2024)
+# ---------------------------------------------------------------------------------------------
+
+
+def safeclip_schedule(options: ml_collections.ConfigDict, epoch: int) -> tuple[str, float]:
+    """SafeCLIP's phase of `epoch` (0-based) and the share of pairs it trains with MMCL then:
+    "inmodal_warmup" (share 0) for `inmodal_warmup_epochs`, "multimodal_warmup" (share 1) for
+    `multimodal_warmup_epochs`, then "split": `safe_share_start`, growing by `safe_share_step` an
+    epoch up to `safe_share_cap`, of the pairs ranked by image–caption similarity."""
+    cross_modal_from = options.inmodal_warmup_epochs
+    split_from = cross_modal_from + options.multimodal_warmup_epochs
+    if epoch < cross_modal_from:
+        return "inmodal_warmup", 0.0
+    if epoch < split_from:
+        return "multimodal_warmup", 1.0
+    share = options.safe_share_start + (epoch - split_from) * options.safe_share_step
+    return "split", min(share, options.safe_share_cap)
+
+
+def safe_split(similarity: np.ndarray, share: float) -> np.ndarray:
+    """1 for the `floor(share * n)` pairs of highest image–caption similarity, 0 for the rest and for
+    pairs without one (n: the pairs with a similarity; ties go to the lower index).
+
+    Args:
+      similarity: float [N], NaN where an example has none (a record training drops).
+    Returns:
+      float32 [N].
+    """
+    known = np.flatnonzero(~np.isnan(similarity))
+    # The small slack keeps e.g. 0.15 + 18 * 0.01 (0.32999...) of 100 pairs at 33, not 32.
+    count = int(np.floor(share * len(known) + 1e-6))
+    ranked = known[np.argsort(-similarity[known], kind="stable")]
+    table = np.zeros(similarity.shape, np.float32)
+    table[ranked[:count]] = 1.0
+    return table
+
+
+def _check_safeclip_options(options: ml_collections.ConfigDict) -> None:
+    where = "config.epoch_passes.safeclip"
+    for key in ("inmodal_warmup_epochs", "multimodal_warmup_epochs"):
+        if options[key] < 0:
+            raise ValueError(f"{where}.{key} must be >= 0, got {options[key]}")
+    for key in ("safe_share_start", "safe_share_step", "safe_share_cap"):
+        if not 0.0 <= options[key] <= 1.0:
+            raise ValueError(f"{where}.{key} must be in [0, 1], got {options[key]}")
+
+
+def safeclip_split(context: PassContext, state: dict, rng):
+    """SafeCLIP's per-epoch split into safe pairs (trained with MMCL, objective term safe_mmcl) and
+    risky ones (in-modal SSL only, term risky_ssl): all risky in the in-modal warm-up, all safe in
+    the cross-modal warm-up, then the growing share of pairs whose image and caption embeddings
+    (under the current model, of the pairs as trained, poisons included) agree most by cosine."""
+    del rng
+    config = context.config
+    options = config.epoch_passes.safeclip
+    _check_safeclip_options(options)
+    if not (config.objective.safe_mmcl_weight or config.objective.risky_ssl_weight):
+        raise ValueError(
+            "config.epoch_passes.safeclip is enabled but neither objective.safe_mmcl_weight nor "
+            "objective.risky_ssl_weight is: nothing would read its split"
+        )
+    phase, share = safeclip_schedule(options, context.epoch)
+    if phase != "split":
+        return np.full((context.table_size,), share, np.float32), state
+    embedded = training_set_embeddings(context, model_variables(state), with_text=True)
+    similarity = jnp.sum(embedded["image"] * embedded["text"], axis=-1)  # both unit vectors
+    table = per_example_table(similarity, embedded["index"], embedded["valid"], context.table_size, np.nan, np.float32)
+    return safe_split(table, share), state
+
+
 # Pass name -> pass.
 EPOCH_PASSES = {
     # Enabled by its loss term (objective.cluster_weight), whose options live in config.cleaning.
@@ -344,6 +415,21 @@ EPOCH_PASSES = {
         run=roclip,
         to_batch=roclip_batch,
         options={"pool_size": 21845, "every_epochs": 2},
+    ),
+    # The field is objectives.SAFE_PAIRS; the option defaults are the published code's (see
+    # configs/pretrain_safeclip_cc.py).
+    "safeclip": EpochPass(
+        field="safe_pair",
+        run=safeclip_split,
+        dtype=np.float32,
+        missing=0.0,
+        options={
+            "inmodal_warmup_epochs": 5,
+            "multimodal_warmup_epochs": 1,
+            "safe_share_start": 0.15,
+            "safe_share_step": 0.01,
+            "safe_share_cap": 0.85,
+        },
     ),
 }
 

@@ -45,6 +45,13 @@ def mmcl_loss(
     return 0.5 * (_contrastive_cross_entropy(logits, weights) + _contrastive_cross_entropy(logits.T, weights))
 
 
+def _in_modal_logits(image_emb, aug_image_emb, text_emb, aug_text_emb, logit_scale) -> tuple[jax.Array, jax.Array]:
+    """s·I·I′ᵀ and s·T·T′ᵀ [B, B] in float32, s = exp(logit_scale)."""
+    scale = jnp.exp(logit_scale.astype(jnp.float32))
+    f32 = lambda x: x.astype(jnp.float32)
+    return scale * f32(image_emb) @ f32(aug_image_emb).T, scale * f32(text_emb) @ f32(aug_text_emb).T
+
+
 def ssl_loss(
     image_emb: jax.Array,
     aug_image_emb: jax.Array,
@@ -64,11 +71,57 @@ def ssl_loss(
     Returns:
       scalar `½[CE(s·I·I′ᵀ, diag) + CE(s·T·T′ᵀ, diag)]`.
     """
-    scale = jnp.exp(logit_scale.astype(jnp.float32))
-    f32 = lambda x: x.astype(jnp.float32)
-    image_logits = scale * f32(image_emb) @ f32(aug_image_emb).T
-    text_logits = scale * f32(text_emb) @ f32(aug_text_emb).T
+    image_logits, text_logits = _in_modal_logits(image_emb, aug_image_emb, text_emb, aug_text_emb, logit_scale)
     return 0.5 * (_contrastive_cross_entropy(image_logits, weights) + _contrastive_cross_entropy(text_logits, weights))
+
+
+def _masked_contrastive_cross_entropy(logits: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean cross-entropy of each row of `logits` [B, B] against the diagonal, over the sub-batch
+    `mask` [B] (bool) alone: rows and columns outside it are dropped, so they are neither anchors
+    nor negatives (a 0-weight row in `_contrastive_cross_entropy` still serves as a negative). 0
+    when the mask is empty."""
+    logits = logits.astype(jnp.float32)
+    # A finite floor rather than -inf: a row with no kept column stays finite (and its gradient 0).
+    kept = jnp.where(mask[None, :], logits, -1e9)
+    diagonal = jnp.diagonal(jax.nn.log_softmax(kept, axis=-1))
+    return jnp.sum(jnp.where(mask, -diagonal, 0.0)) / jnp.maximum(jnp.sum(mask), 1)  # +0, not -0, when empty
+
+
+def safe_mmcl_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array, safe: jax.Array) -> jax.Array:
+    """SafeCLIP's cross-modal term: CLIP's symmetric InfoNCE on the safe pairs only, as if the batch
+    held nothing else (risky pairs are not negatives either), normalised by the number of safe
+    pairs in the global batch.
+
+    Args:
+      image_emb, text_emb: [B, D] normalised embeddings of the pairs.
+      logit_scale: scalar log temperature multiplier.
+      safe: [B] 1 for a safe pair, 0 for a risky one.
+    """
+    mask = safe > 0
+    scale = jnp.exp(logit_scale.astype(jnp.float32))
+    logits = scale * image_emb.astype(jnp.float32) @ text_emb.astype(jnp.float32).T
+    return 0.5 * (_masked_contrastive_cross_entropy(logits, mask) + _masked_contrastive_cross_entropy(logits.T, mask))
+
+
+def risky_ssl_loss(
+    image_emb: jax.Array,
+    aug_image_emb: jax.Array,
+    text_emb: jax.Array,
+    aug_text_emb: jax.Array,
+    logit_scale: jax.Array,
+    safe: jax.Array,
+) -> jax.Array:
+    """SafeCLIP's in-modal term: `ssl_loss` on the risky pairs only (safe ones are neither anchors
+    nor negatives), normalised by their number in the global batch.
+
+    Args:
+      image_emb, aug_image_emb, text_emb, aug_text_emb: [B, D] normalised embeddings (see ssl_loss).
+      logit_scale: scalar log temperature multiplier.
+      safe: [B] 1 for a safe pair, 0 for a risky one.
+    """
+    mask = safe <= 0
+    image_logits, text_logits = _in_modal_logits(image_emb, aug_image_emb, text_emb, aug_text_emb, logit_scale)
+    return 0.5 * (_masked_contrastive_cross_entropy(image_logits, mask) + _masked_contrastive_cross_entropy(text_logits, mask))
 
 
 def siglip_loss(
@@ -141,6 +194,8 @@ def par_loss(
 # Per-example weights [B] a term reads when the batch has them (a per-epoch pass's table, e.g. a
 # pretraining-time defence that down-weights suspect pairs); absent, every example weighs 1.
 PAIR_WEIGHTS = "pair_weight"
+# Per-example 1 (safe) / 0 (risky) [B] from SafeCLIP's per-epoch split (epoch_passes.safeclip_split).
+SAFE_PAIRS = "safe_pair"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,10 +219,25 @@ def _siglip_term(inputs) -> jax.Array:
     return siglip_loss(inputs["image"], inputs["text"], inputs["logit_scale"], inputs["logit_bias"])
 
 
+def _safe_pairs(inputs) -> jax.Array:
+    if inputs.get(SAFE_PAIRS) is None:
+        raise ValueError(
+            "objective.safe_mmcl_weight / risky_ssl_weight > 0 need SafeCLIP's split: enable the per-epoch pass "
+            "config.epoch_passes.safeclip (config.enable_epoch_pass(config, 'safeclip'))"
+        )
+    return inputs[SAFE_PAIRS]
+
+
 # Term name -> Term. Its weight is config.objective.<name>_weight (objective_config makes the keys),
 # a per-run hyperparameter of the train step; a term with weight 0 is not computed.
 TERMS = {
     "mmcl": Term(lambda x: mmcl_loss(x["image"], x["text"], x["logit_scale"], x.get(PAIR_WEIGHTS))),
+    # SafeCLIP: MMCL on the pass's safe pairs, in-modal SSL on its risky ones.
+    "safe_mmcl": Term(lambda x: safe_mmcl_loss(x["image"], x["text"], x["logit_scale"], _safe_pairs(x))),
+    "risky_ssl": Term(
+        lambda x: risky_ssl_loss(x["image"], x["aug_image"], x["text"], x["aug_text"], x["logit_scale"], _safe_pairs(x)),
+        needs_views=True,
+    ),
     "ssl": Term(
         lambda x: ssl_loss(x["image"], x["aug_image"], x["text"], x["aug_text"], x["logit_scale"], x.get(PAIR_WEIGHTS)),
         needs_views=True,
@@ -199,7 +269,8 @@ def objective_config(mmcl: float = 1.0, **weights: float) -> ml_collections.Conf
 
     MMCL pretraining is mmcl=1; MMCL+SSL and CleanCLIP are mmcl=1, ssl=1; SSL-only cleaning is
     mmcl=0, ssl=1; SigLIP replaces MMCL with mmcl=0, siglip=1; deep clustering adds cluster=5;
-    PAR is mmcl=1, par=1.
+    PAR is mmcl=1, par=1; SafeCLIP is mmcl=0, safe_mmcl=1, risky_ssl=1 with its per-epoch pass
+    (epoch_passes.safeclip_split).
     """
     unknown = sorted(set(weights) - set(TERMS))
     if unknown:

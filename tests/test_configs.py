@@ -199,6 +199,8 @@ def test_pretraining_has_the_study_numbers(arg, poisons, batch_size, mmcl_weight
     assert config.data.batch_size == batch_size
     assert config.objective.to_dict() == {
         "mmcl_weight": mmcl_weight,
+        "safe_mmcl_weight": 0.0,
+        "risky_ssl_weight": 0.0,
         "ssl_weight": ssl_weight,
         "siglip_weight": 0.0,
         "cluster_weight": 0.0,

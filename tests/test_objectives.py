@@ -133,7 +133,13 @@ def test_per_pair_weights_weigh_the_positives_and_keep_every_negative(embeddings
 def test_objective_config_has_one_weight_per_term():
     config = objectives.objective_config(ssl=2.0)
     assert config.to_dict() == {
-        "mmcl_weight": 1.0, "ssl_weight": 2.0, "siglip_weight": 0.0, "cluster_weight": 0.0, "par_weight": 0.0,
+        "mmcl_weight": 1.0,
+        "safe_mmcl_weight": 0.0,
+        "risky_ssl_weight": 0.0,
+        "ssl_weight": 2.0,
+        "siglip_weight": 0.0,
+        "cluster_weight": 0.0,
+        "par_weight": 0.0,
         # A term's options come after the weights, at their defaults.
         "par_threshold": 2.15,
     }

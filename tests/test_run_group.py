@@ -321,7 +321,10 @@ def test_schedule_of_a_traced_peak_is_the_runs_warmup_cosine_schedule():
 def test_group_hyperparams_stack_each_runs_values():
     configs = _run_configs()
     hparams = run_group.group_hyperparams(configs)
-    assert set(hparams) == {"learning_rate", "weight_decay", "mmcl_weight", "ssl_weight", "siglip_weight", "cluster_weight", "par_weight"}
+    assert set(hparams) == {
+        "learning_rate", "weight_decay", "mmcl_weight", "safe_mmcl_weight", "risky_ssl_weight", "ssl_weight",
+        "siglip_weight", "cluster_weight", "par_weight",
+    }
     assert {f"{'optim' if key in optim.HYPERPARAMS else 'objective'}.{key}" for key in hparams} == set(run_group.SWEEPABLE_KEYS)
     np.testing.assert_allclose(hparams["learning_rate"], LEARNING_RATES)
     np.testing.assert_allclose(hparams["weight_decay"], WEIGHT_DECAYS)
