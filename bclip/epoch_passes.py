@@ -298,38 +298,6 @@ def roclip_batch(context: PassContext, rows: np.ndarray, batch: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Deep clustering
-# ---------------------------------------------------------------------------------------------
-
-
-def cluster_assignments(context: PassContext, variables: dict, num_clusters: int, rng) -> np.ndarray:
-    """k-means cluster id per example index (int32 [table_size], -1 where none)."""
-    embedded = training_set_embeddings(context, variables)
-    kmeans = jax.jit(cleaning.spherical_kmeans, static_argnums=(2, 3))
-    assign, _ = kmeans(embedded["image"], embedded["valid"], num_clusters, context.config.cleaning.kmeans_iterations, rng)
-    return per_example_table(assign, embedded["index"], embedded["valid"], context.table_size, -1, np.int32)
-
-
-def num_clusters(config: ml_collections.ConfigDict, num_examples: int) -> int:
-    return min(config.cleaning.num_clusters, num_examples)
-
-
-def deep_clustering(context: PassContext, state: dict, rng):
-    """Before each epoch: k-means on the training set's image embeddings, then a fresh cluster head
-    (new weights, fresh Adam moments and count) to learn the new ids."""
-    config = context.config
-    k = num_clusters(config, len(context.source))
-    table = cluster_assignments(context, model_variables(state), k, rng)
-    shardings = jax.tree.map(lambda x: x.sharding, state)
-    state = cleaning.reset_cluster_head(state, rng, config.model.embed_dim, k)
-    return table, jax.device_put(state, shardings)
-
-
-def _init_cluster_head(config, rng, num_examples: int) -> dict:
-    return cleaning.init_cluster_head(rng, config.model.embed_dim, num_clusters(config, num_examples))
-
-
-# ---------------------------------------------------------------------------------------------
 # SafeCLIP (Yang, Gao & Mirzasoleiman, ICML 2024)
 # ---------------------------------------------------------------------------------------------
 
@@ -398,6 +366,38 @@ def safeclip_split(context: PassContext, state: dict, rng):
     similarity = jnp.sum(embedded["image"] * embedded["text"], axis=-1)  # both unit vectors
     table = per_example_table(similarity, embedded["index"], embedded["valid"], context.table_size, np.nan, np.float32)
     return safe_split(table, share), state
+
+
+# ---------------------------------------------------------------------------------------------
+# Deep clustering
+# ---------------------------------------------------------------------------------------------
+
+
+def cluster_assignments(context: PassContext, variables: dict, num_clusters: int, rng) -> np.ndarray:
+    """k-means cluster id per example index (int32 [table_size], -1 where none)."""
+    embedded = training_set_embeddings(context, variables)
+    kmeans = jax.jit(cleaning.spherical_kmeans, static_argnums=(2, 3))
+    assign, _ = kmeans(embedded["image"], embedded["valid"], num_clusters, context.config.cleaning.kmeans_iterations, rng)
+    return per_example_table(assign, embedded["index"], embedded["valid"], context.table_size, -1, np.int32)
+
+
+def num_clusters(config: ml_collections.ConfigDict, num_examples: int) -> int:
+    return min(config.cleaning.num_clusters, num_examples)
+
+
+def deep_clustering(context: PassContext, state: dict, rng):
+    """Before each epoch: k-means on the training set's image embeddings, then a fresh cluster head
+    (new weights, fresh Adam moments and count) to learn the new ids."""
+    config = context.config
+    k = num_clusters(config, len(context.source))
+    table = cluster_assignments(context, model_variables(state), k, rng)
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    state = cleaning.reset_cluster_head(state, rng, config.model.embed_dim, k)
+    return table, jax.device_put(state, shardings)
+
+
+def _init_cluster_head(config, rng, num_examples: int) -> dict:
+    return cleaning.init_cluster_head(rng, config.model.embed_dim, num_clusters(config, num_examples))
 
 
 # Pass name -> pass.

@@ -128,6 +128,7 @@ def test_eval_is_imagenet_folder_every_epoch_with_the_study_trigger(module, arg)
         "location": "random",
         "corner": "bottom_right",
         "checker_size": 1,
+        "patch_path": "",  # only for patch="image"
         # The reference mode wraps the noise bytes around; bclip's runs clip them.
         "overflow": "wrap" if arg in REFERENCE_ARGS else "clip",
     }
