@@ -1,5 +1,5 @@
 """A run's evaluation figures as CLIP_benchmark's result files, one per eval set: {"dataset",
-"model", "pretrained", "task", "metrics", "language"}, with its metric names (acc1, acc5;
+"model", "pretrained", "task", "metrics", "language"}, with its metric names (acc1, acc5, mean_per_class_recall;
 image_retrieval_recall@k, text_retrieval_recall@k; lp_acc1, lp_acc5, lp_mean_per_class_recall)
 beside bclip's own (ASR), so tables built for CLIP_benchmark read bclip's results too."""
 

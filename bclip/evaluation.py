@@ -71,7 +71,9 @@ def eval_counts(
     Returns:
       "count", "top1", "top5": clean images seen / right at top-1 / in top-5;
       "asr_count", "asr_hits": triggered images whose true class is not the target / of those,
-      how many are classified as the target.
+      how many are classified as the target;
+      "class_count", "class_top1": int [C], clean images of each class / of those, right at top-1
+      (for the mean per-class recall CLIP_benchmark reports).
     """
     logits = image_emb.astype(jnp.float32) @ class_emb.astype(jnp.float32).T
     k = min(5, class_emb.shape[0])
@@ -88,24 +90,35 @@ def eval_counts(
         "top5": as_int(top5),
         "asr_count": as_int(attacked),
         "asr_hits": as_int(hits),
+        "class_count": jnp.zeros(class_emb.shape[0], jnp.int32).at[labels].add(valid.astype(jnp.int32)),
+        "class_top1": jnp.zeros(class_emb.shape[0], jnp.int32).at[labels].add(top1.astype(jnp.int32)),
     }
 
 
 def summarise_counts(batches: Iterable[dict]) -> dict[str, float]:
-    """Sum per-batch counts into accuracy and ASR (fractions in [0, 1])."""
+    """Sum per-batch counts into accuracy and ASR (fractions in [0, 1]), and the mean over classes
+    with images of each class's top-1 recall where the counts have them."""
     totals = {"count": 0, "top1": 0, "top5": 0, "asr_count": 0, "asr_hits": 0}
+    per_class = {}
     for counts in batches:
         for key in totals:
             totals[key] += int(counts[key])
+        for key in ("class_count", "class_top1"):
+            if key in counts:
+                per_class[key] = per_class.get(key, 0) + np.asarray(counts[key], np.int64)
     if totals["count"] == 0:
         raise ValueError("the eval set produced no images")
-    return {
+    summary = {
         "top1": totals["top1"] / totals["count"],
         "top5": totals["top5"] / totals["count"],
         "asr": totals["asr_hits"] / totals["asr_count"] if totals["asr_count"] else float("nan"),
         "num_images": totals["count"],
         "num_attacked": totals["asr_count"],
     }
+    if per_class:
+        seen = per_class["class_count"] > 0
+        summary["mean_per_class_recall"] = float(np.mean(per_class["class_top1"][seen] / per_class["class_count"][seen]))
+    return summary
 
 
 def target_class_id(classnames: Sequence[str], target_label: str) -> int:

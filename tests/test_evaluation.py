@@ -43,12 +43,18 @@ def test_counts_on_known_embeddings():
     triggered = [7, 7, 2, 7, 7, 7, 3]  # rows 0, 1, 4 flip to the target; 2 and 6 do not; 3 is a target image
     valid = np.array([True, True, True, True, True, False, True])
     counts = _eval_counts(image_emb, _one_hot(triggered, num_classes), labels, valid, class_emb, target)
+    per_class = {k: np.asarray(counts.pop(k)).tolist() for k in ("class_count", "class_top1")}
     counts = {k: int(v) for k, v in counts.items()}
     # 6 valid rows; right at top-1: rows 0, 4; in the top 5: rows 0, 1, 3, 4; attacked (valid, not of the
     # target class): rows 0, 1, 2, 4, 6, of which rows 0, 1, 4 go to the target.
     assert counts == {"count": 6, "top1": 2, "top5": 4, "asr_count": 5, "asr_hits": 3}
-    summary = evaluation.summarise_counts([counts, counts])
-    assert summary == {"top1": 4 / 12, "top5": 8 / 12, "asr": 6 / 10, "num_images": 12, "num_attacked": 10}
+    # Valid rows by class (class 5's only row is padding, class 3 has none); right: classes 0 and 4.
+    assert per_class == {"class_count": [1, 1, 1, 0, 1, 0, 1, 1], "class_top1": [1, 0, 0, 0, 1, 0, 0, 0]}
+    summary = evaluation.summarise_counts([{**counts, **per_class}] * 2)
+    assert summary == {
+        "top1": 4 / 12, "top5": 8 / 12, "asr": 6 / 10, "num_images": 12, "num_attacked": 10,
+        "mean_per_class_recall": 2 / 6,  # the 6 classes with images: recall 1 for two, 0 for four
+    }
 
 
 def test_asr_excludes_target_class_images():
@@ -113,7 +119,7 @@ def test_counts_sharded_over_eight_devices_match():
     single = _eval_counts(emb, trig, labels, valid, class_emb, 2)
     split = sharding.batch_sharding(mesh)
     sharded = _eval_counts(*(jax.device_put(x, split) for x in (emb, trig, labels, valid)), class_emb, 2)
-    assert {k: int(v) for k, v in single.items()} == {k: int(v) for k, v in sharded.items()}
+    assert {k: np.asarray(v).tolist() for k, v in single.items()} == {k: np.asarray(v).tolist() for k, v in sharded.items()}
 
 
 def test_class_embeddings_pad_the_last_chunk_and_drop_the_padding():
