@@ -20,7 +20,7 @@ from absl import logging
 from etils import epath
 
 from bclip import config as run_configs
-from bclip import checkpointing, clip_benchmark, run_files, study_report, train
+from bclip import checkpointing, clip_benchmark, detect, run_files, study_report, train
 from bclip.sweep import execute as sweep_execute
 from bclip.sweep import runs as sweep_runs
 from bclip.data.synthetic import eval_sets, writer
@@ -50,6 +50,10 @@ def study_config() -> ml_collections.ConfigDict:
     # Train each method's learning-rate grid as one group (one program, one input stream) where
     # its runs can share one; their results equal separate runs' (bclip.run_group).
     config.vectorise_cleaning = True
+    # Poisoned-pair detectors (bclip.detection.DETECTORS) run on each pretrained model's own
+    # embeddings of its training pairs; their AUROC, precision and recall go in the report.
+    config.detectors = ()
+    config.detection_k = 16
     # The study's scale as proportions of its training set (see `apply_proportions`); num_train 0
     # leaves the sections above as they are.
     config.proportions = ml_collections.ConfigDict(
@@ -214,6 +218,14 @@ def run_once(train_fn: TrainFn, config: ml_collections.ConfigDict, run_dir: str)
     return True
 
 
+def detect_once(run_dir: str, out_dir: str, detector: str, k: int) -> dict:
+    """bclip.detect's metrics for a pretrained run, computed unless `out_dir` already holds them."""
+    done = epath.Path(out_dir) / detect.DETECTION_FILE
+    if not done.exists():
+        detect.detect_run(run_dir, out_dir, detector, k)
+    return json.loads(done.read_text())
+
+
 def read_evals(run_dir: str) -> list[dict]:
     text = (epath.Path(run_dir) / run_files.EVALS_FILE).read_text()
     return [json.loads(line) for line in text.split("\n") if line.strip()]
@@ -287,11 +299,15 @@ def run_study(
     (epath.Path(workdir) / "scale.json").write_text(json.dumps(scale_summary(study), indent=2) + "\n")
     world_dir = prepare_world(study.world, world_root or workdir) if study.world.enabled else None
     pretrain = pretrain_configs(study, world_dir)
-    originals, points = {}, {}
+    originals, points, detections = {}, {}, {}
     for name, config in pretrain.items():
         pretrain_dir = _join(pretrain_root or _join(workdir, "pretrain"), name)
         run_once(train_fn or train.train_and_evaluate, config, pretrain_dir)
         originals[name] = _original_figures(pretrain_dir)
+        for detector in study.detectors:
+            detections.setdefault(name, {})[detector] = detect_once(
+                pretrain_dir, _join(workdir, "detect", name, detector), detector, study.detection_k
+            )
         points[name] = []
         for method in study.cleaning_methods:
             root = _join(workdir, "clean", name, method)
@@ -305,7 +321,7 @@ def run_study(
                 points[name] += study_report.points_from_evals(
                     read_evals(run.workdir), method, relative, lr, extra_sets=tuple(EXTRA_EVAL_SETS)
                 )
-    summary = study_report.write_report(workdir, originals, points)
+    summary = study_report.write_report(workdir, originals, points, detections)
     write_benchmark_files(workdir, summary, pretrain, pretrain_root)
     return summary
 

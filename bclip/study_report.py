@@ -167,7 +167,30 @@ def markdown(summary: dict) -> str:
                 f"{_cell(within['5pt'])} | {pct(best['top1']) if best else 'none'} | {_cell(chosen)} |"
             )
     lines += _evaluations_markdown(summary)
+    lines += _detection_markdown(summary)
     return "\n".join(lines) + "\n"
+
+
+def _detection_markdown(summary: dict) -> list[str]:
+    rows = [(model, detector, m) for model, entry in summary.items() for detector, m in entry.get("detection", {}).items()]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Poison detection",
+        "",
+        "Each pretrained model scores its own training pairs (as trained, poisons included); the pairs",
+        "flagged are the highest-scoring, as many as there are poisons (so precision equals recall).",
+        "",
+        "| pretraining | detector | AUROC | precision | recall | poisoned / pairs |",
+        "|---|---|---|---|---|---|",
+    ]
+    for model, detector, m in rows:
+        lines.append(
+            f"| {model} | {detector} (k {m.get('k', '–')}) | {m['auroc']:.3f} | {pct(m['precision'])} | "
+            f"{pct(m['recall'])} | {m['num_poisoned']} / {m['num_examples']} |"
+        )
+    return lines
 
 
 # Columns of the retrieval and linear-probe table: (header, "<set>/<figure>").
@@ -259,9 +282,17 @@ def plot(originals: dict[str, dict], points: dict[str, Sequence[Point]], path: s
     plt.close(fig)
 
 
-def write_report(workdir: str | os.PathLike, originals: dict[str, dict], points: dict[str, Sequence[Point]]) -> dict:
-    """Write summary.json, report.md and report.png to `workdir`; returns the summary."""
+def write_report(
+    workdir: str | os.PathLike,
+    originals: dict[str, dict],
+    points: dict[str, Sequence[Point]],
+    detections: dict[str, dict[str, dict]] | None = None,
+) -> dict:
+    """Write summary.json, report.md and report.png to `workdir`; returns the summary.
+    detections: {pretrained model: {detector: bclip.detect's metrics}}, reported per model."""
     summary = summarise(originals, points)
+    for model, by_detector in (detections or {}).items():
+        summary[model]["detection"] = by_detector
     workdir = epath.Path(workdir)
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     (workdir / "report.md").write_text(markdown(summary))

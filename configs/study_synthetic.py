@@ -2,9 +2,12 @@
 
   python -m bclip.experiment --config configs/study_synthetic.py --workdir runs/study
   python -m bclip.experiment --config configs/study_synthetic.py:par --workdir runs/study
+  python -m bclip.experiment --config configs/study_synthetic.py:par,detect --workdir runs/study
 
 `:par` adds Perturb and Recover (PAR) as a second cleaning method beside CleanCLIP (see PAR below);
-the default study's runs and figures are the same with or without it.
+`:detect` scores each pretrained model's training pairs with the three poison detectors
+(bclip.detection: k-distance, SLOF, DAO; k = 16) and reports their AUROC, precision and recall.
+The default study's runs and figures are the same with or without either.
 
 Pretrains a small CLIP on the synthetic world's image–caption pairs, a few of which carry a BadNets
 checkerboard patch at a random place and a caption naming "banana", once with MMCL and once with
@@ -67,9 +70,11 @@ def _model_overrides(width: int, smoke: bool) -> dict:
 
 
 def get_config(arg: str = "default") -> ml_collections.ConfigDict:
-    smoke = arg == "smoke"
-    if arg not in ("default", "smoke", "par"):
-        raise ValueError(f"study_synthetic takes 'default', 'smoke' or 'par', got {arg!r}")
+    options = arg.split(",")
+    smoke = "smoke" in options
+    unknown = sorted(set(options) - {"default", "smoke", "par", "detect"})
+    if unknown:
+        raise ValueError(f"study_synthetic takes 'default', 'smoke', 'par' or 'detect' (comma-separated), got {arg!r}")
     study = experiment.study_config()
     study.world.num_test = 96 if smoke else 480
     study.world.num_selection = 48 if smoke else 240
@@ -109,7 +114,9 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     study.cleaning_methods = {
         "CleanCLIP": {"objective": objectives.objective_config(mmcl=1.0, ssl=1.0).to_dict()},
     }
-    if arg == "par":
+    if "par" in options:
         study.cleaning_methods.PAR = PAR
+    if "detect" in options:
+        study.detectors = ("k_distance", "slof", "dao")
     study.cleaning_learning_rates = (5e-4,) if smoke else CLEANING_LEARNING_RATES
     return study

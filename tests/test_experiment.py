@@ -39,6 +39,7 @@ def test_smoke_study_end_to_end_and_resumable(tmp_path):
     assert list(study.pretrain) == ["MMCL", "MMCL+SSL"]
     del study.pretrain["MMCL"]  # one model is enough to follow the study through (and half the time)
     study.proportions.pretrain_epochs = 1  # one epoch, its checkpoint and evaluations: half again
+    study.detectors, study.detection_k = ("dao",), 4
     workdir = str(tmp_path / "study")
     train_fn = CountingTrainFn()
     summary = experiment.run_study(study, workdir, train_fn)
@@ -68,6 +69,18 @@ def test_smoke_study_end_to_end_and_resumable(tmp_path):
     assert clean_config["train"]["init_from"] == pretrain_dir
     assert clean_config["train"]["exclude_indices_file"] == os.path.join(pretrain_dir, run_files.POISON_FILE)
     assert clean_config["objective"]["ssl_weight"] == 1.0 and clean_config["poison"]["count"] == 0
+
+    # The detector scored the pretrained model's pairs; the report's figures are its scores' against
+    # the run's own poisons (the highest-scoring as many as there are poisons flagged).
+    scores = np.load(os.path.join(workdir, "detect", "MMCL+SSL", "dao", "scores.npy"))
+    with open(os.path.join(pretrain_dir, run_files.POISON_FILE)) as f:
+        poisoned = np.isin(np.arange(len(scores)), json.load(f)["indices"])
+    order = np.argsort(-scores, kind="stable")[: poisoned.sum()]
+    detected = summary["MMCL+SSL"]["detection"]["dao"]
+    assert (detected["detector"], detected["k"], detected["num_examples"]) == ("dao", 4, study.world.num_train)
+    assert detected["recall"] == poisoned[order].sum() / poisoned.sum() == detected["precision"]
+    pairs = [(p, c) for p in scores[poisoned] for c in scores[~poisoned]]
+    assert detected["auroc"] == pytest.approx(np.mean([1.0 if p > c else 0.5 if p == c else 0.0 for p, c in pairs]))
 
     base = study.pretrain_base
     assert base.eval.every_epochs == 1 and base.eval.at_start
@@ -130,6 +143,7 @@ def test_smoke_study_end_to_end_and_resumable(tmp_path):
     for model in models:
         assert f"| {model} | " in report and f"## Cleaning {model}\n" in report
     assert report.count(f"| CleanCLIP | {clean_epochs * len(study.cleaning_learning_rates)} |") == len(models)
+    assert f"| MMCL+SSL | dao (k 4) | {detected['auroc']:.3f} |" in report
     assert "## Retrieval and linear probe" in report and "| MMCL+SSL | CleanCLIP, chosen on selection (" in report
     with Image.open(os.path.join(workdir, "report.png")) as image:
         assert image.format == "PNG" and image.width > image.height > 100
