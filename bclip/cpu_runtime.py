@@ -60,6 +60,20 @@ def has_avx512() -> bool:
         return False
 
 
+def host_cpu(cpuinfo: str = "/proc/cpuinfo") -> dict[str, str]:
+    """The host CPU's model name and widest vector ISA (from /proc/cpuinfo; empty where missing),
+    printed beside CPU benchmark figures, which differ by both."""
+    try:
+        with open(cpuinfo) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return {"cpu_model": platform.processor(), "cpu_isa": ""}
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
+    flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+    isa = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX")) if flag in flags), "")
+    return {"cpu_model": model, "cpu_isa": isa}
+
+
 def accelerator_installed() -> bool:
     """Whether JAX will find a GPU or TPU backend here, judged without starting any backend."""
     if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":

@@ -135,3 +135,15 @@ def test_reexec_restarts_once_with_the_tunables_and_the_same_arguments():
 
 def test_reexec_can_be_turned_off():
     assert _probe(JAX_PLATFORMS="cpu", BCLIP_RETAINED_HEAP="0") == ["start", "None 0 ['--flag', 'x y']"]
+
+
+def test_host_cpu_names_the_model_and_the_widest_vector_isa(tmp_path):
+    def cpuinfo(flags):
+        path = tmp_path / f"cpuinfo_{len(flags)}"
+        path.write_text(f"processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu sse2 {flags} rdrand\n\nprocessor\t: 1\n")
+        return str(path)
+
+    assert cpu_runtime.host_cpu(cpuinfo("avx avx2 fma")) == {"cpu_model": "AMD EPYC 7B13", "cpu_isa": "AVX2"}
+    assert cpu_runtime.host_cpu(cpuinfo("avx avx2 avx512f avx512bw"))["cpu_isa"] == "AVX-512"
+    assert cpu_runtime.host_cpu(cpuinfo("sse4_2"))["cpu_isa"] == ""
+    assert cpu_runtime.host_cpu(str(tmp_path / "missing"))["cpu_isa"] == ""

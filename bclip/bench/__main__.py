@@ -12,7 +12,7 @@ import json
 import sys
 
 import bclip.bench
-from bclip.bench import data, step, sweep
+from bclip.bench import data, step, sweep, versus_open_clip
 from bclip.data import tokenizer as tokenizer_lib
 from bclip.models import clip
 
@@ -22,9 +22,13 @@ def main(argv=None):
     if argv[:1] == ["sweep"]:  # its own flags: python -m bclip.bench sweep --help
         sweep.main(argv[1:])
         return
+    if argv[:1] == ["versus_open_clip"]:  # its own flags too
+        versus_open_clip.main(argv[1:])
+        return
     parser = argparse.ArgumentParser(prog="python -m bclip.bench", description=bclip.bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("sweep", help="vectorised sweeps against separate runs (its flags: sweep --help)")
+    commands.add_parser("versus_open_clip", help="the train step against open_clip's, alternating (its flags: versus_open_clip --help)")
     step_parser = commands.add_parser("step", help="time the jitted train step")
     step_parser.add_argument("--model", default="tiny-vit", choices=sorted(clip.PRESETS))
     step_parser.add_argument("--batch_size", type=int, default=128)

@@ -113,6 +113,8 @@ def bench_step(args) -> dict:
         "minor_faults_per_step": (usage.ru_minflt - usage_before.ru_minflt) / args.steps,
         "kernel_s_per_step": (usage.ru_stime - usage_before.ru_stime) / args.steps,
     }
+    if jax.devices()[0].platform == "cpu":
+        result.update(cpu_runtime.host_cpu())
     peak = peak_flops(jax.devices()[0], args.dtype)
     if peak is not None:
         # Training ≈ 3× forward; SSL views double the encoded pairs.
