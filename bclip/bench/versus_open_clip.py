@@ -27,8 +27,8 @@ def _last_json_line(output: str, command: list[str]) -> dict:
     raise RuntimeError(f"{' '.join(command)} printed no result:\n{output[-2000:]}")
 
 
-def _run(command: list[str]) -> dict:
-    done = subprocess.run(command, capture_output=True, text=True)
+def _run(command: list[str], env: dict | None = None) -> dict:
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
     return _last_json_line(done.stdout, command)
@@ -49,7 +49,9 @@ def main(argv=None) -> int:
     for round_number in range(1, args.rounds + 1):
         for objective in args.objectives.split(","):
             ours = _run([sys.executable, "-m", "bclip.bench", "step", *common, "--objective", objective])
-            theirs = _run([args.torch_python, OPEN_CLIP_SCRIPT, *common, "--objective", objective])
+            # open_clip as its users run it: without the heap settings bclip's commands give themselves.
+            default_heap = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", cpu_runtime.RETAINED_HEAP_ENV)}
+            theirs = _run([args.torch_python, OPEN_CLIP_SCRIPT, *common, "--objective", objective], env=default_heap)
             print(json.dumps(ours), json.dumps(theirs), sep="\n", flush=True)
             rows.append((round_number, objective, ours["pairs_per_s"], theirs["pairs_per_s"], ours["minor_faults_per_step"]))
     cpu = cpu_runtime.host_cpu()
