@@ -5,7 +5,7 @@ pretraining of the micro ViT preset with FSDP parameters, evaluated at the start
 Started once per process, with the BCLIP_* variables of `bclip.distributed` when there are several:
 
   python tests/_multiprocess_worker.py --world W --workdir D --record R \
-      [--stop_after_steps N --stopped_copy C --stopped_record S]
+      [--resume_workdir E --resume_record Q --stop_after_steps N --stopped_copy C --stopped_record S]
 
 The trainer is left as it is; a `Recorder` only watches it (the test also installs one in its own
 process for the one-process run) and this process writes R/process_{i}.json with what it saw:
@@ -19,11 +19,11 @@ process for the one-process run) and this process writes R/process_{i}.json with
   "stopped": whether --stop_after_steps stopped the run (it raises when the trainer asks for the
     batch after step N, as a preemption between two steps would stop it).
 
-With --stop_after_steps the run is stopped after step N (its record goes to S, and process 0 copies
-the run folder as the stop left it to C); then a second call of the trainer, in the same processes,
-resumes the run in D from its checkpoint (its record goes to R). Starting new processes for the
-resumption would only add their start-up (about 15 CPU-seconds a process); resuming in a fresh
-process after a real kill is tests/test_train.py's test.
+With --resume_workdir, after the run in D the same processes train a second run of the same config
+in E, stopped after step N (its record goes to S, and process 0 copies the run folder as the stop
+left it to C); then a third call of the trainer resumes the run in E from its checkpoint (its record
+goes to Q). Starting new processes for these runs would only add their start-up (about 15
+CPU-seconds a process); resuming in a fresh process after a real kill is tests/test_train.py's test.
 """
 
 import argparse
@@ -207,9 +207,11 @@ def main() -> None:
     parser.add_argument("--world", required=True)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--record", required=True, help="Folder for this process's record.")
-    parser.add_argument("--stop_after_steps", type=int, default=None)
-    parser.add_argument("--stopped_copy", default=None, help="With --stop_after_steps: where the stopped run folder is copied.")
-    parser.add_argument("--stopped_record", default=None, help="With --stop_after_steps: the stopped run's records.")
+    parser.add_argument("--resume_workdir", default=None, help="Then a run stopped and resumed here.")
+    parser.add_argument("--resume_record", default=None, help="With --resume_workdir: the resumed run's records.")
+    parser.add_argument("--stop_after_steps", type=int, default=None, help="With --resume_workdir: the stopped run's last step.")
+    parser.add_argument("--stopped_copy", default=None, help="With --resume_workdir: where the stopped run folder is copied.")
+    parser.add_argument("--stopped_record", default=None, help="With --resume_workdir: the stopped run's records.")
     args = parser.parse_args()
 
     # Before any JAX work: the processes must find each other first.
@@ -217,12 +219,13 @@ def main() -> None:
     # As tests/conftest.py sets it, so every run multiplies in the same precision.
     jax.config.update("jax_default_matmul_precision", "highest")
     config = worker_config(args.world)
-    if args.stop_after_steps is not None:
-        _recorded_run(config, args.workdir, args.stopped_record, args.stop_after_steps)
-        if jax.process_index() == 0:
-            shutil.copytree(args.workdir, args.stopped_copy)
-        multihost_utils.sync_global_devices("stopped run copied")
     _recorded_run(config, args.workdir, args.record)
+    if args.resume_workdir is not None:
+        _recorded_run(config, args.resume_workdir, args.stopped_record, args.stop_after_steps)
+        if jax.process_index() == 0:
+            shutil.copytree(args.resume_workdir, args.stopped_copy)
+        multihost_utils.sync_global_devices("stopped run copied")
+        _recorded_run(config, args.resume_workdir, args.resume_record)
 
 
 if __name__ == "__main__":
