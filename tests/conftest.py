@@ -42,6 +42,7 @@ def pytest_configure(config):
 # collection order, so starting these first keeps both processes busy until the end.
 _SLOW_FILES_FIRST = (
     "test_multiprocess.py",
+    "test_study_claim.py",
     "test_extending_docs.py",
     "test_train.py",
     "test_sweep_vectorised.py",
