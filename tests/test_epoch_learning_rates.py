@@ -4,11 +4,13 @@ and resumes exactly in the middle of an overridden epoch. (A lone SafeCLIP run w
 resumed from a checkpoint, is in test_safeclip.py.)"""
 
 import math
+import os
 
 import jax
 import numpy as np
 import optax
 import pytest
+from test_configs import load_from_command_line
 from test_run_group import _batch
 
 from bclip import config as run_configs
@@ -75,6 +77,23 @@ def test_safeclip_learning_rates_cover_its_cross_modal_warmup():
     options = {"inmodal_warmup_epochs": 5, "multimodal_warmup_epochs": 2}
     assert epoch_passes.safeclip_learning_rates(options) == {5: 5e-6, 6: 5e-6}
     assert epoch_passes.safeclip_learning_rates({**options, "multimodal_warmup_epochs": 0}) == {}
+
+
+def test_the_entry_is_set_from_the_command_line_and_from_nested_overrides():
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", "pretrain_safeclip_cc.py")
+    config = load_from_command_line(f"{path}:cc3m", "--config.optim.epoch_learning_rates={5: 1e-6, 7: 0.0}")
+    assert config.optim.epoch_learning_rates.to_dict() == {5: 1e-6, 7: 0.0}
+    # A mapping keyed by epochs stays one value when nested overrides are flattened ...
+    flat = run_configs.dotted({"optim": {"learning_rate": 1e-4, "epoch_learning_rates": {2: 1e-6}}})
+    assert flat == {"optim.learning_rate": 1e-4, "optim.epoch_learning_rates": {2: 1e-6}}
+    config = run_configs.override(run_configs.run_config(), flat)
+    assert config.optim.epoch_learning_rates.to_dict() == {2: 1e-6}
+    # ... and the runs of one group must share it (one compiled step holds the constants).
+    other = run_configs.override(config, {"optim.epoch_learning_rates": {2: 1e-5}})
+    same = run_configs.override(config, {"optim.learning_rate": 1e-3})
+    assert run_group.vectorisation_problems([config, same], ["a", "b"]) == []
+    (problem,) = run_group.vectorisation_problems([config, other], ["a", "b"])
+    assert problem.startswith("optim.epoch_learning_rates differs between runs (a: {2: 1e-06}, b: {2: 1e-05}")
 
 
 # ---------------------------------------------------------------------------------------------
