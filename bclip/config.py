@@ -182,7 +182,8 @@ def dotted(nested: Mapping[str, Any] | ml_collections.ConfigDict, prefix: str = 
     for key, value in nested.items():
         if isinstance(value, ml_collections.ConfigDict):
             value = value.to_dict()
-        if isinstance(value, Mapping) and value:
+        # A mapping keyed by other than names (optim.epoch_learning_rates: {epoch: rate}) is one value.
+        if isinstance(value, Mapping) and value and all(isinstance(name, str) for name in value):
             flat.update(dotted(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value

@@ -317,6 +317,21 @@ def safeclip_schedule(options: ml_collections.ConfigDict, epoch: int) -> tuple[s
     return "split", min(share, options.safe_share_cap)
 
 
+# SafeCLIP's constant learning rate for its cross-modal warm-up (the published code's --filter_lr):
+# low enough that the few poisoned pairs are not learned before the first split.
+SAFECLIP_WARMUP_LEARNING_RATE = 5e-6
+
+
+def safeclip_learning_rates(options, rate: float = SAFECLIP_WARMUP_LEARNING_RATE) -> dict[int, float]:
+    """config.optim.epoch_learning_rates for SafeCLIP: each cross-modal warm-up epoch (0-based, as
+    `safeclip_schedule` counts them) at the constant `rate`.
+
+    options: the safeclip pass's options (config.epoch_passes.safeclip, or a dict of them).
+    """
+    start = options["inmodal_warmup_epochs"]
+    return {epoch: rate for epoch in range(start, start + options["multimodal_warmup_epochs"])}
+
+
 def safe_split(similarity: np.ndarray, share: float) -> np.ndarray:
     """1 for the `floor(share * n)` pairs of highest image–caption similarity, 0 for the rest and for
     pairs without one (n: the pairs with a similarity; ties go to the lower index).

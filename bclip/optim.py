@@ -1,4 +1,8 @@
-"""The optimiser: AdamW with linear warm-up then cosine decay, weight decay on weight matrices only."""
+"""The optimiser: AdamW with linear warm-up then cosine decay (optionally a constant rate in chosen
+epochs), weight decay on weight matrices only."""
+
+import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -18,33 +22,78 @@ def optim_config(**overrides) -> ml_collections.ConfigDict:
             "weight_decay": 0.1,
             # None disables clipping; otherwise the global gradient norm is clipped to this.
             "grad_clip_norm": ml_collections.config_dict.placeholder(float),
+            # {epoch: rate}: train each listed epoch (0-based, as metrics.jsonl counts them) at this
+            # constant rate instead of the schedule's, e.g. SafeCLIP's cross-modal warm-up at 5e-6.
+            # The same rate for every run of a group. Those steps still advance the schedule, which
+            # resumes afterwards where it would have been. On the command line:
+            # --config.optim.epoch_learning_rates='{5: 5e-6}'.
+            "epoch_learning_rates": {},
         }
     )
     config.update(overrides)
     return config
 
 
-def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int, peak=None) -> optax.Schedule:
-    """Linear warm-up from 0 to the peak over `warmup_steps`, then cosine decay to 0 at `total_steps`.
+def learning_rate_schedule(
+    optim: ml_collections.ConfigDict, total_steps: int, peak=None, steps_per_epoch: int | None = None
+) -> optax.Schedule:
+    """Linear warm-up from 0 to the peak over `warmup_steps`, then cosine decay to 0 at `total_steps`;
+    in the epochs of `optim.epoch_learning_rates`, their constant rate instead.
 
     peak: the peak learning rate, default optim.learning_rate; a traced scalar in the train step,
     where each run's peak is a hyper-parameter argument. Built from optax's two pieces rather than
     `warmup_cosine_decay_schedule`, which branches on the peak's value in Python; the arithmetic is
     the same.
+    steps_per_epoch: the run's steps per epoch (total_steps is a whole number of epochs); needed
+    only when optim.epoch_learning_rates lists any.
 
     The schedule counts from the optimiser's own step 0, so a cleaning run started from a pretrained
-    checkpoint gets its full warm-up (the reference skipped its first epoch).
+    checkpoint gets its full warm-up (the reference skipped its first epoch). An overridden epoch's
+    steps count too: the step after it gets the schedule's rate at that step, as in SafeCLIP's code,
+    which sets each step's rate from its epoch and batch index.
     """
     peak = optim.learning_rate if peak is None else peak
     warmup = min(optim.warmup_steps, max(total_steps - 1, 0))
     decay_steps = max(total_steps, warmup + 1)
-    return optax.join_schedules(
+    schedule = optax.join_schedules(
         [
             optax.linear_schedule(init_value=0.0, end_value=peak, transition_steps=warmup),
             optax.cosine_decay_schedule(init_value=peak, decay_steps=decay_steps - warmup, alpha=0.0),
         ],
         [warmup],
     )
+    if not optim.epoch_learning_rates:
+        return schedule  # exactly the plain schedule, as before epoch overrides existed
+    if steps_per_epoch is None:
+        raise ValueError("config.optim.epoch_learning_rates is set: the schedule needs the run's steps_per_epoch")
+    overrides = epoch_learning_rates(optim, total_steps // steps_per_epoch)
+
+    def with_overrides(count):
+        rate = schedule(count)
+        epoch = count // steps_per_epoch
+        for overridden, constant in overrides.items():
+            rate = jnp.where(epoch == overridden, jnp.asarray(constant, rate.dtype), rate)
+        return rate
+
+    return with_overrides
+
+
+def epoch_learning_rates(optim: ml_collections.ConfigDict, num_epochs: int) -> dict[int, float]:
+    """optim.epoch_learning_rates checked against a run of `num_epochs`: {epoch: rate}, each epoch
+    an integer in [0, num_epochs), each rate a finite number >= 0. Anything else is a ValueError
+    naming the entry."""
+    where = "config.optim.epoch_learning_rates"
+    checked = {}
+    for epoch, rate in optim.epoch_learning_rates.items():
+        # bool is an int to Python, and a string key ("5") is what a JSON round trip leaves.
+        if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral):
+            raise ValueError(f"{where}: key {epoch!r} ({type(epoch).__name__}) is not an integer epoch")
+        if not 0 <= epoch < num_epochs:
+            raise ValueError(f"{where}: epoch {epoch} is outside the run's epochs 0..{num_epochs - 1}")
+        if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not math.isfinite(rate) or rate < 0:
+            raise ValueError(f"{where}[{epoch}]: the rate must be a finite number >= 0, got {rate!r}")
+        checked[int(epoch)] = float(rate)
+    return checked
 
 
 def weight_decay_mask(params):
@@ -80,14 +129,18 @@ def make_optimizer(optim: ml_collections.ConfigDict, resettable_head: str | None
     return optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), adamw)
 
 
-def scheduled_update(tx, optim_config, total_steps: int, grads, opt_state, params, learning_rate, weight_decay):
+def scheduled_update(
+    tx, optim_config, total_steps: int, grads, opt_state, params, learning_rate, weight_decay, steps_per_epoch: int | None = None
+):
     """`tx.update` (tx from `make_optimizer`) with a run's hyper-parameters: the learning rate of
-    this update is the schedule of peak `learning_rate` at the optimiser's update count.
+    this update is the schedule of peak `learning_rate` at the optimiser's update count (with
+    optim_config.epoch_learning_rates, the epoch's constant where it lists one; the epoch is the
+    count // steps_per_epoch).
 
     Returns:
       (updates, new opt_state)
     """
-    schedule = learning_rate_schedule(optim_config, total_steps, peak=learning_rate)
+    schedule = learning_rate_schedule(optim_config, total_steps, peak=learning_rate, steps_per_epoch=steps_per_epoch)
     opt_state = with_hyperparams(opt_state, learning_rate=schedule(update_count(opt_state)), weight_decay=weight_decay)
     return tx.update(grads, opt_state, params)
 

@@ -49,7 +49,8 @@ def _differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
     keys = []
     for key in sorted(set(a) | set(b)):
         x, y = a.get(key), b.get(key)
-        if isinstance(x, dict) and isinstance(y, dict):
+        # A mapping keyed by other than names (optim.epoch_learning_rates) is compared whole.
+        if isinstance(x, dict) and isinstance(y, dict) and all(isinstance(name, str) for name in (*x, *y)):
             keys += _differing_keys(x, y, f"{prefix}{key}.")
         elif x != y:
             keys.append(prefix + key)

@@ -101,6 +101,7 @@ def train_group(
     run_group.check_vectorisable(configs, names)
     config = configs[0]  # Everything but the swept scalars is the same in every run.
     run_start.check_start_keys(config.train)
+    optim.epoch_learning_rates(config.optim, config.train.num_epochs)  # a bad entry fails before any work
     num_runs, lone = len(configs), len(configs) == 1
     if group_dir is None and not lone:
         raise ValueError("a group of several runs needs a group_dir for what they share")
@@ -237,7 +238,7 @@ def train_group(
         states = group.replicate(run_state, run_shardings)
     live = [i for i in range(num_runs) if names[i] not in failed_by_name]
     step_fn = group.jit_step(
-        train_step.make_train_step(model, tx, objective, config.optim, total_steps), run_shardings
+        train_step.make_train_step(model, tx, objective, config.optim, total_steps, steps_per_epoch), run_shardings
     )
     hparams_on_mesh = group.hyperparams(hparams)
 

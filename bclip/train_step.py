@@ -206,13 +206,16 @@ def make_train_step(
     objective: ml_collections.ConfigDict,
     optim_config: ml_collections.ConfigDict,
     total_steps: int,
+    steps_per_epoch: int | None = None,
 ) -> Callable:
     """The pure train step of one run, `(state, batch, rng, hparams) -> (state, metrics)`.
 
     `objective` says which terms are computed (nonzero weights; in a group, those any run weighs);
     `hparams` (`run_hyperparams`) weighs them and sets the optimiser: the learning rate at step t is
     the run's peak through `optim.learning_rate_schedule`, its weight decay the run's. So one
-    compiled step serves every run of a sweep that differs only in these values.
+    compiled step serves every run of a sweep that differs only in these values. The epochs of
+    optim_config.epoch_learning_rates (the same for every run) train at their constant rates; they
+    need `steps_per_epoch`.
 
     Args (of the returned step):
       state: {"params", "batch_stats", "opt", "step"}, `opt` from `tx` = `optim.make_optimizer`;
@@ -238,7 +241,8 @@ def make_train_step(
             state["params"], state["batch_stats"], batch, hparams, state.get(REFERENCE)
         )
         updates, opt_state = optim.scheduled_update(
-            tx, optim_config, total_steps, grads, state["opt"], state["params"], hparams["learning_rate"], hparams["weight_decay"]
+            tx, optim_config, total_steps, grads, state["opt"], state["params"], hparams["learning_rate"], hparams["weight_decay"],
+            steps_per_epoch,
         )
         params = clamp_logit_scale(optax.apply_updates(state["params"], updates))
         # Everything else (the frozen reference model) is carried over unchanged.

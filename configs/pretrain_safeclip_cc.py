@@ -16,14 +16,18 @@ embedding pass over the 3M pairs per epoch after the warm-ups.
 
 What the published code (BigML-CS-UCLA/SafeCLIP, src/parser.py and src/main.py) runs, and how this
 config follows it:
-  - 32 epochs; AdamW lr 5e-4 for both the in-modal and the cross-modal epochs, weight decay 0.1,
-    10,000 warm-up steps then cosine; batch 128 per GPU. Here: 32 epochs, lr 5e-4, weight decay
-    0.1, 10,000 warm-up steps, global batch 1,024.
+  - 32 epochs; AdamW lr 5e-4 for both the in-modal and the cross-modal epochs (--in_lr, --cross_lr),
+    weight decay 0.1, 10,000 warm-up steps then cosine; batch 128 per GPU. Here: 32 epochs, lr
+    5e-4, weight decay 0.1, 10,000 warm-up steps, global batch 1,024. (The code builds a new
+    warm-up + cosine schedule after the warm-up epochs, sized to the split epochs' shrunken
+    loaders; here one schedule spans the run.)
   - 5 epochs of in-modal warm-up on every pair (image-image and caption-caption contrastive terms
     on augmented views): epoch_passes.safeclip.inmodal_warmup_epochs = 5 (all pairs risky).
-  - 1 epoch of the CLIP loss on every pair at a constant learning rate of 5e-6, so that the few
-    poisoned pairs are not yet learned: multimodal_warmup_epochs = 1 (all pairs safe). bclip keeps
-    the run's one learning-rate schedule, so this epoch trains at the schedule's rate, not 5e-6.
+  - 1 epoch of the CLIP loss on every pair at a constant learning rate of 5e-6 (--filter_lr), so
+    that the few poisoned pairs are not yet learned: multimodal_warmup_epochs = 1 (all pairs safe)
+    and optim.epoch_learning_rates = {5: 5e-6} (epoch_passes.safeclip_learning_rates). That
+    epoch's steps still count in the cosine schedule, as in the code, which sets each step's rate
+    from its epoch and batch index.
   - Then before every epoch: the cosine similarity of each pair's image and caption embeddings under
     the current model, a 2-component Gaussian mixture fitted to them, and the pairs ranked by their
     posterior of the higher-mean component. In the first such epoch the safe set is the pairs with
@@ -43,7 +47,7 @@ import os
 import ml_collections
 
 from bclip import config as run_configs
-from bclip import objectives
+from bclip import epoch_passes, objectives
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -71,4 +75,4 @@ def get_config(arg: str = "cc3m") -> ml_collections.ConfigDict:
         "train.num_epochs": 32,
     })
     run_configs.enable_epoch_pass(config, "safeclip", **SAFECLIP_OPTIONS)
-    return config
+    return run_configs.override(config, {"optim.epoch_learning_rates": epoch_passes.safeclip_learning_rates(SAFECLIP_OPTIONS)})

@@ -7,7 +7,9 @@
 configs/study_synthetic.py --workdir runs/study` writes runs/study/world). The run is the study's
 MMCL pretraining run (same pairs, the same 7 % BadNets poisons, model, batch 128, lr 1e-3, 6
 epochs, test-set top-1 and ASR after each epoch) with SafeCLIP's objective and per-epoch split
-(bclip.epoch_passes.safeclip_split; configs/pretrain_safeclip_cc.py states the published setup).
+(bclip.epoch_passes.safeclip_split; configs/pretrain_safeclip_cc.py states the published setup),
+and the published constant learning rate of 5e-6 in the cross-modal warm-up epoch
+(optim.epoch_learning_rates = {1: 5e-6}; the cosine schedule counts that epoch's steps).
 About 10 min on a 2-core Xeon (SSL views and one embedding pass over the pairs per split epoch).
 
 The published schedule spans 32 epochs; it is scaled to these 6 by a rule fixed before any
@@ -22,7 +24,7 @@ import os
 import ml_collections
 
 from bclip import config as run_configs
-from bclip import experiment, objectives
+from bclip import epoch_passes, experiment, objectives
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -50,5 +52,6 @@ def get_config(arg: str = "runs/study/world") -> ml_collections.ConfigDict:
     config = run_configs.override(
         config, {f"objective.{key}": value for key, value in objectives.objective_config(mmcl=0.0, safe_mmcl=1.0, risky_ssl=1.0).items()}
     )
-    run_configs.enable_epoch_pass(config, "safeclip", **scaled_schedule(config.train.num_epochs))
-    return config
+    schedule = scaled_schedule(config.train.num_epochs)
+    run_configs.enable_epoch_pass(config, "safeclip", **schedule)
+    return run_configs.override(config, {"optim.epoch_learning_rates": epoch_passes.safeclip_learning_rates(schedule)})

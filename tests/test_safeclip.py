@@ -158,9 +158,11 @@ class SixteenPairs(FakeTrainingSource):
 def _safeclip_config(tmp_path, monkeypatch):
     config = fake_data_config(tmp_path, monkeypatch)
     monkeypatch.setattr(pipeline, "training_source", lambda data: SixteenPairs())
-    # The config entry: one epoch of each warm-up, then a split keeping 4 of the 16 pairs.
+    # The config entry: one epoch of each warm-up, then a split keeping 4 of the 16 pairs; the
+    # cross-modal warm-up at the published constant rate.
     run_configs.enable_epoch_pass(config, "safeclip", inmodal_warmup_epochs=1, multimodal_warmup_epochs=1, safe_share_start=0.25)
     config.objective = objectives.objective_config(mmcl=0.0, safe_mmcl=1.0, risky_ssl=1.0)
+    config.optim.epoch_learning_rates = epoch_passes.safeclip_learning_rates(config.epoch_passes.safeclip)
     config.eval.sets = ml_collections.ConfigDict()  # no evaluation: the test reads the states
     lexicon = tmp_path / "synonyms.json"
     lexicon.write_text('{"photo": ["picture"], "square": ["block"]}')  # for the captions' SSL views
@@ -210,6 +212,10 @@ def test_a_sharded_safeclip_run_follows_its_schedule_and_resumes_exactly(tmp_pat
     by_step = {record["step"]: record for record in metrics}
     assert by_step[1]["safe_mmcl"] == 0.0 and by_step[1]["risky_ssl"] > 0.0
     assert by_step[3]["risky_ssl"] == 0.0 and by_step[3]["safe_mmcl"] > 0.0
+    # ... at 5e-6; the cosine schedule (no warm-up, 6 steps, peak 1e-3) around it.
+    expected = [1e-3 * 0.5 * (1 + np.cos(np.pi * step / 6)) for step in range(6)]
+    expected[2:4] = [5e-6, 5e-6]
+    np.testing.assert_allclose([by_step[step]["learning_rate"] for step in range(1, 7)], expected, rtol=1e-6)
 
     # The run killed after step 5 (halfway through the split epoch) resumes from that checkpoint,
     # reads the epoch's split back rather than recomputing it, and ends with the same state.
@@ -261,10 +267,12 @@ def test_cc3m_entry_is_the_study_run_with_the_published_schedule():
     assert objectives.active_terms(config.objective) == ("safe_mmcl", "risky_ssl")
     assert (config.poison.count, config.poison.target_label, config.model.image.kind) == (1_500, "banana", "resnet")
     assert (config.train.num_epochs, config.optim.learning_rate, config.data.batch_size) == (32, 5e-4, 1_024)
+    # The cross-modal warm-up is the 6th epoch (0-based 5), at the published --filter_lr.
+    assert config.optim.epoch_learning_rates.to_dict() == {5: 5e-6}
     # Everything else is the study's MMCL+SSL CC3M run.
     study_run = _flat(_config_module("pretrain_cc").get_config("cc3m_mmcl_ssl"))
     different = {key for key, value in _flat(config).items() if study_run.get(key, "<none>") != value}
-    assert different == SAFECLIP_KEYS | {"objective.ssl_weight", "optim.learning_rate", "train.num_epochs"} | {
+    assert different == SAFECLIP_KEYS | {"objective.ssl_weight", "optim.learning_rate", "train.num_epochs", "optim.epoch_learning_rates.5"} | {
         f"epoch_passes.safeclip.{option}" for option in config.epoch_passes.safeclip
     }
     with pytest.raises(ValueError, match="cc3m"):
@@ -283,7 +291,8 @@ def test_synthetic_entry_is_the_studys_mmcl_run_with_the_scaled_schedule(tmp_pat
     study = run_configs.load_config_file(os.path.join(os.path.dirname(__file__), "..", "configs", "study_synthetic.py"))
     mmcl = experiment.pretrain_configs(experiment.apply_proportions(study.get_config("default")), str(tmp_path / "world"))["MMCL"]
     different = {key for key, value in _flat(config).items() if _flat(mmcl).get(key, "<none>") != value}
-    assert different == SAFECLIP_KEYS | {f"epoch_passes.safeclip.{option}" for option in options}
+    assert config.optim.epoch_learning_rates.to_dict() == {1: 5e-6}
+    assert different == SAFECLIP_KEYS | {"optim.epoch_learning_rates.1"} | {f"epoch_passes.safeclip.{option}" for option in options}
 
 
 def test_the_pass_refuses_a_run_whose_objective_ignores_its_split():
