@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import pathlib
 import re
-import shutil
-import uuid
 
 import numpy as np
 from PIL import Image
@@ -47,21 +45,17 @@ def _complete(directory: pathlib.Path, parameters: dict) -> bool:
         return False
 
 
-def _write_atomically(directory: pathlib.Path, parameters: dict, fill) -> None:
-    """Fill a staging sibling of `directory`, then rename it into place (unless already complete)."""
+def _write_unless_complete(directory: pathlib.Path, parameters: dict, fill) -> None:
+    """Writes `directory` with `fill` and its parameters file, atomically, unless it already holds a
+    set written with these parameters."""
     if _complete(directory, parameters):
         return
-    staging = directory.parent / f".{directory.name}.partial-{uuid.uuid4().hex[:8]}"
-    staging.mkdir(parents=True)
-    try:
+
+    def fill_with_parameters(staging: pathlib.Path) -> None:
         fill(staging)
         (staging / PARAMETERS_FILE).write_text(json.dumps(parameters, indent=2) + "\n")
-        if directory.exists():
-            shutil.rmtree(directory)
-        staging.rename(directory)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+
+    writer.write_directory_atomically(directory, lambda d: _complete(d, parameters), fill_with_parameters)
 
 
 def write_eval_sets(
@@ -111,12 +105,12 @@ def write_eval_sets(
         (staging / RETRIEVAL_FILE).write_text(json.dumps({"dataset": "synthetic", "images": images}) + "\n")
 
     retrieval = {**common, "num_images": num_retrieval, "captions_per_image": captions_per_image}
-    _write_atomically(world_dir / RETRIEVAL_DIR, retrieval, fill_retrieval)
+    _write_unless_complete(world_dir / RETRIEVAL_DIR, retrieval, fill_retrieval)
 
     def fill_probe(staging: pathlib.Path) -> None:
         staging.rmdir()  # _write_split makes it
         parameters = {**common, "classes": writer.class_names(num_classes), "templates": writer.prompt_templates()}
         writer._write_split(staging, "probe_train", num_probe_train, parameters, None, 1)
 
-    _write_atomically(world_dir / PROBE_TRAIN_DIR, {**common, "num_images": num_probe_train}, fill_probe)
+    _write_unless_complete(world_dir / PROBE_TRAIN_DIR, {**common, "num_images": num_probe_train}, fill_probe)
     return world_dir

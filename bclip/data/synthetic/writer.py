@@ -14,7 +14,7 @@ import os
 import pathlib
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -203,34 +203,49 @@ def write_world(
     if occupied and not overwrite:
         raise FileExistsError(f"{out_dir} holds something other than this world; overwrite=True replaces it")
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    executor = None
-    try:
-        if num_workers > 1:
-            # spawn, not fork: the caller may already run multithreaded libraries (JAX, TF).
-            executor = concurrent.futures.ProcessPoolExecutor(
-                num_workers, mp_context=multiprocessing.get_context("spawn")
-            )
-        for split, count in (("train", num_train), ("test", num_test), ("selection", num_selection)):
-            _write_split(staging / split, split, count, parameters, executor, num_workers)
+    def fill(staging: pathlib.Path) -> None:
+        executor = None
+        try:
+            if num_workers > 1:
+                # spawn, not fork: the caller may already run multithreaded libraries (JAX, TF).
+                executor = concurrent.futures.ProcessPoolExecutor(
+                    num_workers, mp_context=multiprocessing.get_context("spawn")
+                )
+            for split, count in (("train", num_train), ("test", num_test), ("selection", num_selection)):
+                _write_split(staging / split, split, count, parameters, executor, num_workers)
+        finally:
+            if executor is not None:
+                executor.shutdown()
         (staging / VOCAB_FILE).write_text("\n".join(lexicon().words) + "\n", encoding="utf-8")
         synonym_map = {word: list(words) for word, words in lexicon().synonyms.items()}
         (staging / SYNONYMS_FILE).write_text(json.dumps(synonym_map, indent=1) + "\n", encoding="utf-8")
         (staging / WORLD_FILE).write_text(json.dumps(parameters, indent=2) + "\n")
-        _move_into_place(staging, out_dir, parameters)
-    finally:
-        if executor is not None:
-            executor.shutdown()
-        if staging.exists():
-            shutil.rmtree(staging)
+
+    write_directory_atomically(out_dir, lambda directory: is_complete_world(directory, parameters), fill)
     return out_dir
 
 
-def _move_into_place(staging: pathlib.Path, out_dir: pathlib.Path, parameters: dict) -> None:
+def write_directory_atomically(
+    out_dir: pathlib.Path, is_complete: Callable[[pathlib.Path], bool], fill: Callable[[pathlib.Path], None]
+) -> None:
+    """`fill(staging)` writes a directory's files into a fresh hidden sibling of `out_dir`, which is
+    then renamed into place: `out_dir` is never seen half-written, and a failed fill leaves nothing.
+    Whatever `out_dir` held is replaced, unless it became complete meanwhile (another process
+    writing the same directory, by `is_complete(out_dir)`), which is kept."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        fill(staging)
+        _move_into_place(staging, out_dir, is_complete)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+def _move_into_place(staging: pathlib.Path, out_dir: pathlib.Path, is_complete: Callable[[pathlib.Path], bool]) -> None:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        if is_complete_world(out_dir, parameters):  # another process finished the same world first
+        if is_complete(out_dir):  # another process finished the same directory first
             return
         retired = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
         out_dir.rename(retired)
@@ -243,6 +258,6 @@ def _move_into_place(staging: pathlib.Path, out_dir: pathlib.Path, parameters: d
     try:
         staging.rename(out_dir)  # also replaces an empty directory
     except OSError:
-        if not is_complete_world(out_dir, parameters):  # lost a race to a process writing the same world
+        if not is_complete(out_dir):  # lost a race to a process writing the same directory
             raise
 
