@@ -20,7 +20,7 @@ CHANCE = 1 / 24
 
 
 @pytest.fixture(scope="module")
-def claim(tmp_path_factory):
+def claim(tmp_path_factory, optimised_cpu_programs):
     """(scaled study, workdir, summary, the control's final figures)."""
     study = run_configs.load_config_file(CONFIG_PATH).get_config()
     workdir = str(tmp_path_factory.mktemp("claim") / "study")
