@@ -224,6 +224,7 @@ def test_a_sharded_targeted_run_reports_the_success_its_model_gives(tmp_path, mo
         "poison.targeted.image_ids": (1, 2),
         "poison.targeted.copies": 2,
         "eval.sets.targeted.evaluator": "targeted",
+        "eval.at_start": False,  # the trained model's figures are the ones checked
     })
     workdir = tmp_path / "run"
     results = train.train_and_evaluate(config, str(workdir))
@@ -251,3 +252,59 @@ def test_a_sharded_targeted_run_reports_the_success_its_model_gives(tmp_path, mo
     source, plan = training_input.training_examples(cleaning)
     assert len(plan) == 0 and not set(source.indices.tolist()) & set(written["indices"])
     assert len(source) == 8 - 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+# ---------------------------------------------------------------------------------------------
+
+TARGETED_KEYS = {"poison.count", "poison.targeted.images", "poison.targeted.num_images", "poison.targeted.copies"}
+
+
+def _changed(before, after) -> dict:
+    from test_configs import flat_fields
+
+    before, after = flat_fields(before), flat_fields(after)
+    return {key: after.get(key) for key in before.keys() | after.keys() if before.get(key, "absent") != after.get(key, "absent")}
+
+
+def test_cc_entry_is_the_study_pretraining_with_the_papers_attack():
+    from test_configs import load_config_module
+
+    for arg in ("cc3m_mmcl", "cc6m_mmcl_ssl"):
+        changed = _changed(load_config_module("pretrain_cc").get_config(arg), load_config_module("targeted_cc").get_config(arg))
+        eval_keys = {key for key in changed if key.startswith("eval.sets.targeted.")}
+        assert changed["eval.sets.targeted.evaluator"] == "targeted"
+        assert {key: changed[key] for key in changed.keys() - eval_keys} == {
+            "poison.count": 0,  # 1,500 / 3,000 backdoor poisons before
+            "poison.targeted.num_images": 1,
+            "poison.targeted.copies": 3,
+            "poison.targeted.captions": "training_captions",
+        }
+
+
+def test_synthetic_entry_is_the_studys_mmcl_run_with_the_attack_and_its_control(tmp_path):
+    from bclip import experiment
+    from test_configs import CONFIG_DIR, flat_fields, load_config_module, load_from_command_line
+
+    study = experiment.apply_proportions(load_config_module("study_synthetic").get_config("default"))
+    mmcl = experiment.pretrain_configs(study, str(tmp_path))["MMCL"]
+    for arg, copies in ((str(tmp_path), 4), (f"{tmp_path},control", 0)):
+        config = load_config_module("targeted_synthetic").get_config(arg)
+        changed = _changed(mmcl, config)
+        assert {key: flat_fields(config)[key] for key in TARGETED_KEYS} == {
+            "poison.count": 0,
+            "poison.targeted.images": os.path.join(str(tmp_path), "test"),
+            "poison.targeted.num_images": 8,
+            "poison.targeted.copies": copies,
+        }
+        # Otherwise only the eval sets: the targeted one in, the final retrieval and probe sets out.
+        assert all(key.startswith(("eval.sets.targeted.", "eval.sets.retrieval.", "eval.sets.probe.")) for key in changed.keys() - TARGETED_KEYS)
+    # Explicit rows from the command line, as bclip.main reads them.
+    command_line = load_from_command_line(
+        f"{CONFIG_DIR}/targeted_synthetic.py:{tmp_path}", "--config.poison.targeted.image_ids=(3,17)",
+        "--config.poison.targeted.num_images=0",
+    )
+    assert command_line.poison.targeted.image_ids == (3, 17)
+    with pytest.raises(ValueError, match="takes WORLD or WORLD,control"):
+        load_config_module("targeted_synthetic").get_config(f"{tmp_path},smoke")
