@@ -300,12 +300,7 @@ class TargetedEvaluator:
 
 
 # config.eval.sets[name].evaluator -> (name, set config, EvalContext) -> evaluator.
-EVALUATORS = {
-    "zero_shot": zero_shot,
-    "retrieval": RetrievalEvaluator,
-    "linear_probe": LinearProbeEvaluator,
-    "targeted": TargetedEvaluator,
-}
+EVALUATORS = {"zero_shot": zero_shot, "retrieval": RetrievalEvaluator, "linear_probe": LinearProbeEvaluator, "targeted": TargetedEvaluator}
 
 
 def make_evaluators(config, model, tokenizer, mesh, process_index: int, process_count: int) -> dict:
