@@ -18,8 +18,10 @@ About 4 min each on a 2-core Xeon.
 
 Several images in one run: each has its own label and its own copies, and
 targeted/other_target_rate counts chosen images classified as another one's label (interference).
-One image per run, as the paper ran it: --config.poison.targeted.num_images=1 and a sweep over
-poison.seed (each seed draws another image, label and set of replaced pairs).
+One image per run, as the paper ran it, is this file's sweep (`get_sweep`: num_images 1, seeds
+0..7; each seed draws another image, label and set of replaced pairs), about 4 min a run:
+  python -m bclip.sweep --config configs/targeted_synthetic.py:runs/study/world --workdir runs/targeted_one_per_run
+  python -m bclip.sweep.report runs/targeted_one_per_run
 
 Published setting (configs/targeted_cc.py): CC3M, RN50 CLIP, a target image and a target ImageNet
 class drawn at random per run, captions from the training set that name the class; three
@@ -37,6 +39,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 
 NUM_IMAGES = 8
 COPIES = 4
+ONE_PER_RUN_SEEDS = tuple(range(8))
 
 
 def get_config(arg: str = "runs/study/world") -> ml_collections.ConfigDict:
@@ -59,3 +62,9 @@ def get_config(arg: str = "runs/study/world") -> ml_collections.ConfigDict:
         "poison.targeted.copies": 0 if "control" in options else COPIES,
         "eval.sets.targeted.evaluator": "targeted",
     })
+
+
+def get_sweep(arg: str = "runs/study/world") -> list[dict]:
+    """One chosen image per run, one run per seed: the paper's protocol."""
+    get_config(arg)  # the same argument checks
+    return [{"poison.seed": seed, "poison.targeted.num_images": 1} for seed in ONE_PER_RUN_SEEDS]

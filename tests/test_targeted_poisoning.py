@@ -310,3 +310,18 @@ def test_synthetic_entry_is_the_studys_mmcl_run_with_the_attack_and_its_control(
     assert command_line.poison.targeted.image_ids == (3, 17)
     with pytest.raises(ValueError, match="takes WORLD or WORLD,control"):
         load_config_module("targeted_synthetic").get_config(f"{tmp_path},smoke")
+
+
+def test_one_image_per_run_sweep_draws_an_image_and_label_per_seed(world):
+    from test_configs import load_config_module
+
+    module = load_config_module("targeted_synthetic")
+    base = module.get_config(str(world))
+    chosen = []
+    for overrides in module.get_sweep(str(world)):
+        config = run_configs.override(base, overrides)
+        _, ids, targets = pipeline.targeted_images(config.poison)
+        assert len(ids) == 1
+        chosen.append((int(ids[0]), int(targets[0])))
+    assert len(chosen) == 8 and len(set(chosen)) > 1
+    assert [overrides["poison.seed"] for overrides in module.get_sweep(str(world))] == list(range(8))
