@@ -14,7 +14,8 @@ replace 4 training pairs each (32 of the 12,000 pairs, 0.27 %), paired with a pr
 naming the label. The "targeted" eval set reports the share of the 8 classified as their label
 (targeted/success_rate) and each one's hit (targeted/hit_<row>). `control` trains on the clean
 pairs (copies 0) and reports the same images' rate, the chance of the label without poisons.
-About 4 min each on a 2-core Xeon.
+About 4 CPU-minutes each (8-14 min on a shared 2-core Xeon); measured figures in README.md
+("Targeted poisoning").
 
 Several images in one run: each has its own label and its own copies, and
 targeted/other_target_rate counts chosen images classified as another one's label (interference).
