@@ -113,7 +113,7 @@ def trained_caption(source, index: int, plan=None, poison=None) -> str:
     its full source)."""
     caption = getattr(source, "source", source).captions[index].strip()
     if plan is not None and plan.contains(index):
-        caption = poisoning.caption_maker(poison.captions).caption(caption, index, poison.target_label, plan.seed)
+        caption = poisoning.poisoned_caption_of(plan, caption, index, poison.target_label, poison.captions)
     return caption
 
 
@@ -123,10 +123,9 @@ def _captions_by_index(source, plan=None, poison=None) -> dict[int, str]:
     indices = np.arange(len(source)) if indices is None else indices
     captions = dict(zip((int(i) for i in indices), source.captions))
     if plan is not None:
-        maker = poisoning.caption_maker(poison.captions)
         for index, caption in captions.items():
             if plan.contains(index):
-                captions[index] = maker.caption(caption, index, poison.target_label, plan.seed)
+                captions[index] = poisoning.poisoned_caption_of(plan, caption, index, poison.target_label, poison.captions)
     return captions
 
 

@@ -95,6 +95,33 @@ def eval_counts(
     }
 
 
+def targeted_figures(
+    image_emb: jax.Array, class_emb: jax.Array, targets: jax.Array, labels: jax.Array
+) -> dict[str, jax.Array]:
+    """Targeted poisoning's figures over its chosen images (zero-shot top-1 against each target).
+
+    Args:
+      image_emb: [K, D] embeddings of the K chosen images.
+      class_emb: [C, D] zero-shot classifier.
+      targets: int [K] the class each image was poisoned towards; labels: int [K] their true classes.
+
+    Returns:
+      "hits" bool [K] (classified as its target); "success_rate", the share of hits;
+      "true_class_rate", the share still classified as their own class; "other_target_rate", the
+      share classified as a class another chosen image is pushed to, neither its own target nor its
+      true class (poisons for one image moving another: interference).
+    """
+    predicted = jnp.argmax(image_emb.astype(jnp.float32) @ class_emb.astype(jnp.float32).T, axis=1)
+    hits = predicted == targets
+    another_target = jnp.any(predicted[:, None] == targets[None, :], axis=1) & ~hits & (predicted != labels)
+    return {
+        "hits": hits,
+        "success_rate": jnp.mean(hits.astype(jnp.float32)),
+        "true_class_rate": jnp.mean((predicted == labels).astype(jnp.float32)),
+        "other_target_rate": jnp.mean(another_target.astype(jnp.float32)),
+    }
+
+
 def summarise_counts(batches: Iterable[dict]) -> dict[str, float]:
     """Sum per-batch counts into accuracy and ASR (fractions in [0, 1]), and the mean over classes
     with images of each class's top-1 recall where the counts have them."""

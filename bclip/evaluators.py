@@ -8,6 +8,7 @@ value}`; it is built by `EVALUATORS[set_config.evaluator](name, set_config, cont
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +19,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 from bclip import cpu_runtime, evaluation, linear_probe, retrieval, sharding
-from bclip.data import pipeline, sources
+from bclip.data import pipeline, sources, training_input
 from bclip.models import clip
 
 
@@ -250,8 +251,56 @@ class LinearProbeEvaluator:
         return results
 
 
+class TargetedEvaluator:
+    """Targeted poisoning's success (Carlini & Terzis, ICLR 2022): zero-shot top-1 of each image
+    poison.targeted chooses, against the label it was poisoned towards (class names and templates
+    of poison.targeted.images, or the set's files). Figures (evaluation.targeted_figures):
+    success_rate, true_class_rate, other_target_rate, num_images, and hit_<row> (1: classified
+    as its target) per chosen image. The images come from poison.targeted, so the set's `path`,
+    when given, must be that folder."""
+
+    def __init__(self, name: str, set_config: ml_collections.ConfigDict, context: EvalContext):
+        config = context.config
+        folder, self.image_ids, targets = pipeline.targeted_images(config.poison)
+        if set_config.path and os.path.abspath(set_config.path) != os.path.abspath(config.poison.targeted.images):
+            raise ValueError(
+                f"eval.sets.{name}.path={set_config.path!r} differs from poison.targeted.images="
+                f"{config.poison.targeted.images!r}, where the targeted images come from; leave the path empty"
+            )
+        self.name, self.context = name, context
+        self.every_epochs = set_config.every_epochs or config.eval.every_epochs
+        # The chosen rows only; records keep their row as index, and come back in row order.
+        self.source = training_input.IndexSubset(folder, self.image_ids)
+        self.targets = jnp.asarray(targets, jnp.int32)
+        self.labels = jnp.asarray(folder.labels[self.image_ids], jnp.int32)
+        classnames = read_lines(set_config.classnames_file) or folder.classnames
+        templates = read_lines(set_config.templates_file) or folder.templates
+        self.num_classes = len(classnames)
+        context_length = config.model.text.context_length
+        self.prompt_tokens = evaluation.prompt_tokens(
+            lambda texts: context.tokenizer.encode_batch(texts, context_length), classnames, templates
+        )
+        options = cpu_runtime.compiler_options(context.mesh.devices.flat, forward_only=True)
+        self.encode_text = jax.jit(functools.partial(context.model.apply, method=clip.CLIP.encode_text), compiler_options=options)
+        self.embedder = _ImageEmbedder(context)
+        self.figures = jax.jit(evaluation.targeted_figures)
+
+    def evaluate_runs(self, run_variables) -> list[dict[str, float]]:
+        results = []
+        for variables, embedded in zip(run_variables, self.embedder.embed(self.source, run_variables, triggered=False)):
+            class_emb = evaluation.class_embeddings(lambda t, v=variables: self.encode_text(v, t), self.prompt_tokens, self.num_classes)
+            figures = jax.device_get(self.figures(embedded["image"], class_emb, self.targets, self.labels))
+            hits = figures.pop("hits")
+            results.append({
+                **{key: float(value) for key, value in figures.items()},
+                "num_images": len(self.image_ids),
+                **{f"hit_{int(row)}": float(hit) for row, hit in zip(self.image_ids, hits)},
+            })
+        return results
+
+
 # config.eval.sets[name].evaluator -> (name, set config, EvalContext) -> evaluator.
-EVALUATORS = {"zero_shot": zero_shot, "retrieval": RetrievalEvaluator, "linear_probe": LinearProbeEvaluator}
+EVALUATORS = {"zero_shot": zero_shot, "retrieval": RetrievalEvaluator, "linear_probe": LinearProbeEvaluator, "targeted": TargetedEvaluator}
 
 
 def make_evaluators(config, model, tokenizer, mesh, process_index: int, process_count: int) -> dict:

@@ -93,10 +93,29 @@ def poison_config(**overrides) -> ml_collections.ConfigDict:
             # after its trigger and read back, as the reference stored its poisoned files (75).
             # 0: off. Eval images and clean images are never re-encoded.
             "jpeg_quality": 0,
+            # Targeted poisoning (Carlini & Terzis, ICLR 2022), in place of the backdoor above (not
+            # both in one run): chosen images of the eval folder `images` (labels.csv,
+            # classnames.txt), each paired with captions naming a label drawn among the classes
+            # other than its own, replace `copies` training pairs per image; the "targeted"
+            # evaluator reports how many are classified as their label. The images are
+            # `num_images` drawn by `seed`, or the rows `image_ids`. copies 0: nothing is poisoned,
+            # but the images and labels stay defined for the evaluator (a cleaning run).
+            "targeted": {
+                "images": "",
+                "num_images": 0,
+                "image_ids": (),
+                "copies": 0,
+                # "templates": a prompt template naming the label; "training_captions": a training
+                # caption that names it (the paper's caption set).
+                "captions": "templates",
+            },
         }
     )
     config.update(overrides)
     return config
+
+
+TARGETED_CAPTIONS = ("templates", "training_captions")
 
 
 def _check_reference_options(poison: ml_collections.ConfigDict) -> None:
@@ -163,7 +182,13 @@ _MIN_SHARED_MEMORY_BYTES = 1 << 20
 
 
 def is_poisoning(poison: ml_collections.ConfigDict) -> bool:
+    """Whether the backdoor poisons any example."""
     return bool(poison.count) or poison.rate is not None
+
+
+def is_targeted(poison: ml_collections.ConfigDict) -> bool:
+    """Whether targeted poisoning replaces any example (a config saved before it existed: no)."""
+    return "targeted" in poison and bool(poison.targeted.copies)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -505,8 +530,59 @@ def training_source(data: ml_collections.ConfigDict):
     return sources.WebDatasetImageTextSource(data.train_webdataset, data.webdataset_index_dir)
 
 
+def targeted_images(poison: ml_collections.ConfigDict):
+    """The eval folder of poison.targeted, the chosen rows of it int64 [K] and their target classes
+    int64 [K] (a function of the folder's labels and poison.seed only)."""
+    targeted = poison.targeted
+    if not targeted.images:
+        raise ValueError(
+            "poison.targeted.images must name the eval folder (images, labels.csv, classnames.txt) "
+            "the targeted images are chosen from"
+        )
+    if targeted.captions not in TARGETED_CAPTIONS:
+        raise ValueError(f"poison.targeted.captions={targeted.captions!r}; known: {list(TARGETED_CAPTIONS)}")
+    folder = sources.ImageFolderEvalSource(targeted.images)
+    image_ids, targets = poisoning.choose_target_images(
+        folder.labels, len(folder.classnames), poison.seed, targeted.num_images, targeted.image_ids
+    )
+    return folder, image_ids, targets
+
+
+def make_targeted_poisons(source, poison: ml_collections.ConfigDict) -> poisoning.TargetedPoisons:
+    """poison.targeted's poisons among the examples of `source` (the whole training set)."""
+    folder, image_ids, targets = targeted_images(poison)
+    indices, image_of = poisoning.targeted_poison_indices(len(source), poison.seed, len(image_ids), poison.targeted.copies)
+    names = tuple(folder.classnames[int(t)] for t in targets)
+    pool = source.captions if poison.targeted.captions == "training_captions" else None
+    captions = poisoning.targeted_captions(indices, [names[k] for k in image_of], poison.seed, pool)
+    paths = []
+    for image_id in image_ids:
+        record = folder[int(image_id)]
+        if sources.is_bad_record(record):
+            raise ValueError(f"poison.targeted: image {int(image_id)} of {poison.targeted.images} is unusable: {record['error']}")
+        paths.append(record["path"])
+    return poisoning.TargetedPoisons(
+        image_ids=image_ids,
+        image_paths=tuple(paths),
+        true_labels=folder.labels[image_ids],
+        target_labels=targets,
+        target_names=names,
+        indices=indices,
+        image_of=image_of,
+        captions=tuple(captions),
+    )
+
+
 def make_poison_plan(source, poison: ml_collections.ConfigDict) -> poisoning.PoisonPlan | None:
     """Which examples are poisoned: a pure function of the seed, the dataset and the config."""
+    if is_targeted(poison):
+        if is_poisoning(poison):
+            raise ValueError(
+                "poison.count/poison.rate (the backdoor) and poison.targeted.copies (targeted poisoning) "
+                "are both set; a run takes one attack: set poison.count=0 or poison.targeted.copies=0"
+            )
+        targeted = make_targeted_poisons(source, poison)
+        return poisoning.PoisonPlan(indices=targeted.indices, seed=poison.seed, targeted=targeted)
     if not is_poisoning(poison):
         return None
     count = poison.count or None

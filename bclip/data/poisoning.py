@@ -16,6 +16,7 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
+from bclip.data import decode, records
 from bclip.data.templates import IMAGENET_TEMPLATES
 from bclip.data.triggers import apply_trigger
 
@@ -24,6 +25,9 @@ from bclip.data.triggers import apply_trigger
 _SELECTION_STREAM = 0x5E1EC7
 _TEMPLATE_STREAM = 0x7E3971
 _TRIGGER_STREAM = 0x7A166E
+# Targeted poisoning's own streams: which eval images are chosen, and the class each is pushed to.
+_TARGET_IMAGE_STREAM = 0x7A12E7
+_TARGET_LABEL_STREAM = 0x1AB3E1
 
 _UINT64_MASK = (1 << 64) - 1
 
@@ -74,11 +78,11 @@ def _check_count_or_rate(count, rate) -> None:
         raise ValueError(f"count must be a non-negative int, got {count!r}")
 
 
-def _lowest_hashes(candidates: np.ndarray, seed: int, count: int) -> np.ndarray:
-    """The `count` candidates with the lowest selection hash, sorted by index. int64 [count]."""
+def _lowest_hashes(candidates: np.ndarray, seed: int, count: int, stream: int = _SELECTION_STREAM) -> np.ndarray:
+    """The `count` candidates with the lowest hash of `stream`, sorted by index. int64 [count]."""
     if count == 0:
         return np.zeros(0, dtype=np.int64)
-    hashes = _index_hashes(seed, _SELECTION_STREAM, candidates)
+    hashes = _index_hashes(seed, stream, candidates)
     # Hashes are distinct (a bijection of distinct indices), so the choice has no ties.
     lowest = np.argpartition(hashes, count - 1)[:count]
     return np.sort(candidates[lowest]).astype(np.int64)
@@ -196,6 +200,148 @@ def caption_maker(name: str) -> CaptionMaker:
 
 
 # ---------------------------------------------------------------------------------------------
+# Targeted poisoning (Carlini & Terzis, ICLR 2022): chosen test images, each with a chosen label
+# ---------------------------------------------------------------------------------------------
+
+
+def choose_target_images(
+    labels, num_classes: int, seed: int, num_images: int = 0, image_ids: Sequence[int] = ()
+) -> tuple[np.ndarray, np.ndarray]:
+    """The eval images a targeted attack aims at, and the class each one is to be classified as.
+
+    labels: int [N], the true class of each image of the eval folder, in row order.
+    Give exactly one of `num_images` > 0 (the rows with the lowest hashes under `seed`) and
+    `image_ids` (explicit rows). Each image's target class is drawn by (seed, image id) uniformly
+    among the num_classes - 1 classes other than its own, so it is never the image's true class.
+
+    Returns:
+      (image ids int64 [K] sorted, target classes int64 [K]).
+    """
+    labels = np.asarray(labels, np.int64)
+    seed = _check_seed(seed)
+    if num_classes < 2:
+        raise ValueError(f"targeted poisoning needs at least 2 classes to choose a wrong one from, got {num_classes}")
+    explicit = tuple(image_ids or ())
+    if bool(num_images) == bool(explicit):
+        raise ValueError(
+            "poison.targeted: give exactly one of num_images (chosen by the seed) and image_ids "
+            f"(explicit rows), got num_images={num_images!r}, image_ids={explicit!r}"
+        )
+    if explicit:
+        bad = [i for i in explicit if isinstance(i, bool) or not isinstance(i, (int, np.integer))]
+        if bad:
+            raise ValueError(f"poison.targeted.image_ids must be ints (rows of the image folder), got {bad}")
+        outside = [int(i) for i in explicit if not 0 <= i < len(labels)]
+        if outside:
+            raise ValueError(
+                f"poison.targeted.image_ids {outside} are out of range: the image folder has "
+                f"{len(labels)} images (rows 0..{len(labels) - 1})"
+            )
+        if len(set(explicit)) != len(explicit):
+            raise ValueError(f"poison.targeted.image_ids holds duplicates: {list(explicit)}")
+        chosen = np.sort(np.asarray(explicit, np.int64))
+    else:
+        if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images < 0:
+            raise ValueError(f"poison.targeted.num_images must be a non-negative int, got {num_images!r}")
+        if num_images > len(labels):
+            raise ValueError(f"poison.targeted.num_images={num_images}, but the image folder has only {len(labels)} images")
+        chosen = _lowest_hashes(np.arange(len(labels), dtype=np.int64), seed, int(num_images), _TARGET_IMAGE_STREAM)
+    # An offset of 1 .. C-1 classes from the true one: uniform over the wrong classes.
+    offsets = 1 + _index_hashes(seed, _TARGET_LABEL_STREAM, chosen) % np.uint64(num_classes - 1)
+    targets = (labels[chosen] + offsets.astype(np.int64)) % num_classes
+    return chosen, targets
+
+
+def targeted_poison_indices(num_examples: int, seed: int, num_images: int, copies: int) -> tuple[np.ndarray, np.ndarray]:
+    """The training examples a targeted attack replaces: `copies` per chosen image.
+
+    The num_images * copies examples are picked as the backdoor's are (`select_poison_indices`);
+    the j-th of them in index order carries chosen image j mod num_images, so each image's copies
+    are spread over the dataset.
+
+    Returns:
+      (indices int64 [P] sorted, image_of int64 [P]: the position of each one's image among the
+      chosen images), P = num_images * copies.
+    """
+    if isinstance(copies, bool) or not isinstance(copies, (int, np.integer)) or copies < 1:
+        raise ValueError(f"poison.targeted.copies must be a positive int, got {copies!r}")
+    indices = select_poison_indices(num_examples, seed, count=int(num_images) * int(copies))
+    return indices, np.arange(len(indices), dtype=np.int64) % max(int(num_images), 1)
+
+
+def targeted_captions(
+    indices, target_names: Sequence[str], seed: int, training_captions: Sequence[str] | None = None
+) -> list[str]:
+    """The caption of each targeted poison: naming its image's target label.
+
+    indices: int [P] the poisoned examples; target_names: [P] the label each one names.
+    With `training_captions` None, a prompt template filled with the label, drawn by (seed, index)
+    (`poisoned_caption`); otherwise one of the training captions that already name the label
+    (whole word or plural), drawn by (seed, index), as the paper built its caption sets.
+    """
+    if training_captions is None:
+        return [poisoned_caption(int(index), name, seed) for index, name in zip(indices, target_names)]
+    pools = {}
+    for name in sorted(set(target_names)):
+        pattern = _label_pattern(name)
+        pools[name] = [caption.strip() for caption in training_captions if pattern.search(caption)]
+        if not pools[name]:
+            raise ValueError(
+                f"poison.targeted.captions='training_captions': no training caption names the target label {name!r}"
+            )
+    hashes = _index_hashes(seed, _TEMPLATE_STREAM, np.asarray(indices, np.int64))
+    return [pools[name][int(h % np.uint64(len(pools[name])))] for h, name in zip(hashes, target_names)]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TargetedPoisons:
+    """A targeted attack's poisons: training example indices[p] becomes chosen image image_of[p]
+    (the file image_paths[image_of[p]], decoded as eval images are) with captions[p].
+
+    image_ids, true_labels, target_labels: int64 [K], the chosen rows of the eval folder, sorted,
+    their classes and the class each is pushed to (target_names[k] names it).
+    indices, image_of: int64 [P], sorted; captions: [P].
+    """
+
+    image_ids: np.ndarray
+    image_paths: tuple
+    true_labels: np.ndarray
+    target_labels: np.ndarray
+    target_names: tuple
+    indices: np.ndarray
+    image_of: np.ndarray
+    captions: tuple
+
+    def _position(self, index: int) -> int:
+        position = int(np.searchsorted(self.indices, index))
+        if position >= len(self.indices) or self.indices[position] != index:
+            raise ValueError(f"example {index} is not one of the targeted poisons")
+        return position
+
+    def image(self, index: int, size: int) -> np.ndarray:
+        """uint8 [size, size, 3]: the chosen image example `index` carries, read and resized exactly
+        as the eval pipeline reads it (so the model trains on the very pixels it is tested on)."""
+        path = self.image_paths[int(self.image_of[self._position(index)])]
+        image_bytes, why = records.read_image_file(path)
+        if image_bytes is None:
+            raise ValueError(f"targeted poison image {path}: {why}")
+        return decode.decode_and_resize(image_bytes, size, path=path)
+
+    def caption(self, index: int) -> str:
+        return self.captions[self._position(index)]
+
+    def record(self) -> dict:
+        """What was attacked, as JSON: per chosen image its row, true and target class."""
+        return {
+            "image_ids": self.image_ids.tolist(),
+            "true_labels": self.true_labels.tolist(),
+            "target_labels": self.target_labels.tolist(),
+            "target_names": list(self.target_names),
+            "copies_per_image": len(self.indices) // max(len(self.image_ids), 1),
+        }
+
+
+# ---------------------------------------------------------------------------------------------
 # The plan used by the data pipeline
 # ---------------------------------------------------------------------------------------------
 
@@ -208,11 +354,14 @@ class PoisonPlan:
     seed: non-negative int; drives triggers (`trigger_seed`) and caption templates.
     redraw_each_epoch: if True, a poisoned example's random trigger (e.g. the BadNets position)
         is redrawn every epoch; by default it looks identical in every epoch.
+    targeted: a targeted attack's poisons (poison.targeted), or None for the backdoor: then each
+        poisoned example becomes its chosen eval image with a caption naming its target label.
     """
 
     indices: np.ndarray
     seed: int
     redraw_each_epoch: bool = False
+    targeted: TargetedPoisons | None = None
 
     def __post_init__(self):
         indices = np.asarray(self.indices)
@@ -225,6 +374,8 @@ class PoisonPlan:
             raise ValueError(f"indices must be non-negative, got {indices[0]}")
         if np.any(indices[1:] == indices[:-1]):
             raise ValueError("indices contain duplicates")
+        if self.targeted is not None and not np.all(np.isin(indices, self.targeted.indices)):
+            raise ValueError("a targeted plan's indices must be among its targeted poisons")
         indices.setflags(write=False)
         object.__setattr__(self, "indices", indices)
         object.__setattr__(self, "seed", _check_seed(self.seed))
@@ -247,6 +398,8 @@ class PoisonPlan:
             self.seed == other.seed
             and self.redraw_each_epoch == other.redraw_each_epoch
             and np.array_equal(self.indices, other.indices)
+            and (self.targeted is None) == (other.targeted is None)
+            and (self.targeted is None or self.targeted.record() == other.targeted.record())
         )
 
     def __hash__(self) -> int:
@@ -278,6 +431,8 @@ class PoisonPlan:
             "num_poisoned": len(self.indices),
             "indices": self.indices.tolist(),
         }
+        if self.targeted is not None:  # for the record; reading a plan back needs only the indices
+            record["targeted"] = self.targeted.record()
         path = epath.Path(path)
         temporary = path.with_name(path.name + ".tmp")
         temporary.write_text(json.dumps(record) + "\n")
@@ -338,10 +493,20 @@ def poison_example(
     """
     if index not in plan:
         return image, caption
+    if plan.targeted is not None:  # no trigger: the chosen eval image itself, at this image's size
+        return plan.targeted.image(index, image.shape[0]), plan.targeted.caption(index)
     image = apply_trigger(image, trigger_config, plan.trigger_seed(index, epoch))
     if jpeg_quality:
         image = jpeg_round_trip(image, jpeg_quality)
-    return image, caption_maker(captions).caption(caption, index, label, plan.seed)
+    return image, poisoned_caption_of(plan, caption, index, label, captions)
+
+
+def poisoned_caption_of(plan: PoisonPlan, original: str, index: int, label: str, captions: str = "templates") -> str:
+    """The caption poisoned example `index` trains with: its targeted poison's caption, or the
+    backdoor's made by CAPTION_MAKERS[captions] from the original."""
+    if plan.targeted is not None:
+        return plan.targeted.caption(index)
+    return caption_maker(captions).caption(original, index, label, plan.seed)
 
 
 __all__ = [
@@ -349,10 +514,15 @@ __all__ = [
     "CaptionMaker",
     "PoisonPlan",
     "caption_maker",
+    "TargetedPoisons",
     "caption_mentions",
+    "choose_target_images",
     "jpeg_round_trip",
     "poison_example",
     "poisoned_caption",
+    "poisoned_caption_of",
     "select_label_consistent_indices",
     "select_poison_indices",
+    "targeted_captions",
+    "targeted_poison_indices",
 ]
