@@ -13,6 +13,7 @@ its view, cross-entropy both ways at the model's temperature.
 import argparse
 import json
 import os
+import resource
 import time
 
 import open_clip
@@ -41,7 +42,8 @@ def main():
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--objective", default="mmcl", choices=["mmcl", "mmcl_ssl"])
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup_steps", type=int, default=2)
+    parser.add_argument("--warmup_steps", type=int, default=3)
+    parser.add_argument("--max_warmup_steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:
@@ -77,8 +79,13 @@ def main():
         optimizer.step()
         return loss
 
-    for _ in range(args.warmup_steps):
+    # bclip's warm-up rule (bclip/bench/step.py, `settle`): at least --warmup_steps, then on until
+    # a step faults in at most 1,000 pages, so neither side's timed steps pay for heap growth.
+    for warmup in range(1, max(args.warmup_steps, args.max_warmup_steps) + 1):
+        faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         step()
+        if warmup >= args.warmup_steps and resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before <= 1000:
+            break
     start = time.perf_counter()
     for _ in range(args.steps):
         loss = step()
@@ -86,7 +93,7 @@ def main():
     print(json.dumps({
         "bench": "open_clip_step", "model": args.model, "objective": args.objective, "batch_size": args.batch_size,
         "threads": torch.get_num_threads(), "torch": torch.__version__, "open_clip": open_clip.__version__,
-        "pairs_per_s": args.batch_size / s_per_step, "s_per_step": s_per_step, "loss": float(loss.detach()),
+        "pairs_per_s": args.batch_size / s_per_step, "s_per_step": s_per_step, "warmup_steps": warmup, "loss": float(loss.detach()),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS", ""),
     }), flush=True)
 

@@ -60,6 +60,32 @@ def random_batch(model_config, batch_size: int, with_views: bool, seed: int = 0,
     return batch
 
 
+# A step that faults in at most this many pages (4 MB) leaves the heap as it found it.
+SETTLED_FAULTS = 1000
+
+
+def settle(run_step, min_steps: int, max_steps: int) -> tuple[int, int]:
+    """Untimed steps before timing: at least `min_steps`, then more until one faults in at most
+    SETTLED_FAULTS pages (minor page faults), `max_steps` in all at most; (steps run, the last
+    one's faults).
+
+    On CPU the retained heap (cpu_runtime) does not reach its steady size in a fixed number of
+    steps. Measured on a 2-core Xeon (tiny-vit MMCL, batch 128): the heap grew in jumps of ~1.7 GB
+    (fragmentation: a step's largest blocks did not fit the holes the last one left) to 4.5-6.3 GB,
+    then stayed, and steps faulted in nothing; in 5 of 9 runs the growth went on past 3 warm-up
+    steps, so the timed steps took 72,000-217,000 faults each (a start-up cost counted as the
+    step's). The heap had not failed to hold its pages: no memory went back to the system.
+    """
+    faults = 0
+    for i in range(max(max_steps, min_steps)):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        run_step(i)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        if i + 1 >= min_steps and faults <= SETTLED_FAULTS:
+            return i + 1, faults
+    return max(max_steps, min_steps), faults
+
+
 def bench_step(args) -> dict:
     model_config = clip.model_config(args.model, dtype=args.dtype)
     model = clip.build_model(model_config)
@@ -84,9 +110,12 @@ def bench_step(args) -> dict:
     start = time.perf_counter()
     compiled = step.lower(state, batch, jax.random.key(0), hparams).compile()
     compile_s = time.perf_counter() - start
-    for i in range(args.warmup_steps):
+    def untimed_step(i):
+        nonlocal state
         state, metrics = compiled(state, batch, jax.random.key(i), hparams)
-    jax.block_until_ready(metrics)
+        jax.block_until_ready(metrics)
+
+    warmup_steps, settling_faults = settle(untimed_step, args.warmup_steps, args.max_warmup_steps)
     usage_before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     for i in range(args.steps):
@@ -111,6 +140,8 @@ def bench_step(args) -> dict:
         # Host memory behaviour behind CPU figures (bclip/cpu_runtime.py).
         "retained_heap": os.environ.get(cpu_runtime.RETAINED_HEAP_ENV) == "1",
         "minor_faults_per_step": (usage.ru_minflt - usage_before.ru_minflt) / args.steps,
+        "warmup_steps": warmup_steps,
+        "last_warmup_step_minor_faults": settling_faults,
         "kernel_s_per_step": (usage.ru_stime - usage_before.ru_stime) / args.steps,
     }
     if jax.devices()[0].platform == "cpu":

@@ -1,0 +1,35 @@
+"""The step benchmark's warm-up rule (bclip.bench.step.settle): untimed steps go on while a step
+still faults in new pages, so heap growth is not timed as the step's cost."""
+
+import mmap
+
+from bclip.bench import step as bench_step
+
+
+def growing_steps(growing: int, kept: list):
+    """A step that, for its first `growing` calls, writes and keeps 16 MB of fresh anonymous memory
+    (4,096 pages faulted in: a private mapping, which no huge page serves without madvise), and
+    afterwards touches nothing new."""
+
+    def run(i):
+        if i < growing:
+            memory = mmap.mmap(-1, 16 << 20)
+            memory.write(b"\1" * (16 << 20))
+            kept.append(memory)
+
+    return run
+
+
+def test_warm_up_lasts_until_a_step_faults_in_nothing_new():
+    kept = []
+    steps, faults = bench_step.settle(growing_steps(4, kept), min_steps=2, max_steps=10)
+    assert steps == 5 and faults <= bench_step.SETTLED_FAULTS  # steps 0-3 grew; step 4 did not
+    assert len(kept) == 4
+
+
+def test_warm_up_runs_its_minimum_and_stops_at_its_maximum():
+    steps, faults = bench_step.settle(growing_steps(0, []), min_steps=3, max_steps=10)
+    assert steps == 3 and faults <= bench_step.SETTLED_FAULTS
+    # Still growing at the maximum: it stops there and reports the last step's faults.
+    steps, faults = bench_step.settle(growing_steps(100, []), min_steps=1, max_steps=4)
+    assert steps == 4 and faults >= 4096
