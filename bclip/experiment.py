@@ -627,13 +627,16 @@ def headline(summary: dict) -> list[str]:
     for model, entry in summary.items():
         original = entry["original"]
         lines.append(f"{model}: pretrained top-1 {100 * original['test_top1']:.1f}%, ASR {100 * original['test_asr']:.1f}%")
-        for method, s in entry["methods"].items():
-            within = s["lowest_asr_within"]["2pt"]
-            best = s["best_top1_with_asr_at_most_5pct"]
-            within_text = f"{100 * within['asr']:.1f}% (top-1 {100 * within['top1']:.1f}%)" if within else "no point"
-            best_text = f"{100 * best['top1']:.1f}%" if best else "no point"
-            lines.append(f"  {method}: lowest ASR keeping top-1 within 2 pt: {within_text}; best top-1 with ASR <= 5%: {best_text}")
+        lines += [_method_headline(method, s) for method, s in entry["methods"].items()]
     return lines
+
+
+def _method_headline(label: str, figures: dict) -> str:
+    within = figures["lowest_asr_within"]["2pt"]
+    best = figures["best_top1_with_asr_at_most_5pct"]
+    within_text = f"{100 * within['asr']:.1f}% (top-1 {100 * within['top1']:.1f}%)" if within else "no point"
+    best_text = f"{100 * best['top1']:.1f}%" if best else "no point"
+    return f"  {label}: lowest ASR keeping top-1 within 2 pt: {within_text}; best top-1 with ASR <= 5%: {best_text}"
 
 
 def zoo_headline(zoo: dict) -> list[str]:
@@ -643,12 +646,7 @@ def zoo_headline(zoo: dict) -> list[str]:
         for model, entry in models.items():
             undefended = entry["undefended"]
             lines.append(f"{attack}, {model}: undefended top-1 {100 * undefended['test_top1']:.1f}%, ASR {100 * undefended['test_asr']:.1f}%")
-            for defence, row in entry["defences"].items():
-                within = row["lowest_asr_within"]["2pt"]
-                best = row["best_top1_with_asr_at_most_5pct"]
-                within_text = f"{100 * within['asr']:.1f}% (top-1 {100 * within['top1']:.1f}%)" if within else "no point"
-                best_text = f"{100 * best['top1']:.1f}%" if best else "no point"
-                lines.append(f"  {defence} ({row['stage']}): lowest ASR within 2 pt: {within_text}; best top-1 with ASR <= 5%: {best_text}")
+            lines += [_method_headline(f"{defence} ({row['stage']})", row) for defence, row in entry["defences"].items()]
     return lines
 
 
