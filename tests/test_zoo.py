@@ -7,12 +7,14 @@ import os
 import numpy as np
 import pytest
 
+from bclip import config as run_configs
 from bclip import detect, experiment, run_files, study_report
 from bclip.data import triggers
 from bclip.sweep import runs as sweep_runs
 from test_experiment import study_synthetic
 
 P = study_report.Point
+CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
 
 
 def test_zoo_report_fronts_and_rows_by_hand(tmp_path):
@@ -192,3 +194,36 @@ def test_default_study_has_no_attacks_or_defences():
         study = study_synthetic().get_config(arg)
         assert not study.attacks and not study.pretrain_defences
         assert experiment.defence_stages(study) == {name: "post-hoc" for name in study.cleaning_methods}
+
+
+def test_cc3m_zoo_runs_the_published_configs():
+    """configs/zoo_cc.py: each run is the CC3M config of its method (eval sets aside: the runner
+    reads "test" and "selection"); PAR trains on the study's cleaning setting and grid."""
+    config = lambda name: run_configs.load_config_file(os.path.join(CONFIGS, f"{name}.py"))  # noqa: E731
+    study = experiment.apply_proportions(config("zoo_cc").get_config())
+    experiment.check_defences(study)
+    assert list(study.attacks) == ["BadNets", "blended"]
+
+    def differences(ours, published):
+        ours, published = ({k: v for k, v in run_configs.dotted(c).items() if not k.startswith("eval.")} for c in (ours, published))
+        return {k: (ours.get(k), published.get(k)) for k in ours.keys() | published.keys() if ours.get(k) != published.get(k)}
+
+    single = experiment.attack_study(study, "BadNets")
+    pretrain = experiment.pretrain_configs(single, None)
+    assert differences(pretrain["MMCL"], config("pretrain_cc").get_config("cc3m_mmcl")) == {}
+    assert differences(pretrain["MMCL+SSL"], config("pretrain_cc").get_config("cc3m_mmcl_ssl")) == {}
+    assert differences(experiment.defended_config(single, pretrain["MMCL"], "RoCLIP"), config("roclip").get_config("cc3m")) == {}
+    safeclip = experiment.defended_config(single, pretrain["MMCL"], "SafeCLIP")
+    assert differences(safeclip, config("pretrain_safeclip_cc").get_config("cc3m")) == {}
+    assert sorted(safeclip.eval.sets) == ["selection", "test"] and safeclip.eval.selection_set == "selection"
+    paths = {"train.init_from": ("/p", ""), "train.exclude_indices_file": ("/p/poison_indices.json", "")}
+    clean_cc = config("clean_cc")
+    cleanclip = experiment.clean_config(single, pretrain["MMCL"], "/p", "CleanCLIP", 5e-4)
+    assert differences(cleanclip, clean_cc.get_config("cleanclip")) == paths and cleanclip.eval.at_start
+    par = experiment.clean_config(single, pretrain["MMCL"], "/p", "PAR", 5e-4)
+    published_only = {"train.num_epochs": (20, 2), "train.checkpoint_every_steps": (1000, 50), "data.batch_size": (64, 2048),
+                      "optim.warmup_steps": (50, 0), "train.log_every_steps": (50, 10), "train.subset_size": (100_000, 250_000),
+                      "optim.learning_rate": (5e-4, 3e-5)}
+    assert differences(par, clean_cc.get_config("par")) == {**paths, **published_only}
+    assert study.cleaning_learning_rates == clean_cc.LEARNING_RATES
+    assert study.pretrain_defences["detect-drop-retrain"].drop_share == 0.1
