@@ -4,9 +4,12 @@ the report — from one study config.
   python -m bclip.experiment --config configs/study_synthetic.py --workdir runs/study
 
 Layout of the workdir: world/ (the embedded synthetic data, when the study uses it),
-pretrain/NAME/, clean/NAME/METHOD/lr=LR/, and summary.json, report.md, report.png. Every run
-directory with a done.json is finished and is not redone when the command runs again. The workdir
-may be on GCS (gs://…) when the study reads no synthetic world, which is written locally.
+pretrain/NAME/, clean/NAME/METHOD/lr=LR/, defended/NAME/DEFENCE/ (pretraining-time defences),
+detect/NAME/DETECTOR/, and summary.json, report.md, report.png. A study with attacks (study.attacks)
+runs all of that once per attack under ATTACK/, sharing world/, and writes the attacks x defences
+report (study_report.write_zoo_report) beside them. Every run directory with a done.json is finished
+and is not redone when the command runs again. The workdir may be on GCS (gs://…) when the study
+reads no synthetic world, which is written locally.
 """
 
 import json
@@ -16,6 +19,7 @@ import time
 from typing import Callable
 
 import ml_collections
+import numpy as np
 from absl import logging
 from etils import epath
 
@@ -23,6 +27,7 @@ from bclip import config as run_configs
 from bclip import checkpointing, clip_benchmark, detect, run_files, study_report, train
 from bclip.sweep import execute as sweep_execute
 from bclip.sweep import runs as sweep_runs
+from bclip.data import triggers
 from bclip.data.synthetic import eval_sets, writer
 
 TrainFn = Callable[[ml_collections.ConfigDict, str], dict]
@@ -47,6 +52,14 @@ def study_config() -> ml_collections.ConfigDict:
     config.clean_base = ml_collections.ConfigDict()
     config.cleaning_methods = ml_collections.ConfigDict()
     config.cleaning_learning_rates = (1e-4,)
+    # Pretraining-time defences (entries made by `pretrain_defence`): a retrain of some of the
+    # pretraining entries, reported beside the cleaning methods with every evaluated epoch a point
+    # (and the undefended runs' own epochs as the defence "none"). Empty: not run, not reported.
+    config.pretrain_defences = ml_collections.ConfigDict()
+    # Attacks (entries made by `attack`): poison settings applied to pretrain_base, the whole study
+    # run once per attack under workdir/ATTACK. Empty: the one attack pretrain_base configures, with
+    # the runs directly under workdir.
+    config.attacks = ml_collections.ConfigDict()
     # Train each method's learning-rate grid as one group (one program, one input stream) where
     # its runs can share one; their results equal separate runs' (bclip.run_group).
     config.vectorise_cleaning = True
@@ -278,6 +291,120 @@ def cleaning_sweep(study, pretrain_config, pretrain_dir: str, method: str, root:
     return clean_config(study, pretrain_config, pretrain_dir, method, study.cleaning_learning_rates[0]), runs
 
 
+# ---------------------------------------------------------------------------------------------
+# Attacks and pretraining-time defences
+# ---------------------------------------------------------------------------------------------
+
+UNDEFENDED = "none"  # the defence name of the undefended runs' own epochs
+DROP_FILE = "dropped_{share:g}.json"  # in a detector's folder: the pairs a detect-drop-retrain leaves out
+
+
+def attack(trigger: ml_collections.ConfigDict | dict | None = None, **poison) -> dict:
+    """A study.attacks entry: the trigger section (whole, as triggers.default_trigger_config makes
+    it; None keeps pretrain_base's) and other poison-section settings (e.g. target_label)."""
+    entry = {"poison": dict(poison)}
+    if trigger is not None:
+        entry["trigger"] = dict(trigger.to_dict() if isinstance(trigger, ml_collections.ConfigDict) else trigger)
+    return entry
+
+
+def _plain(entry) -> dict:
+    return entry.to_dict() if isinstance(entry, ml_collections.ConfigDict) else dict(entry or {})
+
+
+def with_attack(config: ml_collections.ConfigDict, name: str, entry) -> ml_collections.ConfigDict:
+    """`config` poisoned by attack `name` (an `attack` entry). The trigger section is replaced
+    whole, since each trigger has its own options; an option the trigger lacks is an error."""
+    poison = _plain(entry.get("poison"))
+    config = run_configs.override(config, run_configs.dotted({"poison": poison}) if poison else {})
+    trigger = _plain(entry.get("trigger"))
+    if not trigger:
+        return config
+    if trigger.get("name") not in triggers.TRIGGERS:
+        raise ValueError(f"attack {name!r}: unknown trigger {trigger.get('name')!r}; known: {sorted(triggers.TRIGGERS)}")
+    section = triggers.default_trigger_config(trigger["name"])
+    unknown = sorted(set(trigger) - set(section))
+    if unknown:
+        raise ValueError(f"attack {name!r}: trigger {trigger['name']!r} has no options {unknown}; it takes {sorted(section)}")
+    section.update(trigger)
+    with config.unlocked():
+        config.poison.trigger = section
+    return config
+
+
+def attack_study(study: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+    """The study of one attack: `study` without attacks, its pretrain_base poisoned by `name`."""
+    single = ml_collections.ConfigDict(study.to_dict())
+    single.attacks = {}
+    single.pretrain_base = with_attack(study.pretrain_base, name, study.attacks[name])
+    single.lock()
+    return single
+
+
+def pretrain_defence(objectives, overrides=None, *, drop_detector: str = "", drop_share: float = 0.0) -> dict:
+    """A study.pretrain_defences entry: a retrain of each pretraining entry named in `objectives`
+    with `overrides` (nested run-config sections, e.g. an objective and a per-epoch pass) merged in
+    and, with a drop_detector (bclip.detection.DETECTORS), without the `drop_share` of the training
+    pairs that detector scores highest on the undefended model: detect, drop, retrain."""
+    return {"objectives": tuple(objectives), "overrides": dict(overrides or {}), "drop_detector": drop_detector,
+            "drop_share": float(drop_share)}
+
+
+def check_defences(study: ml_collections.ConfigDict) -> None:
+    """ValueError naming the entry when a defence names no pretraining entry, clashes with a
+    cleaning method's name, or drops no pairs."""
+    for name, entry in study.pretrain_defences.items():
+        if name == UNDEFENDED or name in study.cleaning_methods:
+            raise ValueError(f"pretrain_defences.{name}: the name is taken (by the undefended runs or a cleaning method)")
+        missing = sorted(set(entry.objectives) - set(study.pretrain))
+        if missing or not entry.objectives:
+            raise ValueError(f"pretrain_defences.{name}.objectives names {missing or 'nothing'}; pretraining entries: {sorted(study.pretrain)}")
+        if entry.drop_detector and not 0.0 < entry.drop_share < 1.0:
+            raise ValueError(f"pretrain_defences.{name}.drop_share must be in (0, 1) with a drop_detector, got {entry.drop_share}")
+
+
+def drop_flagged(detect_dir: str, share: float) -> str:
+    """Writes the `share` of the scored training pairs with the highest scores in detect_dir's
+    scores.npy (ties to the lower index) as a JSON list for train.exclude_indices_file; its path."""
+    with (epath.Path(detect_dir) / detect.SCORES_FILE).open("rb") as f:
+        scores = np.load(f, allow_pickle=False)
+    scored = np.flatnonzero(~np.isnan(scores))  # NaN: a record training drops
+    count = round(share * len(scored))
+    dropped = scored[np.argsort(-scores[scored], kind="stable")[:count]]
+    path = epath.Path(detect_dir) / DROP_FILE.format(share=share)
+    run_files.write_json(path, sorted(int(i) for i in dropped))
+    return os.fspath(path)
+
+
+def defended_config(study, pretrain_config, defence: str, drop_file: str = "") -> ml_collections.ConfigDict:
+    """The pretraining run of `defence` on an entry's config: its overrides, and its drop list."""
+    entry = study.pretrain_defences[defence]
+    overrides = run_configs.dotted(entry.overrides)
+    if entry.drop_detector:
+        overrides["train.exclude_indices_file"] = drop_file
+    return run_configs.override(pretrain_config, overrides)
+
+
+def defence_stages(study: ml_collections.ConfigDict) -> dict[str, str]:
+    """Each reported defence's stage: "pretraining" (its points are a pretraining run's epochs) or
+    "post-hoc" (a cleaning method of the undefended model)."""
+    stages = {UNDEFENDED: "pretraining"} if study.pretrain_defences else {}
+    stages.update({name: "pretraining" for name in study.pretrain_defences})
+    stages.update({name: "post-hoc" for name in study.cleaning_methods})
+    return stages
+
+
+def _run_points(run_dir: str, workdir: str, method: str, learning_rate: float) -> list:
+    """A run's evaluated epochs (all but the step-0 one) as report points of `method`."""
+    relative = os.fspath(epath.Path(run_dir).relative_to(epath.Path(workdir)))
+    return study_report.points_from_evals(read_evals(run_dir), method, relative, learning_rate, extra_sets=tuple(EXTRA_EVAL_SETS))
+
+
+# ---------------------------------------------------------------------------------------------
+# The study
+# ---------------------------------------------------------------------------------------------
+
+
 def run_study(
     study: ml_collections.ConfigDict,
     workdir: str,
@@ -293,22 +420,63 @@ def run_study(
     workdir), default bclip.train.train_and_evaluate; given, every run goes through it alone.
     pretrain_root, world_root: where the pretraining runs and the synthetic world live (default:
     under `workdir`); studies that differ only in their cleaning share them (an ablation).
+    With study.attacks, the summary is the attacks x defences one (`run_zoo`).
     """
     study = apply_proportions(study)
+    check_defences(study)
+    if study.attacks:
+        if pretrain_root is not None:
+            raise ValueError("a study with attacks keeps its pretraining runs under each attack; pretrain_root must be None")
+        return run_zoo(study, workdir, train_fn, world_root=world_root)
+    summary, _, _ = _run_one_attack(study, workdir, train_fn, pretrain_root=pretrain_root, world_root=world_root)
+    return summary
+
+
+def run_zoo(study: ml_collections.ConfigDict, workdir: str, train_fn: TrainFn | None = None, *, world_root: str | None = None) -> dict:
+    """Every attack's study under workdir/ATTACK (one synthetic world for all), then the attacks x
+    defences report in workdir; returns its summary (study_report.zoo_summary)."""
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    (epath.Path(workdir) / "scale.json").write_text(json.dumps(scale_summary(study), indent=2) + "\n")
+    summaries, originals, points = {}, {}, {}
+    for name in study.attacks:
+        single = attack_study(study, name)
+        summaries[name], originals[name], points[name] = _run_one_attack(
+            single, _join(workdir, name), train_fn, world_root=world_root or workdir
+        )
+    return study_report.write_zoo_report(workdir, summaries, originals, points, defence_stages(study))
+
+
+def _run_one_attack(study, workdir: str, train_fn: TrainFn | None, *, pretrain_root=None, world_root=None):
+    """The study of one attack (study.attacks empty): (summary, originals, points)."""
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     (epath.Path(workdir) / "scale.json").write_text(json.dumps(scale_summary(study), indent=2) + "\n")
     world_dir = prepare_world(study.world, world_root or workdir) if study.world.enabled else None
     pretrain = pretrain_configs(study, world_dir)
+    train_fn_or_default = train_fn or train.train_and_evaluate
     originals, points, detections = {}, {}, {}
     for name, config in pretrain.items():
         pretrain_dir = _join(pretrain_root or _join(workdir, "pretrain"), name)
-        run_once(train_fn or train.train_and_evaluate, config, pretrain_dir)
+        run_once(train_fn_or_default, config, pretrain_dir)
         originals[name] = _original_figures(pretrain_dir)
         for detector in study.detectors:
             detections.setdefault(name, {})[detector] = detect_once(
                 pretrain_dir, _join(workdir, "detect", name, detector), detector, study.detection_k
             )
         points[name] = []
+        if study.pretrain_defences:
+            points[name] += _run_points(pretrain_dir, workdir, UNDEFENDED, config.optim.learning_rate)
+        for defence, entry in study.pretrain_defences.items():
+            if name not in entry.objectives:
+                continue
+            drop_file = ""
+            if entry.drop_detector:
+                detect_dir = _join(workdir, "detect", name, entry.drop_detector)
+                detect_once(pretrain_dir, detect_dir, entry.drop_detector, study.detection_k)
+                drop_file = drop_flagged(detect_dir, entry.drop_share)
+            defended = defended_config(study, config, defence, drop_file)
+            defended_dir = _join(workdir, "defended", name, defence)
+            run_once(train_fn_or_default, defended, defended_dir)
+            points[name] += _run_points(defended_dir, workdir, defence, defended.optim.learning_rate)
         for method in study.cleaning_methods:
             root = _join(workdir, "clean", name, method)
             base, runs = cleaning_sweep(study, config, pretrain_dir, method, root)
@@ -316,25 +484,24 @@ def run_study(
             if failed:
                 raise RuntimeError(f"cleaning runs of {name} by {method} failed: {', '.join(failed)} (under {root})")
             for run in runs:
-                relative = os.fspath(epath.Path(run.workdir).relative_to(epath.Path(workdir)))
-                lr = run.overrides["optim.learning_rate"]
-                points[name] += study_report.points_from_evals(
-                    read_evals(run.workdir), method, relative, lr, extra_sets=tuple(EXTRA_EVAL_SETS)
-                )
+                points[name] += _run_points(run.workdir, workdir, method, run.overrides["optim.learning_rate"])
     summary = study_report.write_report(workdir, originals, points, detections)
-    write_benchmark_files(workdir, summary, pretrain, pretrain_root)
-    return summary
+    write_benchmark_files(workdir, summary, pretrain, pretrain_root, tuple(study.cleaning_methods))
+    return summary, originals, points
 
 
-def write_benchmark_files(workdir: str, summary: dict, pretrain: dict, pretrain_root: str | None) -> None:
+def write_benchmark_files(workdir: str, summary: dict, pretrain: dict, pretrain_root: str | None, methods=None) -> None:
     """The pretrained models' final evaluations, and those of the cleaning points the report picks
     (chosen on the selection split; lowest ASR within 2 points), as CLIP_benchmark result files
-    under workdir/clip_benchmark/<model>/<which>/."""
+    under workdir/clip_benchmark/<model>/<which>/. methods: the cleaning methods (default: every
+    method in the summary); the points of pretraining-time defences are other runs' configs."""
     for name, entry in summary.items():
         config = pretrain[name]
         pretrain_dir = _join(pretrain_root or _join(workdir, "pretrain"), name)
         picked = {"pretrained": (pretrain_dir, read_evals(pretrain_dir)[-1])}
         for method, method_summary in entry["methods"].items():
+            if methods is not None and method not in methods:
+                continue
             for which, point in (("chosen", method_summary.get("chosen_on_selection")), ("within_2pt", method_summary["lowest_asr_within"]["2pt"])):
                 if point is not None:
                     run_dir = _join(workdir, point["run"])
@@ -460,12 +627,26 @@ def headline(summary: dict) -> list[str]:
     for model, entry in summary.items():
         original = entry["original"]
         lines.append(f"{model}: pretrained top-1 {100 * original['test_top1']:.1f}%, ASR {100 * original['test_asr']:.1f}%")
-        for method, s in entry["methods"].items():
-            within = s["lowest_asr_within"]["2pt"]
-            best = s["best_top1_with_asr_at_most_5pct"]
-            within_text = f"{100 * within['asr']:.1f}% (top-1 {100 * within['top1']:.1f}%)" if within else "no point"
-            best_text = f"{100 * best['top1']:.1f}%" if best else "no point"
-            lines.append(f"  {method}: lowest ASR keeping top-1 within 2 pt: {within_text}; best top-1 with ASR <= 5%: {best_text}")
+        lines += [_method_headline(method, s) for method, s in entry["methods"].items()]
+    return lines
+
+
+def _method_headline(label: str, figures: dict) -> str:
+    within = figures["lowest_asr_within"]["2pt"]
+    best = figures["best_top1_with_asr_at_most_5pct"]
+    within_text = f"{100 * within['asr']:.1f}% (top-1 {100 * within['top1']:.1f}%)" if within else "no point"
+    best_text = f"{100 * best['top1']:.1f}%" if best else "no point"
+    return f"  {label}: lowest ASR keeping top-1 within 2 pt: {within_text}; best top-1 with ASR <= 5%: {best_text}"
+
+
+def zoo_headline(zoo: dict) -> list[str]:
+    """headline's lines for an attacks x defences summary."""
+    lines = []
+    for attack, models in zoo.items():
+        for model, entry in models.items():
+            undefended = entry["undefended"]
+            lines.append(f"{attack}, {model}: undefended top-1 {100 * undefended['test_top1']:.1f}%, ASR {100 * undefended['test_asr']:.1f}%")
+            lines += [_method_headline(f"{defence} ({row['stage']})", row) for defence, row in entry["defences"].items()]
     return lines
 
 
@@ -485,7 +666,7 @@ def main(argv):
         print(f"Ablation time: {time.perf_counter() - start:.0f} s")
         return
     summary = run_study(study, workdir)
-    print("\n".join(headline(summary)))
+    print("\n".join(zoo_headline(summary) if study.attacks else headline(summary)))
     print(f"Report: {checkpointing.absolute(workdir) / 'report.md'} (and report.png, summary.json)")
     print(f"Study time: {time.perf_counter() - start:.0f} s")
 

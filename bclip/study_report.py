@@ -261,25 +261,28 @@ def plot(originals: dict[str, dict], points: dict[str, Sequence[Point]], path: s
     methods = sorted({p.method for ps in points.values() for p in ps})
     colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
     for ax, model in zip(axes[0], models):
-        for method in methods:
-            ps = [p for p in points.get(model, []) if p.method == method]
-            if ps:
-                ax.scatter([100 * p.test_asr for p in ps], [100 * p.test_top1 for p in ps], s=18, alpha=0.75, color=colours[method], label=method)
-                front = pareto_front(ps)
-                # Each front point holds until the next, better-accuracy one at a higher ASR.
-                ax.step([100 * p.test_asr for p in front], [100 * p.test_top1 for p in front], where="post",
-                        color=colours[method], linewidth=1.2, alpha=0.9)
-        original = originals[model]
-        ax.scatter([100 * original["test_asr"]], [100 * original["test_top1"]], marker="*", s=220, color="black", label="original", zorder=5)
-        ax.set_title(model)
-        ax.set_xlabel("attack success rate (%)")
-        ax.set_ylabel("zero-shot top-1 (%)")
-        ax.set_xlim(-3, 103)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _draw_panel(ax, model, originals[model], points.get(model, []), methods, colours)
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
+
+
+def _draw_panel(ax, title: str, original: dict, points: Sequence[Point], methods, colours, original_label: str = "original") -> None:
+    for method in methods:
+        ps = [p for p in points if p.method == method]
+        if ps:
+            ax.scatter([100 * p.test_asr for p in ps], [100 * p.test_top1 for p in ps], s=18, alpha=0.75, color=colours[method], label=method)
+            front = pareto_front(ps)
+            # Each front point holds until the next, better-accuracy one at a higher ASR.
+            ax.step([100 * p.test_asr for p in front], [100 * p.test_top1 for p in front], where="post",
+                    color=colours[method], linewidth=1.2, alpha=0.9)
+    ax.scatter([100 * original["test_asr"]], [100 * original["test_top1"]], marker="*", s=220, color="black", label=original_label, zorder=5)
+    ax.set_title(title)
+    ax.set_xlabel("attack success rate (%)")
+    ax.set_ylabel("zero-shot top-1 (%)")
+    ax.set_xlim(-3, 103)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 def write_report(
@@ -335,3 +338,135 @@ def points_from_evals(
             )
         )
     return points
+
+
+# ---------------------------------------------------------------------------------------------
+# Attacks x defences
+# ---------------------------------------------------------------------------------------------
+
+
+def defence_row(points: Sequence[Point], undefended: dict, stage: str) -> dict:
+    """One defence's figures against the undefended model of its objective and attack (`undefended`:
+    its test_top1 and test_asr): summarise_method's, plus, for a pretraining-time defence, its model
+    (the point of the last evaluated epoch)."""
+    row = {"stage": stage, **summarise_method(points, undefended)}
+    if stage == "pretraining" and points:
+        last = max(points, key=lambda p: p.epoch)
+        row["model"] = _describe(last)
+    return row
+
+
+def zoo_summary(summaries: dict, points: dict, stages: dict[str, str]) -> dict:
+    """{attack: {objective: {"undefended": figures, "defences": {defence: defence_row},
+    "detection": ...}}}, defences in the order of `stages`. summaries: each attack's study summary
+    (summarise's, detection included); points: {attack: {objective: points}}."""
+    zoo = {}
+    for attack, summary in summaries.items():
+        zoo[attack] = {}
+        for model, entry in summary.items():
+            model_points = points[attack].get(model, [])
+            defences = {}
+            for defence, stage in stages.items():
+                ps = [p for p in model_points if p.method == defence]
+                if ps:
+                    defences[defence] = defence_row(ps, entry["original"], stage)
+            zoo[attack][model] = {"undefended": entry["original"], "defences": defences}
+            if "detection" in entry:
+                zoo[attack][model]["detection"] = entry["detection"]
+    return zoo
+
+
+def zoo_markdown(zoo: dict) -> str:
+    """The attacks x defences report: the undefended models, one table per pretraining objective
+    (a row per attack and defence), and the detectors' figures."""
+    lines = [
+        "# Attacks x defences",
+        "",
+        "Accuracy is zero-shot top-1 on the test split, ASR the share of triggered test images of other",
+        "classes classified as the target; figures in %. Each defence is measured against the undefended",
+        "model of the same objective and attack. A point is one evaluated epoch: of each cleaning run at",
+        "each learning rate for a post-hoc defence, of the defended pretraining run for a pretraining-time",
+        "one (its last epoch is the defended model, shown in the last column); 'none' is the undefended",
+        "run's own epochs. 'Lowest ASR within k pt': the lowest ASR among points whose top-1 is at least",
+        "the undefended model's minus k points, with that point's top-1.",
+        "",
+        "## Undefended models",
+        "",
+        "| attack | pretraining | top-1 | ASR |",
+        "|---|---|---|---|",
+    ]
+    for attack, models in zoo.items():
+        for model, entry in models.items():
+            lines.append(f"| {attack} | {model} | {pct(entry['undefended']['test_top1'])} | {pct(entry['undefended']['test_asr'])} |")
+    objectives = list(dict.fromkeys(model for models in zoo.values() for model in models))
+    for model in objectives:
+        lines += [
+            "",
+            f"## Defences of {model}",
+            "",
+            "| attack | defence | stage | points | lowest ASR, acc ≥ undefended − 1 pt | − 2 pt | − 5 pt | "
+            "best acc with ASR ≤ 5 % | defended model: ASR (acc) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for attack, models in zoo.items():
+            for defence, row in models.get(model, {}).get("defences", {}).items():
+                within = row["lowest_asr_within"]
+                best = row["best_top1_with_asr_at_most_5pct"]
+                lines.append(
+                    f"| {attack} | {defence} | {row['stage']} | {row['num_points']} | {_cell(within['1pt'])} | "
+                    f"{_cell(within['2pt'])} | {_cell(within['5pt'])} | {pct(best['top1']) if best else 'none'} | "
+                    f"{_cell(row['model']) if 'model' in row else '–'} |"
+                )
+    detections = [
+        (attack, model, detector, m)
+        for attack, models in zoo.items()
+        for model, entry in models.items()
+        for detector, m in entry.get("detection", {}).items()
+    ]
+    if detections:
+        lines += [
+            "",
+            "## Poison detection",
+            "",
+            "Each undefended model scores its own training pairs; the flagged are the highest-scoring, as",
+            "many as there are poisons (so precision equals recall).",
+            "",
+            "| attack | pretraining | detector | AUROC | precision | recall | poisoned / pairs |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for attack, model, detector, m in detections:
+            lines.append(
+                f"| {attack} | {model} | {detector} (k {m.get('k', '–')}) | {m['auroc']:.3f} | {pct(m['precision'])} | "
+                f"{pct(m['recall'])} | {m['num_poisoned']} / {m['num_examples']} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def zoo_plot(originals: dict, points: dict, stages: dict[str, str], path: str | os.PathLike) -> None:
+    """Accuracy vs ASR: a row of panels per attack, a panel per objective, each defence's points and
+    Pareto front in its colour (the same colour in every panel), the undefended model marked."""
+    plt = pyplot()
+    attacks = list(originals)
+    objectives = list(dict.fromkeys(model for models in originals.values() for model in models))
+    fig, axes = plt.subplots(len(attacks), len(objectives), figsize=(5.5 * len(objectives), 4.5 * len(attacks)), squeeze=False)
+    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(stages)}
+    for row, attack in zip(axes, attacks):
+        for ax, model in zip(row, objectives):
+            if model in originals[attack]:
+                _draw_panel(ax, f"{attack}: {model}", originals[attack][model], points[attack].get(model, []), list(stages),
+                            colours, original_label="undefended")
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def write_zoo_report(workdir: str | os.PathLike, summaries: dict, originals: dict, points: dict, stages: dict[str, str]) -> dict:
+    """Write the attacks x defences report (summary.json, report.md, report.png) to `workdir`;
+    returns its summary (zoo_summary). summaries, originals, points: per attack, as each attack's
+    study has them; stages: {defence: "pretraining" | "post-hoc"}, in the report's order."""
+    zoo = zoo_summary(summaries, points, stages)
+    workdir = epath.Path(workdir)
+    (workdir / "summary.json").write_text(json.dumps(zoo, indent=2))
+    (workdir / "report.md").write_text(zoo_markdown(zoo))
+    zoo_plot(originals, points, stages, workdir / "report.png")
+    return zoo

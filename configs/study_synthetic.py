@@ -7,7 +7,10 @@
 `:par` adds Perturb and Recover (PAR) as a second cleaning method beside CleanCLIP (see PAR below);
 `:detect` scores each pretrained model's training pairs with the three poison detectors
 (bclip.detection: k-distance, SLOF, DAO; k = 16) and reports their AUROC, precision and recall.
-The default study's runs and figures are the same with or without either.
+The default study's runs and figures are the same with or without either. `:zoo` is every attack
+against every defence (see ZOO below; docs/zoo.md):
+
+  python -m bclip.experiment --config configs/study_synthetic.py:zoo --workdir runs/zoo
 
 Pretrains a small CLIP on the synthetic world's image–caption pairs, a few of which carry a BadNets
 checkerboard patch at a random place and a caption naming "banana", once with MMCL and once with
@@ -33,10 +36,15 @@ this small in this few steps (ASR <= 3.5 % even at 10 % poisoning, measured at 5
 length); docs/study_proportions.md holds its table.
 """
 
+import os
+
 import ml_collections
 
 from bclip import config as run_configs
 from bclip import experiment, objectives
+from bclip.data import triggers
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
 
 NUM_TRAIN = 12_000
 PRETRAIN_EPOCHS = 6
@@ -61,6 +69,55 @@ PAR = {
 }
 
 
+# ZOO: every attack x defence on the toy (`:zoo`), at a scale fixed by this rule before any zoo
+# run. Keep the default study's proportions (7 % poisons, 6 epochs, width 64, batch 128, cleaning 1 %
+# of pretraining's pair-steps on 3.3 % of the pairs, the 4-point learning-rate grid) and divide its
+# 12,000 pairs by the smallest whole k for which the estimated zoo takes at most 25 minutes on a quiet
+# 2-core host (5 minutes under the issue's 30, for a shared host). The estimate, in units U of the
+# default study's MMCL pretraining (the default study, 7 min 22 s quiet, is 1 U + 2.1 U for
+# MMCL+SSL — their ratio in a timed run — + about 0.3 U of cleaning, so U is about 130 s): per
+# attack, the undefended models 3.1 U, RoCLIP 1.2 U (its matching passes), SafeCLIP 2 U (SSL views),
+# detect-drop-retrain 2.8 U (both objectives on 90 % of the pairs), DAO detection 0.4 U, CleanCLIP
+# and PAR 0.6 U: 10.1 U, so 44 min for two attacks at 12,000 pairs, plus about 20 s of compiling per
+# run (24 runs: 8 min). k = 2: 22 + 8 = 30 min; k = 3: 15 + 8 = 23 min -> 4,000 pairs. The
+# retrieval and probe sets are left out (they are not in the zoo's table).
+#   attacks   BadNets (the study's 8 px checkerboard at a random place) and blended (the triggers
+#             module's default: 0.8 image + 0.2 fixed U[0, 1) noise, the reference code's pattern).
+#             The optimised patch (configs/optimised_trigger.py) is left out: it needs a clean
+#             pretrained model and 500 optimisation steps (9 min on this host) before its ~10 U of
+#             runs, twice the budget. A targeted-poisoning attack goes in ZOO_ATTACKS as one more
+#             experiment.attack entry (its poison-section settings).
+#   defences  none; post-hoc CleanCLIP and PAR on both objectives' models (as the default study
+#             and :par); pretraining-time RoCLIP and SafeCLIP on MMCL (both replace the CLIP loss's
+#             pairs; configs/roclip.py and configs/pretrain_safeclip_synthetic.py state their
+#             published settings and how they are scaled: RoCLIP's pool 0.66 % of the pairs, K = 2;
+#             SafeCLIP's 32-epoch schedule scaled to 6), and detect-drop-retrain on both objectives:
+#             DAO (k 16) scores the undefended model's pairs and the retrain leaves out the top 10 %
+#             (Huang et al., ICLR 2025, remove 10 % of CC3M by DAO score before retraining).
+ZOO_NUM_TRAIN_DIVISOR = 3
+ZOO_DROP_SHARE = 0.10
+ZOO_ATTACKS = {
+    "BadNets": experiment.attack(),
+    "blended": experiment.attack(trigger=triggers.default_trigger_config("blended")),
+}
+
+
+def zoo_defences(num_train: int, num_epochs: int) -> dict:
+    """The zoo's pretraining-time defences for a world of `num_train` pairs and `num_epochs`."""
+    roclip = run_configs.load_config_file(os.path.join(_HERE, "roclip.py"))
+    safeclip = run_configs.load_config_file(os.path.join(_HERE, "pretrain_safeclip_synthetic.py"))
+    return {
+        "RoCLIP": experiment.pretrain_defence(("MMCL",), {
+            "epoch_passes": {"roclip": {"pool_size": roclip.synthetic_pool_size(num_train), "every_epochs": roclip.EVERY_EPOCHS}},
+        }),
+        "SafeCLIP": experiment.pretrain_defence(("MMCL",), {
+            "objective": objectives.objective_config(mmcl=0.0, safe_mmcl=1.0, risky_ssl=1.0).to_dict(),
+            "epoch_passes": {"safeclip": safeclip.scaled_schedule(num_epochs)},
+        }),
+        "detect-drop-retrain": experiment.pretrain_defence(("MMCL", "MMCL+SSL"), drop_detector="dao", drop_share=ZOO_DROP_SHARE),
+    }
+
+
 def _model_overrides(width: int, smoke: bool) -> dict:
     return {
         "image": {"size": 32, "patch_size": 4 if not smoke else 8, "width": width, "layers": 2, "heads": 2},
@@ -72,9 +129,9 @@ def _model_overrides(width: int, smoke: bool) -> dict:
 def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     options = arg.split(",")
     smoke = "smoke" in options
-    unknown = sorted(set(options) - {"default", "smoke", "par", "detect"})
+    unknown = sorted(set(options) - {"default", "smoke", "par", "detect", "zoo"})
     if unknown:
-        raise ValueError(f"study_synthetic takes 'default', 'smoke', 'par' or 'detect' (comma-separated), got {arg!r}")
+        raise ValueError(f"study_synthetic takes 'default', 'smoke', 'par', 'detect' or 'zoo' (comma-separated), got {arg!r}")
     study = experiment.study_config()
     study.world.num_test = 96 if smoke else 480
     study.world.num_selection = 48 if smoke else 240
@@ -119,4 +176,20 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     if "detect" in options:
         study.detectors = ("k_distance", "slof", "dao")
     study.cleaning_learning_rates = (5e-4,) if smoke else CLEANING_LEARNING_RATES
+    if "zoo" in options:
+        _make_zoo(study, smoke)
     return study
+
+
+def _make_zoo(study: ml_collections.ConfigDict, smoke: bool) -> None:
+    """Turns the study into the zoo (ZOO above); smoke keeps the smoke scale with 3 epochs, the
+    fewest SafeCLIP's scaled schedule takes (two warm-ups and a split epoch)."""
+    if not smoke:
+        study.proportions.num_train = NUM_TRAIN // ZOO_NUM_TRAIN_DIVISOR
+    else:
+        study.proportions.pretrain_epochs = 3
+    study.world.num_retrieval = study.world.num_probe_train = 0
+    study.cleaning_methods.PAR = PAR
+    study.detectors = ("dao",)
+    study.attacks = ZOO_ATTACKS
+    study.pretrain_defences = zoo_defences(study.proportions.num_train, study.proportions.pretrain_epochs)
