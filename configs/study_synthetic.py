@@ -41,7 +41,7 @@ import os
 import ml_collections
 
 from bclip import config as run_configs
-from bclip import experiment, objectives
+from bclip import epoch_passes, experiment, objectives
 from bclip.data import triggers
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -106,13 +106,16 @@ def zoo_defences(num_train: int, num_epochs: int) -> dict:
     """The zoo's pretraining-time defences for a world of `num_train` pairs and `num_epochs`."""
     roclip = run_configs.load_config_file(os.path.join(_HERE, "roclip.py"))
     safeclip = run_configs.load_config_file(os.path.join(_HERE, "pretrain_safeclip_synthetic.py"))
+    schedule = safeclip.scaled_schedule(num_epochs)
     return {
         "RoCLIP": experiment.pretrain_defence(("MMCL",), {
             "epoch_passes": {"roclip": {"pool_size": roclip.synthetic_pool_size(num_train), "every_epochs": roclip.EVERY_EPOCHS}},
         }),
         "SafeCLIP": experiment.pretrain_defence(("MMCL",), {
             "objective": objectives.objective_config(mmcl=0.0, safe_mmcl=1.0, risky_ssl=1.0).to_dict(),
-            "epoch_passes": {"safeclip": safeclip.scaled_schedule(num_epochs)},
+            "epoch_passes": {"safeclip": schedule},
+            # The cross-modal warm-up epoch at the published constant 5e-6.
+            "optim": {"epoch_learning_rates": epoch_passes.safeclip_learning_rates(schedule)},
         }),
         "detect-drop-retrain": experiment.pretrain_defence(("MMCL", "MMCL+SSL"), drop_detector="dao", drop_share=ZOO_DROP_SHARE),
     }

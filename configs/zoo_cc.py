@@ -87,7 +87,10 @@ def get_config(arg: str = "cc3m") -> ml_collections.ConfigDict:
             "epoch_passes": {"roclip": {"pool_size": roclip.POOL_SIZE, "every_epochs": roclip.EVERY_EPOCHS}}}),
         "SafeCLIP": experiment.pretrain_defence(("MMCL",), {
             "objective": safe.objective.to_dict(),
-            "optim": {key: safe.optim[key] for key in ("learning_rate", "weight_decay", "warmup_steps")},
+            "optim": {
+                **{key: safe.optim[key] for key in ("learning_rate", "weight_decay", "warmup_steps")},
+                "epoch_learning_rates": safe.optim.epoch_learning_rates.to_dict(),
+            },
             "data": {"batch_size": safe.data.batch_size},
             "train": {"num_epochs": safe.train.num_epochs},
             "epoch_passes": {"safeclip": safe.epoch_passes.safeclip.to_dict()},

@@ -147,6 +147,8 @@ def test_zoo_runs_every_attack_and_defence_and_resumes(tmp_path, monkeypatch):
     safeclip = train_fn.configs[os.path.join(workdir, "BadNets", "defended", "MMCL", "SafeCLIP")]
     assert (safeclip.objective.mmcl_weight, safeclip.objective.safe_mmcl_weight, safeclip.objective.risky_ssl_weight) == (0.0, 1.0, 1.0)
     assert safeclip.epoch_passes.safeclip.inmodal_warmup_epochs == 1
+    # Its one cross-modal warm-up epoch (the second) at the published constant rate.
+    assert safeclip.optim.epoch_learning_rates.to_dict() == {1: 5e-6}
 
     # The report: per attack and objective, a row per defence, each from its own runs' epochs.
     assert list(zoo) == ["BadNets", "blended"] and list(zoo["blended"]) == ["MMCL", "MMCL+SSL"]
