@@ -43,7 +43,7 @@ def main():
     parser.add_argument("--objective", default="mmcl", choices=["mmcl", "mmcl_ssl"])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup_steps", type=int, default=3)
-    parser.add_argument("--max_warmup_steps", type=int, default=10)
+    parser.add_argument("--max_warmup_steps", type=int, default=15)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:
@@ -80,11 +80,15 @@ def main():
         return loss
 
     # bclip's warm-up rule (bclip/bench/step.py, `settle`): at least --warmup_steps, then on until
-    # a step faults in at most 1,000 pages, so neither side's timed steps pay for heap growth.
+    # 3 steps in a row each fault in at most 1,000 pages, so neither side's timed steps pay for
+    # heap growth.
+    quiet_in_a_row = 0
     for warmup in range(1, max(args.warmup_steps, args.max_warmup_steps) + 1):
         faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         step()
-        if warmup >= args.warmup_steps and resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before <= 1000:
+        quiet = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before <= 1000
+        quiet_in_a_row = quiet_in_a_row + 1 if quiet else 0
+        if warmup >= args.warmup_steps and quiet_in_a_row >= 3:
             break
     start = time.perf_counter()
     for _ in range(args.steps):
