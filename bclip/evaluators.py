@@ -8,7 +8,6 @@ value}`; it is built by `EVALUATORS[set_config.evaluator](name, set_config, cont
 
 import dataclasses
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +17,7 @@ from jax.experimental import multihost_utils
 
 import numpy as np
 
-from bclip import cpu_runtime, evaluation, linear_probe, retrieval, sharding
+from bclip import checkpointing, cpu_runtime, evaluation, linear_probe, retrieval, sharding
 from bclip.data import pipeline, sources, training_input
 from bclip.models import clip
 
@@ -262,7 +261,7 @@ class TargetedEvaluator:
     def __init__(self, name: str, set_config: ml_collections.ConfigDict, context: EvalContext):
         config = context.config
         folder, self.image_ids, targets = pipeline.targeted_images(config.poison)
-        if set_config.path and os.path.abspath(set_config.path) != os.path.abspath(config.poison.targeted.images):
+        if set_config.path and checkpointing.absolute(set_config.path) != checkpointing.absolute(config.poison.targeted.images):
             raise ValueError(
                 f"eval.sets.{name}.path={set_config.path!r} differs from poison.targeted.images="
                 f"{config.poison.targeted.images!r}, where the targeted images come from; leave the path empty"
