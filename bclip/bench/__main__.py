@@ -44,7 +44,7 @@ def main(argv=None):
         "--warmup_steps", type=int, default=3, help="untimed steps first, at least; more while the heap grows"
     )
     step_parser.add_argument(
-        "--max_warmup_steps", type=int, default=15,
+        "--max_warmup_steps", type=int, default=10,
         help="untimed steps at most: warm-up goes on until 3 steps in a row each fault in at most 1,000 pages",
     )
     data_parser = commands.add_parser("data", help="time the input pipeline against a bare Pillow loop")

@@ -43,7 +43,7 @@ def main():
     parser.add_argument("--objective", default="mmcl", choices=["mmcl", "mmcl_ssl"])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup_steps", type=int, default=3)
-    parser.add_argument("--max_warmup_steps", type=int, default=15)
+    parser.add_argument("--max_warmup_steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:

@@ -71,10 +71,12 @@ def settle(run_step, min_steps: int, max_steps: int, settled_in_a_row: int = 3) 
 
     On CPU the retained heap (cpu_runtime) does not reach its steady size in a fixed number of
     steps. Measured on a 2-core Xeon (tiny-vit MMCL, batch 128): the heap grew in jumps of ~1.7 GB
-    (fragmentation: a step's largest blocks did not fit the holes the steps before left), with
-    fault-free steps between the jumps, to 4.5-6.3 GB, then stayed; in 7 of 11 runs the growth went
-    on past 3 warm-up steps, even past a fault-free one, so the timed steps took 72,000-217,000
-    faults each (a start-up cost counted as the step's). No memory went back to the system.
+    (fragmentation: a step's largest block did not fit the holes the steps before left), with
+    quiet steps between the jumps, to 4.5-6.3 GB; no memory went back to the system. In 7 of 11
+    runs the growth went on past 3 warm-up steps, so the timed steps took 72,000-217,000 faults
+    each. This rule takes more of the growth out of the timed steps but not all of it: jumps can
+    come late (one 38-step run jumped at steps 0 and 28 only; one run settled by this rule in 4
+    steps still averaged 175,000 faults over 5 timed steps).
     """
     recent = []
     steps = max(max_steps, min_steps)
