@@ -172,22 +172,30 @@ def markdown(summary: dict) -> str:
 
 
 def _detection_markdown(summary: dict) -> list[str]:
-    rows = [(model, detector, m) for model, entry in summary.items() for detector, m in entry.get("detection", {}).items()]
+    rows = [((model,), detector, m) for model, entry in summary.items() for detector, m in entry.get("detection", {}).items()]
+    return _detection_table(rows, ("pretraining",), (
+        "Each pretrained model scores its own training pairs (as trained, poisons included); the pairs",
+        "flagged are the highest-scoring, as many as there are poisons (so precision equals recall).",
+    ))
+
+
+def _detection_table(rows: list, label_headers: tuple, intro: tuple) -> list[str]:
+    """The "Poison detection" section: rows (labels, detector, metrics), each row's labels under
+    `label_headers`, after the `intro` lines; nothing without rows."""
     if not rows:
         return []
     lines = [
         "",
         "## Poison detection",
         "",
-        "Each pretrained model scores its own training pairs (as trained, poisons included); the pairs",
-        "flagged are the highest-scoring, as many as there are poisons (so precision equals recall).",
+        *intro,
         "",
-        "| pretraining | detector | AUROC | precision | recall | poisoned / pairs |",
-        "|---|---|---|---|---|---|",
+        "| " + " | ".join(label_headers) + " | detector | AUROC | precision | recall | poisoned / pairs |",
+        "|" + "---|" * (len(label_headers) + 5),
     ]
-    for model, detector, m in rows:
+    for labels, detector, m in rows:
         lines.append(
-            f"| {model} | {detector} (k {m.get('k', '–')}) | {m['auroc']:.3f} | {pct(m['precision'])} | "
+            "| " + " | ".join(labels) + f" | {detector} (k {m.get('k', '–')}) | {m['auroc']:.3f} | {pct(m['precision'])} | "
             f"{pct(m['recall'])} | {m['num_poisoned']} / {m['num_examples']} |"
         )
     return lines
@@ -418,27 +426,15 @@ def zoo_markdown(zoo: dict) -> str:
                     f"{_cell(row['model']) if 'model' in row else '–'} |"
                 )
     detections = [
-        (attack, model, detector, m)
+        ((attack, model), detector, m)
         for attack, models in zoo.items()
         for model, entry in models.items()
         for detector, m in entry.get("detection", {}).items()
     ]
-    if detections:
-        lines += [
-            "",
-            "## Poison detection",
-            "",
-            "Each undefended model scores its own training pairs; the flagged are the highest-scoring, as",
-            "many as there are poisons (so precision equals recall).",
-            "",
-            "| attack | pretraining | detector | AUROC | precision | recall | poisoned / pairs |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for attack, model, detector, m in detections:
-            lines.append(
-                f"| {attack} | {model} | {detector} (k {m.get('k', '–')}) | {m['auroc']:.3f} | {pct(m['precision'])} | "
-                f"{pct(m['recall'])} | {m['num_poisoned']} / {m['num_examples']} |"
-            )
+    lines += _detection_table(detections, ("attack", "pretraining"), (
+        "Each undefended model scores its own training pairs; the flagged are the highest-scoring, as",
+        "many as there are poisons (so precision equals recall).",
+    ))
     return "\n".join(lines) + "\n"
 
 
