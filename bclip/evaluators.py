@@ -41,9 +41,8 @@ class ZeroShotEvaluator:
         self.prompt_tokens = evaluation.prompt_tokens(
             lambda texts: tokenizer.encode_batch(texts, context_length), self.classnames, self.templates
         )
-        apply = functools.partial(model.apply, method=clip.CLIP.encode_text)
+        self.encode_text = text_encoder(model, mesh)
         options = cpu_runtime.compiler_options(mesh.devices.flat, forward_only=True)
-        self.encode_text = jax.jit(lambda variables, tokens: apply(variables, tokens), compiler_options=options)
         encode_image = functools.partial(model.apply, method=clip.CLIP.encode_image)
 
         def counts(variables, batch, class_emb, target):
@@ -85,6 +84,13 @@ class ZeroShotEvaluator:
             for counts, variables, class_emb in zip(per_run, run_variables, class_embeddings):
                 counts.append(self.counts(variables, global_batch, class_emb, self.target))
         return [evaluation.summarise_counts(jax.device_get(counts)) for counts in per_run]
+
+
+def text_encoder(model, mesh):
+    """The text tower as the evaluators run it: jitted, (variables, tokens) -> embeddings, with the
+    forward-only CPU options on CPU meshes."""
+    options = cpu_runtime.compiler_options(mesh.devices.flat, forward_only=True)
+    return jax.jit(functools.partial(model.apply, method=clip.CLIP.encode_text), compiler_options=options)
 
 
 def read_lines(path: str) -> list[str] | None:
@@ -196,8 +202,7 @@ class RetrievalEvaluator:
         self.caption_image = jnp.asarray(self.source.caption_image, jnp.int32)
         self.caption_names_target = jnp.asarray(retrieval.caption_flags(self.source.captions, config.poison.target_label))
         self.embedder = _ImageEmbedder(context)
-        options = cpu_runtime.compiler_options(context.mesh.devices.flat, forward_only=True)
-        self.encode_text = jax.jit(functools.partial(context.model.apply, method=clip.CLIP.encode_text), compiler_options=options)
+        self.encode_text = text_encoder(context.model, context.mesh)
         self.figures = jax.jit(retrieval.retrieval_figures)
 
     def evaluate_runs(self, run_variables) -> list[dict[str, float]]:
@@ -279,8 +284,7 @@ class TargetedEvaluator:
         self.prompt_tokens = evaluation.prompt_tokens(
             lambda texts: context.tokenizer.encode_batch(texts, context_length), classnames, templates
         )
-        options = cpu_runtime.compiler_options(context.mesh.devices.flat, forward_only=True)
-        self.encode_text = jax.jit(functools.partial(context.model.apply, method=clip.CLIP.encode_text), compiler_options=options)
+        self.encode_text = text_encoder(context.model, context.mesh)
         self.embedder = _ImageEmbedder(context)
         self.figures = jax.jit(evaluation.targeted_figures)
 
